@@ -1,0 +1,65 @@
+"""Shared fixtures: tiny tokenizers of each family and the tiny model, all built offline."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # tests/support helpers
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+REPO = Path(__file__).resolve().parents[1]
+ASSETS = REPO / "mas" / "assets"
+TRAIN_SAMPLE = ASSETS / "commonsense" / "train_sample" / "commonsense_train_600.json"
+TEST_SAMPLE_DIR = ASSETS / "commonsense" / "test_sample"
+
+
+@pytest.fixture(scope="session")
+def llama3_tokenizer():
+    from mas.models import tiny_llama3_tokenizer
+
+    return tiny_llama3_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def qwen2_tokenizer(tmp_path_factory):
+    from torchtune.models.qwen2_5 import qwen2_5_tokenizer
+
+    from mas.tiny_tokenizers import write_qwen2_bpe
+
+    d = write_qwen2_bpe(tmp_path_factory.mktemp("qwen2_tok"))
+    return qwen2_5_tokenizer(
+        str(d / "vocab.json"), str(d / "merges.txt"), special_tokens_path=str(d / "tokenizer.json")
+    )
+
+
+@pytest.fixture(scope="session")
+def mistral_tokenizer(tmp_path_factory):
+    from torchtune.models.mistral import mistral_tokenizer
+
+    from mas.tiny_tokenizers import write_mistral_sentencepiece
+
+    d = write_mistral_sentencepiece(tmp_path_factory.mktemp("mistral_tok"))
+    return mistral_tokenizer(str(d / "tokenizer.model"))
+
+
+@pytest.fixture(params=["llama3", "qwen2", "mistral"])
+def any_tokenizer(request):
+    return request.getfixturevalue(f"{request.param}_tokenizer")
+
+
+@pytest.fixture
+def tiny_model():
+    from mas.models import tiny_llama3_2
+
+    torch.manual_seed(0)
+    model = tiny_llama3_2()
+    with torch.no_grad():
+        model.tok_embeddings.weight.mul_(0.02)
+    return model.eval()
