@@ -32,7 +32,14 @@ from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
 from mas.masks import materialize_mask_mod
 
-__all__ = ["AttentionBackend", "MASAttention", "block_mask_to_dense", "use_mas_attention"]
+__all__ = [
+    "AttentionBackend",
+    "MASAttention",
+    "block_mask_to_dense",
+    "create_attention_mask",
+    "flex_supported",
+    "use_mas_attention",
+]
 
 log = logging.getLogger(__name__)
 
@@ -114,7 +121,7 @@ class MASAttention:
                     "backward in this torch version. Use backend 'auto' (dense SDPA fallback)."
                 )
             return self.backend == "flex"
-        return True
+        return self.backend == "flex" or flex_supported(q.device)
 
     def __call__(
         self,
@@ -181,3 +188,41 @@ def use_mas_attention(model: nn.Module, backend: AttentionBackend = "auto") -> n
         # A plain callable attribute, as torchtune sets it: state dicts stay unchanged.
         layer._attention_call = dispatch
     return model
+
+
+def flex_supported(device: torch.device) -> bool:
+    """Whether compiled FlexAttention can run forward *and* backward on ``device``."""
+    if device.type != "cuda":
+        return False
+    return torch.cuda.get_device_capability(device) >= (7, 5)
+
+
+def create_attention_mask(
+    segment_ids: Tensor,
+    document_ids: Optional[Tensor] = None,
+    *,
+    backend: AttentionBackend = "auto",
+    block_size: int = 128,
+) -> AttentionMask:
+    """The mask a training step should pass to the model: built once per batch, shared by layers.
+
+    A ``BlockMask`` (``O(s)`` build, no ``[s, s]`` tensor) where FlexAttention will run; else the
+    dense boolean ``[b, s, s]`` twin from the same ``mask_mod`` (CPU training, ``backend="sdpa"``),
+    built here, outside any compiled region.
+
+    Args:
+        segment_ids (Tensor): ``[b, s]`` on the target device.
+        document_ids (Optional[Tensor]): ``[b, s]`` or None.
+        backend (str): ``"auto"``, ``"flex"`` or ``"sdpa"`` (see :class:`MASAttention`).
+        block_size (int): FlexAttention tile size.
+
+    Returns:
+        BlockMask or Tensor.
+    """
+    from mas.block_mask import create_mas_block_mask
+    from mas.masks import dense_mas_mask
+
+    use_flex = backend == "flex" or (backend == "auto" and flex_supported(segment_ids.device))
+    if use_flex:
+        return create_mas_block_mask(segment_ids, document_ids, block_size=block_size)
+    return dense_mas_mask(segment_ids, document_ids)

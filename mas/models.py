@@ -2,9 +2,10 @@
 
 Everything here runs offline. The tokenizer ships in ``mas/assets/tiny_tokenizer`` (a byte-level
 BPE trained by ``tools/make_tiny_tokenizer.py`` on the bundled commonsense rows, with Llama 3's
-special tokens after the base vocabulary). The model weights are random but deterministic: the
-first use writes them as a Hugging Face layout checkpoint (``config.json`` +
-``model.safetensors``), which torchtune's ``FullModelHFCheckpointer`` then loads exactly as it
+special tokens after the base vocabulary). The weights are deterministic: a seeded random init,
+then a short causal-LM pre-training on the bundled prompts (never their answers), because MAS
+adapts *causally pre-trained* models. The first use writes them as a Hugging Face layout
+checkpoint (``config.json`` + ``model.safetensors``), which torchtune's ``FullModelHFCheckpointer`` then loads exactly as it
 loads a downloaded Llama 3.2, so the tiny runs exercise the real-model code path.
 """
 
@@ -12,6 +13,8 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
@@ -119,12 +122,66 @@ def _hf_llama_config(dims: Dict[str, Any]) -> Dict[str, Any]:
     }
 
 
-def write_tiny_hf_checkpoint(checkpoint_dir: str | os.PathLike, seed: int = 0, **overrides: Any) -> Path:
-    """Write the tiny model's deterministic random weights in the HF Llama layout.
+def _pretraining_sequences(tokenizer: Llama3Tokenizer, max_len: int = 256) -> List[List[int]]:
+    # Prompts only (preamble + instruction + response cue), never the answers: the base model
+    # knows the language of the task but not the answer format, which fine-tuning then teaches.
+    from mas.data.formats import instruction_messages
+    from mas.tiny_tokenizers import commonsense_train_rows
+
+    sequences = []
+    for row in commonsense_train_rows():
+        text = "".join(m.content[0]["content"] for m in instruction_messages(row["instruction"], row["input"]))
+        sequences.append([tokenizer.bos_id] + tokenizer.encode(text, add_bos=False, add_eos=False)[: max_len - 1])
+    return sequences
+
+
+def pretrain_tiny_model(model: TransformerDecoder, steps: int, seed: int, batch_size: int = 16) -> List[float]:
+    """Causal-LM pre-training of the tiny model on the bundled prompts (deterministic, 1 thread).
+
+    The paper adapts *causally pre-trained* models to MAS; a few hundred steps give the tiny model
+    that property. Returns the loss curve.
+    """
+    tokenizer = tiny_llama3_tokenizer()
+    sequences = _pretraining_sequences(tokenizer)
+    generator = torch.Generator().manual_seed(seed)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # float sums in one fixed order: the same weights on every run
+    losses = []
+    try:
+        for _ in range(steps):
+            picks = torch.randint(len(sequences), (batch_size,), generator=generator).tolist()
+            length = max(len(sequences[i]) for i in picks)
+            tokens = torch.full((batch_size, length), tokenizer.pad_id)
+            targets = torch.full((batch_size, length), -100)
+            for row, i in enumerate(picks):
+                seq = torch.tensor(sequences[i])
+                tokens[row, : len(seq)] = seq
+                targets[row, : len(seq) - 1] = seq[1:]
+            logits = model(tokens)  # [b, s, vocab]
+            loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten())
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            losses.append(loss.item())
+    finally:
+        torch.set_num_threads(threads)
+    return losses
+
+
+def write_tiny_hf_checkpoint(
+    checkpoint_dir: str | os.PathLike, seed: int = 0, pretrain_steps: int = 200, **overrides: Any
+) -> Path:
+    """Write the tiny model in the HF Llama layout (``config.json``, ``model.safetensors``).
+
+    Weights: a seeded random init, then ``pretrain_steps`` of causal-LM pre-training on the
+    bundled prompts (0 keeps the random init). The folder is built aside and renamed into place,
+    so concurrent runs never see half a checkpoint.
 
     Args:
-        checkpoint_dir: folder to create (``config.json``, ``model.safetensors``).
-        seed (int): weight seed; the same seed always gives the same weights.
+        checkpoint_dir: folder to create.
+        seed (int): init and data-order seed.
+        pretrain_steps (int): causal pre-training steps.
         **overrides: dimension overrides (see :data:`TINY_LLAMA3_2`).
 
     Returns:
@@ -135,41 +192,69 @@ def write_tiny_hf_checkpoint(checkpoint_dir: str | os.PathLike, seed: int = 0, *
 
     dims = {**TINY_LLAMA3_2, **overrides}
     checkpoint_dir = Path(checkpoint_dir)
-    checkpoint_dir.mkdir(parents=True, exist_ok=True)
+    checkpoint_dir.parent.mkdir(parents=True, exist_ok=True)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = tiny_llama3_2(**overrides)
-        # torchtune's builders leave most Linear layers at PyTorch's default init, whose scale
-        # is fine; embeddings are N(0, 1), which saturates a tiny model, so shrink them.
+        # Embeddings come out of torchtune's builder as N(0, 1), which saturates a 64-dim model.
         with torch.no_grad():
             model.tok_embeddings.weight.mul_(0.02)
+        losses = pretrain_tiny_model(model, pretrain_steps, seed) if pretrain_steps else []
     hf_state = tune_to_hf(
-        model.state_dict(),
-        num_heads=dims["num_heads"],
-        num_kv_heads=dims["num_kv_heads"],
-        dim=dims["embed_dim"],
+        model.state_dict(), num_heads=dims["num_heads"], num_kv_heads=dims["num_kv_heads"], dim=dims["embed_dim"]
     )
     hf_state = {k: v.contiguous() for k, v in hf_state.items() if k != "lm_head.weight"}
-    tmp = checkpoint_dir / "model.safetensors.tmp"
-    save_file(hf_state, str(tmp), metadata={"format": "pt"})
-    os.replace(tmp, checkpoint_dir / "model.safetensors")
-    (checkpoint_dir / "config.json").write_text(json.dumps(_hf_llama_config(dims), indent=2) + "\n")
+    staging = Path(tempfile.mkdtemp(prefix=checkpoint_dir.name + ".", dir=checkpoint_dir.parent))
+    save_file(hf_state, str(staging / "model.safetensors"), metadata={"format": "pt"})
+    (staging / "config.json").write_text(json.dumps(_hf_llama_config(dims), indent=2) + "\n")
+    recipe = _tiny_recipe(seed, pretrain_steps, dims)
+    recipe["pretraining_loss"] = {"first": losses[0], "last": losses[-1]} if losses else None
+    (staging / TINY_RECIPE_FILE).write_text(json.dumps(recipe, indent=2) + "\n")
+    if checkpoint_dir.exists():
+        shutil.rmtree(checkpoint_dir)
+    try:
+        os.replace(staging, checkpoint_dir)
+    except OSError:  # another process published it first: use theirs
+        shutil.rmtree(staging, ignore_errors=True)
     return checkpoint_dir
 
 
-def tiny_hf_checkpointer(checkpoint_dir: str, output_dir: str, seed: int = 0, **overrides: Any):
+TINY_RECIPE_FILE = "tiny_model_recipe.json"
+
+
+def _tiny_recipe(seed: int, pretrain_steps: int, dims: Dict[str, Any]) -> Dict[str, Any]:
+    return {"seed": seed, "pretrain_steps": pretrain_steps, "dims": dims, "format": 1}
+
+
+def _tiny_checkpoint_is_current(checkpoint_dir: Path, seed: int, pretrain_steps: int, dims: Dict[str, Any]) -> bool:
+    path = checkpoint_dir / TINY_RECIPE_FILE
+    if not (checkpoint_dir / "model.safetensors").exists() or not path.exists():
+        return False
+    recorded = json.loads(path.read_text())
+    recorded.pop("pretraining_loss", None)
+    return recorded == json.loads(json.dumps(_tiny_recipe(seed, pretrain_steps, dims)))
+
+
+def tiny_hf_checkpointer(
+    checkpoint_dir: str, output_dir: str, seed: int = 0, pretrain_steps: int = 200, **overrides: Any
+):
     """torchtune's ``FullModelHFCheckpointer`` over the tiny checkpoint, written on first use.
+
+    The checkpoint is reused while its recorded recipe (seed, steps, dims) matches, and rebuilt
+    otherwise, so one ``checkpoint_dir`` can be shared by many runs.
 
     Args:
         checkpoint_dir (str): where the tiny HF checkpoint lives (created if missing).
         output_dir (str): the run's output folder (torchtune's checkpointer requires one).
         seed (int): weight seed.
+        pretrain_steps (int): causal pre-training steps (0: random weights).
         **overrides: dimension overrides; must match the model builder's.
     """
     from torchtune.training import FullModelHFCheckpointer
 
-    if not (Path(checkpoint_dir) / "model.safetensors").exists():
-        write_tiny_hf_checkpoint(checkpoint_dir, seed=seed, **overrides)
+    dims = {**TINY_LLAMA3_2, **overrides}
+    if not _tiny_checkpoint_is_current(Path(checkpoint_dir), seed, pretrain_steps, dims):
+        write_tiny_hf_checkpoint(checkpoint_dir, seed=seed, pretrain_steps=pretrain_steps, **overrides)
     return FullModelHFCheckpointer(
         checkpoint_dir=checkpoint_dir,
         checkpoint_files=["model.safetensors"],

@@ -79,9 +79,14 @@ _TEMPLATE_TEXT = (
 )
 
 
+def commonsense_train_rows() -> List[Dict[str, str]]:
+    """The 600 bundled Commonsense170K-format training rows."""
+    return json.loads(_CORPUS.read_text())
+
+
 def corpus_texts() -> List[str]:
-    """The training text: the bundled commonsense rows plus the prompt template."""
-    rows = json.loads(_CORPUS.read_text())
+    """The tokenizer training text: the bundled commonsense rows plus the prompt template."""
+    rows = commonsense_train_rows()
     texts = [_TEMPLATE_TEXT] * 50
     for row in rows:
         texts += [row["instruction"], row["input"], row["output"]]

@@ -19,7 +19,7 @@ from torch.utils.data import Dataset
 from mas.data.formats import AlpacaRows, ChatRows, CommonsenseRows
 from mas.data.collate import pad_token_id
 from mas.data.packing import pack_sequences
-from mas.data.rows import DataError, RowSource, load_rows
+from mas.data.rows import DataError, RowSource, load_rows, select_rows
 from mas.segments import PromptFormat, SegmentBuilder, SegmentedSequence, TooLongError
 
 __all__ = [
@@ -149,6 +149,7 @@ def _build(
     on_bad_row: OnBadRow,
     packed: bool,
     train_on_input: bool,
+    rows: Optional[str],
     **load_dataset_kwargs: Any,
 ) -> SegmentedDataset:
     if train_on_input:
@@ -164,7 +165,7 @@ def _build(
         max_seq_len=max_seq_len,
         truncation=truncation,
     )
-    rows = load_rows(source, split, **load_dataset_kwargs)
+    rows = select_rows(load_rows(source, split, **load_dataset_kwargs), rows)
     return SegmentedDataset(
         rows, row_format, builder, on_bad_row=on_bad_row, packed=packed, max_seq_len=max_seq_len
     )
@@ -183,6 +184,7 @@ def _dataset_builder(row_format: Any, doc: str):
         on_bad_row: OnBadRow = "error",
         packed: bool = False,
         train_on_input: bool = False,
+        rows: Optional[str] = None,
         **load_dataset_kwargs: Any,
     ) -> SegmentedDataset:
         return _build(
@@ -197,6 +199,7 @@ def _dataset_builder(row_format: Any, doc: str):
             on_bad_row=on_bad_row,
             packed=packed,
             train_on_input=train_on_input,
+            rows=rows,
             **load_dataset_kwargs,
         )
 
@@ -218,6 +221,7 @@ _COMMON_ARGS = """
         on_bad_row (str): ``"error"`` (default) or ``"skip"`` (counted warning).
         packed (bool): pack examples into ``max_seq_len`` sequences with a document mask.
         train_on_input (bool): accepted for torchtune compatibility; prompt labels never count.
+        rows (Optional[str]): a ``"start:stop"`` slice of the rows (held-out splits of one file).
         **load_dataset_kwargs: passed to ``datasets.load_dataset`` for hub ids.
 
     Returns:

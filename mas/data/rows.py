@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence
 
-__all__ = ["DataError", "RowSource", "load_rows", "require_text", "optional_text"]
+__all__ = ["DataError", "RowSource", "load_rows", "optional_text", "require_text", "select_rows"]
 
 
 class DataError(ValueError):
@@ -73,6 +73,23 @@ def _load_json_file(path: Path) -> RowSource:
         if not isinstance(row, dict):
             raise DataError(f"{path}, {labels[i]}: expected a JSON object, got {type(row).__name__}")
     return RowSource(str(path), rows, labels)
+
+
+def select_rows(rows: RowSource, selection: Optional[str]) -> RowSource:
+    """Rows ``start:stop`` (Python slice syntax, e.g. ``"0:550"``) of a source; None keeps all."""
+    if selection is None:
+        return rows
+    parts = str(selection).split(":")
+    try:
+        if len(parts) != 2:
+            raise ValueError
+        start, stop = (int(p) if p.strip() else None for p in parts)
+    except ValueError:
+        raise DataError(f"{rows.name}: rows={selection!r} is not a 'start:stop' slice") from None
+    picked = range(len(rows))[slice(start, stop)]
+    if len(picked) == 0:
+        raise DataError(f"{rows.name}: rows={selection!r} selects no row of {len(rows)}")
+    return RowSource(rows.name, [rows.rows[i] for i in picked], [rows.row_labels[i] for i in picked])
 
 
 def load_rows(source: str, split: str = "train", **load_dataset_kwargs: Any) -> RowSource:

@@ -1,0 +1,127 @@
+"""What a fine-tuning run saves and restores: adapter payloads, MAS settings, RNG, data position."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Dict, Optional
+
+import torch
+from torch import Tensor
+
+from mas.checkpointing import (
+    RECIPE_STATE_FILE,
+    CheckpointWriter,
+    HFModelInfo,
+    adapter_to_peft,
+    load_peft_adapter,
+    merged_hf_state,
+    peft_adapter_config,
+    peft_to_adapter,
+)
+
+__all__ = [
+    "DataPosition",
+    "capture_rng",
+    "load_run_checkpoint",
+    "mas_settings",
+    "restore_rng",
+    "save_run_checkpoint",
+]
+
+MAS_RULE = "q attends k iff k is not padding, same document, and (k <= q or seg(q) == seg(k) >= 0)"
+
+
+def mas_settings(attention: str, dataset_cfg: Any) -> Dict[str, Any]:
+    """The MAS settings recorded in the adapter config, so inference can prompt the same way."""
+    get = (lambda k, d: dataset_cfg.get(k, d)) if dataset_cfg is not None else (lambda k, d: d)
+    from mas import __version__
+
+    return {
+        "attention": attention,
+        "prompt_format": get("prompt_format", "text"),
+        "merge_system_and_user": bool(get("merge_system_and_user", False)),
+        "segment_rules": {
+            "system": "one bidirectional segment per message",
+            "user": "one bidirectional segment per message",
+            "ipython": "one bidirectional segment per message",
+            "assistant": "causal",
+            "generated": "causal",
+        },
+        "mask": MAS_RULE,
+        "paper": "arXiv:2412.18487",
+        "mas_version": __version__,
+    }
+
+
+@dataclass
+class DataPosition:
+    """Where training stands: ``steps_in_epoch`` optimizer steps done in ``epoch``."""
+
+    global_step: int = 0
+    epoch: int = 0
+    steps_in_epoch: int = 0
+
+
+def capture_rng() -> Dict[str, Any]:
+    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng(state: Dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_run_checkpoint(
+    writer: CheckpointWriter,
+    *,
+    position: DataPosition,
+    adapter_state: Dict[str, Tensor],
+    info: HFModelInfo,
+    lora: Dict[str, Any],
+    mas: Dict[str, Any],
+    optimizer_state: Dict[str, Any],
+    scheduler_state: Dict[str, Any],
+    epoch_end: bool,
+    model_state: Optional[Dict[str, Tensor]] = None,
+    base_checkpoint_dir: Optional[str] = None,
+    extra: Optional[Dict[str, Any]] = None,
+) -> Path:
+    """Write adapter (PEFT), optional merged weights (HF) and recipe state as one checkpoint."""
+    adapter_state = {k: v.detach().to("cpu") for k, v in adapter_state.items()}
+    config = peft_adapter_config(**lora, mas=mas, base_model_name_or_path=base_checkpoint_dir)
+    merged = None
+    if model_state is not None:
+        cpu_state = {k: v.detach().to("cpu") for k, v in model_state.items()}
+        merged = merged_hf_state(cpu_state, lora["lora_rank"], lora["lora_alpha"], info)
+    recipe_state = {
+        **asdict(position),
+        "epoch_end": epoch_end,
+        "optimizer": optimizer_state,
+        "lr_scheduler": scheduler_state,
+        "rng": capture_rng(),
+        "model_type": info.model_type,
+        **(extra or {}),
+    }
+    return writer.save(
+        f"step_{position.global_step:07d}",
+        peft_weights=adapter_to_peft(adapter_state, info),
+        adapter_config=config,
+        recipe_state=recipe_state,
+        merged_weights=merged,
+        hf_config=info.hf_config,
+        base_checkpoint_dir=base_checkpoint_dir,
+    )
+
+
+def load_run_checkpoint(folder: Path, info: HFModelInfo) -> tuple[Dict[str, Tensor], Dict[str, Any], Dict[str, Any]]:
+    """(torchtune adapter weights, adapter config, recipe state) of a checkpoint folder."""
+    peft_weights, adapter_config = load_peft_adapter(folder)
+    recipe_state = torch.load(folder / RECIPE_STATE_FILE, map_location="cpu", weights_only=False)
+    return peft_to_adapter(peft_weights, info), adapter_config, recipe_state
