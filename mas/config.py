@@ -44,7 +44,8 @@ def _register_resolvers() -> None:
         # ${mas_asset:commonsense/train_sample/x.json} -> the bundled file, wherever mas lives.
         from mas.models import ASSETS_DIR
 
-        OmegaConf.register_new_resolver("mas_asset", lambda rel: str(ASSETS_DIR / rel))
+        register = getattr(OmegaConf, "register_resolver", None) or OmegaConf.register_new_resolver
+        register("mas_asset", lambda rel: str(ASSETS_DIR / rel))
 
 
 def bundled_config_dirs() -> List[Path]:
@@ -199,10 +200,15 @@ def instantiate(node: Optional[DictConfig], *args: Any, **kwargs: Any) -> Any:
 
     if node is None:
         return None
+    component = node.get("_component_", "?")
     try:
         return tt_config.instantiate(node, *args, **kwargs)
     except FileNotFoundError as e:
-        raise ConfigError(f"{node.get('_component_', '?')}: file not found: {e.filename or e}") from e
+        raise ConfigError(f"{component}: file not found: {e.filename or e}") from e
+    except TypeError as e:
+        if "argument" in str(e):  # unexpected/missing keyword: a config mistake, not a bug
+            raise ConfigError(f"{component}: {e}") from e
+        raise
 
 
 def parse(keys: RecipeKeys) -> Callable[[Callable[[DictConfig], Any]], Callable[[], Any]]:

@@ -63,9 +63,26 @@ def tiny_llama3_tokenizer(
     )
 
 
-def tiny_llama3_2(**overrides: Any) -> TransformerDecoder:
-    """The tiny Llama 3.2 model; ``overrides`` change any of :data:`TINY_LLAMA3_2`."""
-    return llama3_2(**{**TINY_LLAMA3_2, **overrides})
+def tiny_llama3_2(
+    vocab_size: int = TINY_LLAMA3_2["vocab_size"],
+    num_layers: int = TINY_LLAMA3_2["num_layers"],
+    num_heads: int = TINY_LLAMA3_2["num_heads"],
+    num_kv_heads: int = TINY_LLAMA3_2["num_kv_heads"],
+    embed_dim: int = TINY_LLAMA3_2["embed_dim"],
+    intermediate_dim: int = TINY_LLAMA3_2["intermediate_dim"],
+    max_seq_len: int = TINY_LLAMA3_2["max_seq_len"],
+) -> TransformerDecoder:
+    """The tiny Llama 3.2 model (defaults: :data:`TINY_LLAMA3_2`)."""
+    dims = dict(
+        vocab_size=vocab_size,
+        num_layers=num_layers,
+        num_heads=num_heads,
+        num_kv_heads=num_kv_heads,
+        embed_dim=embed_dim,
+        intermediate_dim=intermediate_dim,
+        max_seq_len=max_seq_len,
+    )
+    return llama3_2(**{**TINY_LLAMA3_2, **dims})
 
 
 def lora_tiny_llama3_2(
@@ -77,9 +94,24 @@ def lora_tiny_llama3_2(
     lora_dropout: float = 0.0,
     use_dora: bool = False,
     quantize_base: bool = False,
-    **overrides: Any,
+    vocab_size: int = TINY_LLAMA3_2["vocab_size"],
+    num_layers: int = TINY_LLAMA3_2["num_layers"],
+    num_heads: int = TINY_LLAMA3_2["num_heads"],
+    num_kv_heads: int = TINY_LLAMA3_2["num_kv_heads"],
+    embed_dim: int = TINY_LLAMA3_2["embed_dim"],
+    intermediate_dim: int = TINY_LLAMA3_2["intermediate_dim"],
+    max_seq_len: int = TINY_LLAMA3_2["max_seq_len"],
 ) -> TransformerDecoder:
     """The tiny Llama 3.2 model with LoRA adapters (same arguments as torchtune's builders)."""
+    dims = dict(
+        vocab_size=vocab_size,
+        num_layers=num_layers,
+        num_heads=num_heads,
+        num_kv_heads=num_kv_heads,
+        embed_dim=embed_dim,
+        intermediate_dim=intermediate_dim,
+        max_seq_len=max_seq_len,
+    )
     return lora_llama3_2(
         lora_attn_modules=list(lora_attn_modules),
         apply_lora_to_mlp=apply_lora_to_mlp,
@@ -89,7 +121,7 @@ def lora_tiny_llama3_2(
         lora_dropout=lora_dropout,
         use_dora=use_dora,
         quantize_base=quantize_base,
-        **{**TINY_LLAMA3_2, **overrides},
+        **{**TINY_LLAMA3_2, **dims},
     )
 
 
@@ -236,7 +268,17 @@ def _tiny_checkpoint_is_current(checkpoint_dir: Path, seed: int, pretrain_steps:
 
 
 def tiny_hf_checkpointer(
-    checkpoint_dir: str, output_dir: str, seed: int = 0, pretrain_steps: int = 200, **overrides: Any
+    checkpoint_dir: str,
+    output_dir: str,
+    seed: int = 0,
+    pretrain_steps: int = 200,
+    vocab_size: int = TINY_LLAMA3_2["vocab_size"],
+    num_layers: int = TINY_LLAMA3_2["num_layers"],
+    num_heads: int = TINY_LLAMA3_2["num_heads"],
+    num_kv_heads: int = TINY_LLAMA3_2["num_kv_heads"],
+    embed_dim: int = TINY_LLAMA3_2["embed_dim"],
+    intermediate_dim: int = TINY_LLAMA3_2["intermediate_dim"],
+    max_seq_len: int = TINY_LLAMA3_2["max_seq_len"],
 ):
     """torchtune's ``FullModelHFCheckpointer`` over the tiny checkpoint, written on first use.
 
@@ -248,8 +290,17 @@ def tiny_hf_checkpointer(
         output_dir (str): the run's output folder (torchtune's checkpointer requires one).
         seed (int): weight seed.
         pretrain_steps (int): causal pre-training steps (0: random weights).
-        **overrides: dimension overrides; must match the model builder's.
+        vocab_size, num_layers, ...: dimensions; must match the model builder's.
     """
+    overrides = dict(
+        vocab_size=vocab_size,
+        num_layers=num_layers,
+        num_heads=num_heads,
+        num_kv_heads=num_kv_heads,
+        embed_dim=embed_dim,
+        intermediate_dim=intermediate_dim,
+        max_seq_len=max_seq_len,
+    )
     from torchtune.training import FullModelHFCheckpointer
 
     dims = {**TINY_LLAMA3_2, **overrides}

@@ -191,6 +191,9 @@ class MASLoRAFinetuneRecipe:
             drop_last=True,  # a constant batch shape: no recompiles, equal-weight steps
             num_workers=int(self.cfg.get("num_workers", 0)),
             collate_fn=lambda items: collate_segmented(items, pad_id=pad_id, pad_to_multiple_of=multiple),
+            # Its own generator: creating an iterator must not draw from the global RNG, or a
+            # resumed run's dropout masks would differ from an uninterrupted run's.
+            generator=torch.Generator().manual_seed(int(self.cfg.get("seed", 0))),
         )
         return loader, sampler
 
