@@ -42,6 +42,7 @@ __all__ = [
     "latest_checkpoint",
     "load_peft_adapter",
     "merged_hf_state",
+    "peft_target_modules",
     "peft_to_adapter",
 ]
 
@@ -182,9 +183,24 @@ def peft_to_adapter(peft_state: Dict[str, Tensor], info: HFModelInfo) -> Dict[st
             tune_module = f"layers.{layer}.{hf_to_tune[hf_module]}"
         heads = _qk_heads(tune_module, info)
         if which == "b" and heads is not None:
+            if value.shape[0] != heads * info.head_dim:
+                raise ValueError(
+                    f"{key} has {value.shape[0]} rows; this base model's {tune_module} has "
+                    f"{heads * info.head_dim} (an adapter for a different base model?)"
+                )
             value = _unpermute_rows(value, heads, info.head_dim)
         out[f"{tune_module}.lora_{which}.weight"] = value.contiguous()
     return out
+
+
+def peft_target_modules(lora_attn_modules: List[str], apply_lora_to_mlp: bool, apply_lora_to_output: bool) -> List[str]:
+    """PEFT ``target_modules`` names of torchtune's LoRA options."""
+    targets = list(lora_attn_modules)
+    if apply_lora_to_mlp:
+        targets += ["w1", "w2", "w3"]
+    if apply_lora_to_output:
+        targets.append("output")
+    return [_TUNE_TO_PEFT_TARGET[t] for t in targets]
 
 
 def peft_adapter_config(
@@ -200,18 +216,13 @@ def peft_adapter_config(
     base_model_name_or_path: Optional[str] = None,
 ) -> Dict[str, Any]:
     """A PEFT ``adapter_config.json`` dict, with the MAS settings under ``"mas"``."""
-    targets = list(lora_attn_modules)
-    if apply_lora_to_mlp:
-        targets += ["w1", "w2", "w3"]
-    if apply_lora_to_output:
-        targets.append("output")
     return {
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",
         "r": lora_rank,
         "lora_alpha": lora_alpha,
         "lora_dropout": lora_dropout,
-        "target_modules": [_TUNE_TO_PEFT_TARGET[t] for t in targets],
+        "target_modules": peft_target_modules(lora_attn_modules, apply_lora_to_mlp, apply_lora_to_output),
         "use_dora": use_dora,
         "bias": "none",
         "base_model_name_or_path": base_model_name_or_path,

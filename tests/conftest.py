@@ -63,3 +63,21 @@ def tiny_model():
     with torch.no_grad():
         model.tok_embeddings.weight.mul_(0.02)
     return model.eval()
+
+
+@pytest.fixture(scope="session")
+def tiny_base_dir(tmp_path_factory) -> Path:
+    """One tiny HF checkpoint (briefly pre-trained) shared by every test of the session."""
+    from mas.models import write_tiny_hf_checkpoint
+
+    return write_tiny_hf_checkpoint(tmp_path_factory.mktemp("tiny_base") / "model", pretrain_steps=30)
+
+
+@pytest.fixture(scope="session")
+def tiny_mas_run(tmp_path_factory, tiny_base_dir) -> Path:
+    """The output_dir of a short tiny_mas fine-tuning run (for generation and evaluation tests)."""
+    from support.runs import finetune_overrides, run_finetune
+
+    out = tmp_path_factory.mktemp("tiny_mas_run")
+    run_finetune("tiny_mas", finetune_overrides(out, tiny_base_dir, max_steps_per_epoch=12, save_every_n_steps=None))
+    return out

@@ -24,39 +24,11 @@ from mas.config import ConfigError, load_config, validate_config
 from mas.training import read_metrics
 
 import mas_lora_finetune  # noqa: E402  (installed top-level recipe module)
+from support.runs import finetune_overrides, run_finetune
 
 
-@pytest.fixture(scope="session")
-def tiny_base_dir(tmp_path_factory) -> Path:
-    """One tiny HF checkpoint (briefly pre-trained) shared by every test of the session."""
-    from mas.models import write_tiny_hf_checkpoint
-
-    return write_tiny_hf_checkpoint(tmp_path_factory.mktemp("tiny_base") / "model", pretrain_steps=30)
-
-
-def _overrides(output_dir: Path, base_dir: Path, **extra) -> list[str]:
-    values = {
-        "output_dir": str(output_dir),
-        "checkpointer.checkpoint_dir": str(base_dir),
-        "checkpointer.pretrain_steps": 30,
-        "progress_bar": False,
-        "max_steps_per_epoch": 6,
-        "save_every_n_steps": 3,
-        "val_every_n_steps": None,
-        "batch_size": 4,
-        **extra,
-    }
-    return [f"{k}={'None' if v is None else v}" for k, v in values.items()]
-
-
-def _run_in_process(config: str, overrides: list[str]) -> mas_lora_finetune.MASLoRAFinetuneRecipe:
-    cfg = load_config(config, overrides)
-    validate_config(cfg, mas_lora_finetune.KEYS)
-    recipe = mas_lora_finetune.MASLoRAFinetuneRecipe(cfg)
-    recipe.setup()
-    recipe.train()
-    recipe.cleanup()
-    return recipe
+_overrides = finetune_overrides
+_run_in_process = run_finetune
 
 
 @pytest.mark.slow

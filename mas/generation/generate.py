@@ -1,0 +1,297 @@
+"""Torch-native generation: one MAS prefill over the KV cache, then causal decoding.
+
+``prefill`` runs the whole prompt in one pass under the MAS mask (each prompt segment
+bidirectional) and fills the cache; ``decode_one_token`` then appends one causal token per
+step. ``generate`` batches prompts, optionally reuses a cached system prompt (MAS keeps the
+system segment independent of the user turn, so its keys and values are the same for every
+prompt that shares it), samples, stops, and reports time-to-first-token and tokens/s.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+import torch
+from torch import Tensor, nn
+
+from mas.attention import MASAttention, flex_supported, use_mas_attention
+from mas.generation.kv_cache import read_prefix, setup_kv_caches, write_prefix
+from mas.generation.layout import PromptBatch, layout_prompts
+from mas.generation.sampling import sample_next_token
+from mas.masks import PAD
+from mas.segments import SegmentedSequence, as_causal
+
+__all__ = [
+    "DecodeState",
+    "GenerationSettings",
+    "SystemPromptCache",
+    "decode_one_token",
+    "generate_batch",
+    "prefill",
+]
+
+
+@dataclass
+class GenerationSettings:
+    """How to generate.
+
+    Attributes:
+        attention (str): prefill mask, ``"mas"`` or ``"causal"`` (independent of training).
+        max_new_tokens (int): tokens to generate at most per prompt.
+        temperature (float): 0 for greedy decoding.
+        top_k (Optional[int]), top_p (Optional[float]): sampling filters.
+        stop_tokens (Optional[Sequence[int]]): ids that end a row (kept out of the output).
+        seed (Optional[int]): sampling seed.
+        batch_size (int): prompts per batch.
+        reuse_system_cache (bool): prefill a shared system prompt once and reuse its KV cache.
+        compile_decode (bool): ``torch.compile`` the decode step (static shapes).
+        max_cache_len (Optional[int]): cache slots; default the model's ``max_seq_len``.
+        attention_backend (str): ``auto``/``flex``/``sdpa`` for the prefill.
+    """
+
+    attention: str = "mas"
+    max_new_tokens: int = 64
+    temperature: float = 0.0
+    top_k: Optional[int] = None
+    top_p: Optional[float] = None
+    stop_tokens: Optional[Sequence[int]] = None
+    seed: Optional[int] = None
+    batch_size: int = 8
+    reuse_system_cache: bool = False
+    compile_decode: bool = False
+    max_cache_len: Optional[int] = None
+    attention_backend: str = "auto"
+
+    def __post_init__(self) -> None:
+        if self.attention not in ("mas", "causal"):
+            raise ValueError(f"attention must be 'mas' or 'causal', got {self.attention!r}")
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+
+
+def _model_dtype(model: nn.Module) -> torch.dtype:
+    return model.tok_embeddings.weight.dtype if hasattr(model, "tok_embeddings") else next(model.parameters()).dtype
+
+
+def _ensure_mas_attention(model: nn.Module, backend: str) -> None:
+    from torchtune.modules import MultiHeadAttention
+
+    for module in model.modules():
+        if isinstance(module, MultiHeadAttention):
+            if not isinstance(module._attention_call, MASAttention):
+                use_mas_attention(model, backend)  # type: ignore[arg-type]
+            return
+
+
+def prefill(model: nn.Module, batch: PromptBatch, *, attention: str = "mas", backend: str = "auto") -> Tensor:
+    """Run the prompt slots after the cached prefix in one pass and fill the KV cache.
+
+    The caches must be set up and hold exactly ``batch.prefix_len`` slots already.
+
+    Args:
+        model (nn.Module): a torchtune decoder with MAS attention and caches set up.
+        batch (PromptBatch): the prompts (on the model's device).
+        attention (str): ``"mas"`` or ``"causal"``.
+        backend (str): attention backend for the prefill mask.
+
+    Returns:
+        Tensor: ``[b, P - prefix_len, vocab]`` logits of the prefilled slots.
+    """
+    segment_ids = batch.segment_ids if attention == "mas" else as_causal(batch.segment_ids)
+    start = batch.prefix_len
+    query_len = batch.num_slots - start
+    if backend == "flex" or (backend == "auto" and flex_supported(segment_ids.device)):
+        from mas.block_mask import create_mas_block_mask
+
+        mask: Any = create_mas_block_mask(segment_ids, query_start=start, query_len=query_len)
+    else:
+        from mas.masks import dense_mas_mask
+
+        mask = dense_mas_mask(segment_ids, query_start=start, query_len=query_len)
+    return model(batch.tokens[:, start:], mask=mask, input_pos=batch.positions[:, start:])
+
+
+@dataclass
+class DecodeState:
+    """What decoding needs between steps.
+
+    Attributes:
+        valid_slots (Tensor): ``[b, L]`` bool, True where the cache holds a token.
+        next_slot (int): the slot the next token is written to.
+        next_position (Tensor): ``[b]`` RoPE position of the next token.
+        full_width_mask (bool): attend over all ``L`` slots (static shapes for compile) rather
+            than the ``next_slot + 1`` written ones.
+    """
+
+    valid_slots: Tensor
+    next_slot: int
+    next_position: Tensor
+    full_width_mask: bool = False
+
+    @classmethod
+    def after_prefill(cls, batch: PromptBatch, cache_len: int, full_width_mask: bool = False) -> "DecodeState":
+        valid = torch.zeros((batch.tokens.shape[0], cache_len), dtype=torch.bool, device=batch.tokens.device)
+        valid[:, : batch.num_slots] = batch.segment_ids != PAD
+        return cls(valid, batch.num_slots, batch.lengths.clone(), full_width_mask)
+
+
+def decode_one_token(model: nn.Module, tokens: Tensor, state: DecodeState) -> Tensor:
+    """Append one causal token per row and return the next-token logits.
+
+    Args:
+        model (nn.Module): the model with filled caches.
+        tokens (Tensor): ``[b]`` the tokens to append (written to ``state.next_slot``).
+        state (DecodeState): updated in place.
+
+    Returns:
+        Tensor: ``[b, vocab]`` logits for the token after ``tokens``.
+    """
+    slot = state.next_slot
+    state.valid_slots[:, slot] = True
+    width = state.valid_slots.shape[1] if state.full_width_mask else slot + 1
+    # [b, L] -> [b, 1, width]: a generated token sees every written slot, itself included.
+    mask = state.valid_slots[:, None, :width]
+    logits = model(tokens[:, None], mask=mask, input_pos=state.next_position[:, None])
+    state.next_slot += 1
+    state.next_position += 1
+    return logits[:, -1]
+
+
+class SystemPromptCache:
+    """KV caches of system prompts, computed once and reused by every prompt that shares one.
+
+    Exact under MAS only when the system prompt is its own segment (its tokens attend to
+    nothing after them); with ``merge_system_and_user`` the system tokens see the user turn and
+    the cache would be wrong, so the builder refuses that combination.
+    """
+
+    def __init__(self) -> None:
+        self._entries: Dict[Tuple[int, ...], List[Tuple[Tensor, Tensor]]] = {}
+        self.hits = 0
+        self.misses = 0
+
+    def get(self, model: nn.Module, prefix: SegmentedSequence, *, attention: str, backend: str, cache_len: int) -> List[Tuple[Tensor, Tensor]]:
+        key = tuple(prefix.tokens)
+        if key in self._entries:
+            self.hits += 1
+            return self._entries[key]
+        self.misses += 1
+        device = model.tok_embeddings.weight.device
+        setup_kv_caches(model, 1, cache_len, _model_dtype(model))
+        prefill(model, layout_prompts([prefix], pad_id=0).to(device), attention=attention, backend=backend)
+        self._entries[key] = read_prefix(model, len(prefix))
+        return self._entries[key]
+
+
+def system_prefix(sequence: SegmentedSequence) -> Optional[SegmentedSequence]:
+    """The leading system segment of a prompt (segment 0), or None if the prompt has none."""
+    n = 0
+    while n < len(sequence) and sequence.segment_ids[n] == 0:
+        n += 1
+    if n == 0 or n == len(sequence):
+        return None
+    return SegmentedSequence(sequence.tokens[:n], sequence.labels[:n], sequence.segment_ids[:n])
+
+
+@dataclass
+class BatchOutput:
+    """Generated ids per row (stop token excluded) and timings."""
+
+    tokens: List[List[int]]
+    time_to_first_token_s: float
+    decode_seconds: float
+    decoded_tokens: int
+    stopped: List[bool] = field(default_factory=list)
+    used_system_cache: bool = False
+
+
+@torch.inference_mode()
+def generate_batch(
+    model: nn.Module,
+    sequences: Sequence[SegmentedSequence],
+    settings: GenerationSettings,
+    *,
+    pad_id: int = 0,
+    system_cache: Optional[SystemPromptCache] = None,
+    decode_step: Optional[Callable[[nn.Module, Tensor, DecodeState], Tensor]] = None,
+    generator: Optional[torch.Generator] = None,
+) -> BatchOutput:
+    """Generate for one batch of segmented prompts.
+
+    Args:
+        model (nn.Module): a torchtune decoder (MAS attention is installed if missing).
+        sequences (Sequence[SegmentedSequence]): prompts from ``SegmentBuilder(..., for_generation=True)``.
+        settings (GenerationSettings): sampling and stopping.
+        pad_id (int): id written for padding slots.
+        system_cache (Optional[SystemPromptCache]): reuse shared system prompts from here.
+        decode_step: the (possibly compiled) :func:`decode_one_token`.
+        generator (Optional[torch.Generator]): sampling RNG.
+
+    Returns:
+        BatchOutput: the generated ids.
+
+    Raises:
+        ValueError: an empty prompt, or a prompt that leaves no room for ``max_new_tokens``.
+    """
+    model.eval()
+    _ensure_mas_attention(model, settings.attention_backend)
+    device = model.tok_embeddings.weight.device
+    cache_len = settings.max_cache_len or model.max_seq_len
+    decode_step = decode_step or decode_one_token
+    start_time = time.perf_counter()
+
+    prefix = None
+    if system_cache is not None:
+        prefixes = [system_prefix(s) for s in sequences]
+        if prefixes[0] is not None and all(p is not None and p.tokens == prefixes[0].tokens for p in prefixes):
+            prefix = prefixes[0]
+    batch = layout_prompts(sequences, pad_id, prefix_len=len(prefix) if prefix else 0)
+    needed = batch.num_slots + settings.max_new_tokens
+    if needed > cache_len:
+        longest = max(range(len(sequences)), key=lambda i: len(sequences[i]))
+        raise ValueError(
+            f"prompt {longest} needs {batch.num_slots} cache slots + max_new_tokens "
+            f"{settings.max_new_tokens} = {needed} > the {cache_len}-slot KV cache (model max_seq_len "
+            f"{model.max_seq_len}); shorten the prompt or lower max_new_tokens"
+        )
+    batch = batch.to(device)
+    if prefix is not None:
+        cached = system_cache.get(model, prefix, attention=settings.attention, backend=settings.attention_backend, cache_len=cache_len)
+        setup_kv_caches(model, len(sequences), cache_len, _model_dtype(model))
+        write_prefix(model, cached)
+    else:
+        setup_kv_caches(model, len(sequences), cache_len, _model_dtype(model))
+    logits = prefill(model, batch, attention=settings.attention, backend=settings.attention_backend)[:, -1]
+    state = DecodeState.after_prefill(batch, cache_len, full_width_mask=settings.compile_decode)
+
+    stop = torch.tensor(list(settings.stop_tokens or []), device=device, dtype=torch.long)
+    done = torch.zeros(len(sequences), dtype=torch.bool, device=device)
+    out: List[Tensor] = []
+    token = sample_next_token(logits, temperature=settings.temperature, top_k=settings.top_k, top_p=settings.top_p, generator=generator)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    first_token_time = time.perf_counter()
+    for step in range(settings.max_new_tokens):
+        done |= torch.isin(token, stop) if stop.numel() else torch.zeros_like(done)
+        out.append(torch.where(done, torch.full_like(token, -1), token))
+        if bool(done.all()) or step == settings.max_new_tokens - 1:
+            break
+        logits = decode_step(model, token, state)
+        token = sample_next_token(logits, temperature=settings.temperature, top_k=settings.top_k, top_p=settings.top_p, generator=generator)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    end_time = time.perf_counter()
+    generated = torch.stack(out, dim=1).tolist()  # [b, n]
+    rows = [[t for t in row if t >= 0] for row in generated]
+    return BatchOutput(
+        tokens=rows,
+        time_to_first_token_s=first_token_time - start_time,
+        decode_seconds=end_time - first_token_time,
+        decoded_tokens=max(len(out) - 1, 0) * len(sequences),
+        stopped=done.tolist(),
+        used_system_cache=prefix is not None,
+    )

@@ -1,0 +1,149 @@
+"""Load a model for inference: base HF checkpoint + optional PEFT adapter written by fine-tuning."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+import torch
+from omegaconf import DictConfig
+from torch import nn
+
+from mas.attention import use_mas_attention
+from mas.checkpointing import hf_info_from_checkpointer, load_peft_adapter, peft_to_adapter
+from mas.config import ConfigError, instantiate
+
+__all__ = ["InferenceModel", "load_inference_model", "prompt_mismatch_warnings"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class InferenceModel:
+    """A model ready to generate.
+
+    Attributes:
+        model (nn.Module): in eval mode, MAS attention installed.
+        adapter_config (Optional[dict]): the PEFT adapter config (with ``"mas"``), if one was loaded.
+        adapter_path (Optional[Path]): where the adapter came from.
+    """
+
+    model: nn.Module
+    adapter_config: Optional[Dict[str, Any]]
+    adapter_path: Optional[Path]
+
+    @property
+    def trained_attention(self) -> Optional[str]:
+        return (self.adapter_config or {}).get("mas", {}).get("attention")
+
+
+def _check_lora_shape(adapter_config: Dict[str, Any], model_cfg: DictConfig, path: Path) -> None:
+    from mas.checkpointing import peft_target_modules
+
+    mismatches = []
+    for key, cfg_key in (("r", "lora_rank"), ("lora_alpha", "lora_alpha")):
+        if cfg_key in model_cfg and float(adapter_config.get(key, -1)) != float(model_cfg[cfg_key]):
+            mismatches.append(f"{key}={adapter_config.get(key)} (config {cfg_key}={model_cfg[cfg_key]})")
+    if "lora_attn_modules" in model_cfg:
+        wanted = peft_target_modules(
+            list(model_cfg.lora_attn_modules),
+            model_cfg.get("apply_lora_to_mlp", False),
+            model_cfg.get("apply_lora_to_output", False),
+        )
+        if sorted(wanted) != sorted(adapter_config.get("target_modules", [])):
+            mismatches.append(f"target_modules={adapter_config.get('target_modules')} (config gives {wanted})")
+    if mismatches:
+        raise ConfigError(f"adapter {path} does not match the model config: " + "; ".join(mismatches))
+
+
+def load_inference_model(
+    model_cfg: DictConfig,
+    checkpointer_cfg: DictConfig,
+    *,
+    adapter_checkpoint: Optional[str],
+    device: torch.device,
+    dtype: torch.dtype,
+    attention_backend: str = "auto",
+) -> InferenceModel:
+    """Build the model, load base weights, then (optionally) a fine-tuning checkpoint's adapter.
+
+    Args:
+        model_cfg (DictConfig): model builder node (a LoRA builder when an adapter is given).
+        checkpointer_cfg (DictConfig): a ``FullModelHFCheckpointer`` node for the base (or merged)
+            weights.
+        adapter_checkpoint (Optional[str]): a checkpoint folder (``.../checkpoints/step_N``) or a
+            run's ``output_dir`` (its latest checkpoint); None for base or merged weights.
+        device, dtype: where and in what precision.
+        attention_backend (str): see :class:`mas.attention.MASAttention`.
+
+    Raises:
+        ConfigError: a missing adapter file, or an adapter for a different base shape.
+    """
+    from torchtune import training
+    from torchtune.modules.peft import get_adapter_params
+
+    from mas.training.model_setup import load_adapter_state
+
+    checkpointer = instantiate(checkpointer_cfg)
+    info = hf_info_from_checkpointer(checkpointer)
+    base_state = checkpointer.load_checkpoint()["model"]
+    with training.set_default_dtype(dtype), device:
+        model = instantiate(model_cfg)
+    missing, unexpected = model.load_state_dict(base_state, strict=False)
+    adapter_names = set(get_adapter_params(model))
+    if [k for k in missing if k not in adapter_names] or unexpected:
+        raise ConfigError(
+            f"the checkpoint does not fit the model: missing {[k for k in missing if k not in adapter_names][:4]}, "
+            f"unexpected {list(unexpected)[:4]}"
+        )
+    adapter_config, adapter_path = None, None
+    if adapter_checkpoint:
+        adapter_path = _resolve_adapter_folder(Path(adapter_checkpoint))
+        try:
+            peft_weights, adapter_config = load_peft_adapter(adapter_path)
+        except FileNotFoundError as e:
+            raise ConfigError(str(e)) from None
+        if not adapter_names:
+            raise ConfigError(f"adapter_checkpoint={adapter_checkpoint} needs a LoRA model builder (lora_*)")
+        _check_lora_shape(adapter_config, model_cfg, adapter_path)
+        try:
+            adapter_state = peft_to_adapter(peft_weights, info)
+        except ValueError as e:
+            raise ConfigError(f"adapter {adapter_path} does not fit the base model: {e}") from None
+        load_adapter_state(model, adapter_state)
+    use_mas_attention(model, attention_backend)  # type: ignore[arg-type]
+    model.eval()
+    return InferenceModel(model, adapter_config, adapter_path)
+
+
+def _resolve_adapter_folder(path: Path) -> Path:
+    from mas.checkpointing import ADAPTER_WEIGHTS_FILE, latest_checkpoint
+
+    if (path / ADAPTER_WEIGHTS_FILE).exists():
+        return path
+    latest = latest_checkpoint(path) if path.exists() else None
+    if latest is not None:
+        return latest
+    raise ConfigError(f"adapter file not found: {path / ADAPTER_WEIGHTS_FILE} (nor a run folder with checkpoints/latest)")
+
+
+def prompt_mismatch_warnings(loaded: InferenceModel, attention: str, prompt_format: str, merge_system_and_user: bool) -> List[str]:
+    """Differences between how the adapter was trained and how it is about to be prompted."""
+    if loaded.adapter_config is None:
+        return []
+    recorded = loaded.adapter_config.get("mas", {})
+    notes = []
+    if recorded.get("attention") not in (None, attention):
+        notes.append(
+            f"the adapter was trained with attention={recorded['attention']} but is run with attention={attention} "
+            "(the paper's Table 3 cross-evaluation; expect lower accuracy)"
+        )
+    if recorded.get("prompt_format") not in (None, prompt_format):
+        notes.append(f"the adapter was trained with prompt_format={recorded['prompt_format']}, run with {prompt_format}")
+    if recorded.get("merge_system_and_user") not in (None, merge_system_and_user):
+        notes.append(
+            f"the adapter was trained with merge_system_and_user={recorded['merge_system_and_user']}, run with {merge_system_and_user}"
+        )
+    return notes

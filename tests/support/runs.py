@@ -1,0 +1,37 @@
+"""Run the recipes on the tiny model in-process, with small settings."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import List
+
+from mas.config import load_config, validate_config
+
+
+def finetune_overrides(output_dir: Path, base_dir: Path, **extra) -> List[str]:
+    """Overrides of tiny_mas/tiny_causal for a short run on a shared tiny base checkpoint."""
+    values = {
+        "output_dir": str(output_dir),
+        "checkpointer.checkpoint_dir": str(base_dir),
+        "checkpointer.pretrain_steps": 30,
+        "progress_bar": False,
+        "max_steps_per_epoch": 6,
+        "save_every_n_steps": 3,
+        "val_every_n_steps": None,
+        "batch_size": 4,
+        **extra,
+    }
+    return [f"{k}={'None' if v is None else v}" for k, v in values.items()]
+
+
+def run_finetune(config: str, overrides: List[str]):
+    """Set up, train and clean up the fine-tuning recipe; returns the recipe object."""
+    import mas_lora_finetune
+
+    cfg = load_config(config, overrides)
+    validate_config(cfg, mas_lora_finetune.KEYS)
+    recipe = mas_lora_finetune.MASLoRAFinetuneRecipe(cfg)
+    recipe.setup()
+    recipe.train()
+    recipe.cleanup()
+    return recipe
