@@ -145,7 +145,7 @@ def test_causal_run_records_its_mode_and_refuses_a_mas_resume(tmp_path, tiny_bas
         (["attention=bidirectional"], "attention must be 'mas' or 'causal'"),
         (["attention_backend=flex"], "attention_backend=flex cannot train on cpu"),
         (["device=cuda"] if not torch.cuda.is_available() else ["device=cuda:99"], "CUDA|CUDA device"),
-        (["batch_size=1000"], "batch_size=1000 exceeds"),
+        (["batch_size=1000"], "batch_size=1000 .*exceeds the 550 training examples"),
         (["~attention"], "missing attention"),
     ],
 )

@@ -1,0 +1,426 @@
+"""The MAS LoRA fine-tuning recipe, shared by ``mas_lora_finetune`` and its distributed twin.
+
+``setup`` builds, in torchtune's order: output and loggers, base weights, tokenizer, model,
+optimizer, loss, data, schedule, then restores a checkpoint when resuming. ``train`` is a loop
+of named steps (``_optimizer_step``, ``validate``, ``save_checkpoint``). Where it runs (one
+device or FSDP2 ranks) is a :class:`~mas.training.parallel.Parallelism` object.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+from typing import Any, Dict, Iterator, Optional
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from mas.attention import use_mas_attention
+from mas.checkpointing import CheckpointWriter, hf_info_from_checkpointer, latest_checkpoint
+from mas.config import ConfigError, RecipeKeys, instantiate
+from mas.data import collate_segmented, pad_token_id
+from mas.training.metrics import MetricsFile, StepTimer, peak_memory_gib
+from mas.training.model_setup import check_attention_backend, check_vocab, lora_settings
+from mas.training.parallel import Parallelism, initial_adapter_state
+from mas.training.run_state import DataPosition, load_run_checkpoint, mas_settings, restore_rng, save_run_checkpoint
+from mas.training.sampler import ResumableSampler
+from mas.training.steps import prepare_batch, summed_token_loss
+
+__all__ = ["FINETUNE_KEYS", "LoRAFinetuneRecipe"]
+
+log = logging.getLogger("mas.finetune")
+
+FINETUNE_KEYS = RecipeKeys(
+    recipe="mas_lora_finetune",
+    required={
+        "output_dir": "where checkpoints and logs go",
+        "model": "a LoRA model builder (_component_)",
+        "tokenizer": "a tokenizer builder (_component_)",
+        "checkpointer": "a torchtune FullModelHFCheckpointer for the base weights",
+        "dataset": "a mas.data dataset builder (_component_)",
+        "attention": "mas | causal",
+        "optimizer": "an optimizer (_component_)",
+        "lr_scheduler": "a schedule (_component_), gets num_training_steps",
+        "loss": "a loss (_component_)",
+        "batch_size": "examples per micro-batch (per rank when distributed)",
+        "epochs": "passes over the data",
+    },
+    optional={
+        "seed": "random seed",
+        "shuffle": "shuffle the training data",
+        "device": "cpu | cuda | cuda:N | auto",
+        "dtype": "bf16 | fp32",
+        "attention_backend": "auto | flex | sdpa",
+        "pad_to_multiple_of": "round padded lengths up (fewer compiled shapes)",
+        "num_workers": "DataLoader workers",
+        "max_steps_per_epoch": "cap optimizer steps per epoch",
+        "gradient_accumulation_steps": "micro-batches per optimizer step",
+        "clip_grad_norm": "max gradient norm (null: no clipping)",
+        "compile": "torch.compile the model and loss",
+        "enable_activation_checkpointing": "recompute activations in backward",
+        "metric_logger": "a torchtune metric logger (_component_)",
+        "log_every_n_steps": "metrics cadence",
+        "log_peak_memory_stats": "log peak memory",
+        "val_dataset": "held-out data (_component_), optional",
+        "val_every_n_steps": "validation cadence (null: epoch ends only)",
+        "max_val_batches": "cap validation batches",
+        "save_every_n_steps": "checkpoint cadence (null: epoch ends only)",
+        "save_merged_weights": "also write merged HF weights at epoch ends",
+        "keep_last_n_checkpoints": "delete older checkpoints (null: keep all)",
+        "resume_from_checkpoint": "continue from output_dir/checkpoints/latest",
+        "progress_bar": "show a tqdm progress bar",
+    },
+)
+
+
+class LoRAFinetuneRecipe:
+    """LoRA fine-tuning with a MAS (or causal) attention mask built once per batch.
+
+    Args:
+        cfg (DictConfig): a validated fine-tuning config.
+        parallel (Parallelism): where it runs.
+        name (str): recipe name for the progress bar and messages.
+    """
+
+    def __init__(self, cfg: DictConfig, parallel: Parallelism, name: str = "mas_lora_finetune") -> None:
+        from torchtune import training
+
+        self.cfg = cfg
+        self.parallel = parallel
+        self.name = name
+        self.device = parallel.device
+        self.dtype = training.get_dtype(cfg.get("dtype", "fp32"), device=self.device)
+        if cfg.attention not in ("mas", "causal"):
+            raise ConfigError(f"attention must be 'mas' or 'causal', got {cfg.attention!r}")
+        self.attention = cfg.attention
+        self.backend = cfg.get("attention_backend", "auto")
+        check_attention_backend(self.backend, self.device)
+        self.grad_accum = int(cfg.get("gradient_accumulation_steps", 1))
+        if self.grad_accum < 1 or int(cfg.batch_size) < 1:
+            raise ConfigError("batch_size and gradient_accumulation_steps must be >= 1")
+        self.output_dir = Path(cfg.output_dir)
+        self.position = DataPosition()
+        self.seed = int(cfg.get("seed", 0))
+        # Same seed on every rank: LoRA dropout differs by rank only through the data it sees.
+        training.set_seed(self.seed + parallel.rank)
+
+    # ----------------------------------------------------------------------------- setup
+    def setup(self) -> None:
+        self._setup_output()
+        self._setup_base_weights()
+        self._setup_tokenizer()
+        self._setup_model()
+        self._setup_optimizer()
+        self._setup_loss()
+        self._setup_data()
+        self._setup_lr_scheduler()
+        self._setup_resume()
+
+    def _setup_output(self) -> None:
+        self.resuming = bool(self.cfg.get("resume_from_checkpoint", False))
+        self.metric_logger = self.metrics_file = None
+        if self.parallel.is_main:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            OmegaConf.save(self.cfg, self.output_dir / "config.yaml")
+            self.metric_logger = instantiate(self.cfg.get("metric_logger"))
+            if self.metric_logger is not None:
+                self.metric_logger.log_config(self.cfg)
+            self.metrics_file = MetricsFile(self.output_dir / "metrics.jsonl", resume=self.resuming)
+        self.writer = CheckpointWriter(self.output_dir, self.cfg.get("keep_last_n_checkpoints"))
+
+    def _setup_base_weights(self) -> None:
+        checkpointer = instantiate(self.cfg.checkpointer)
+        self.hf_info = hf_info_from_checkpointer(checkpointer)
+        self.base_checkpoint_dir = str(checkpointer._checkpoint_dir)
+        self.base_state = checkpointer.load_checkpoint()["model"]
+
+    def _setup_tokenizer(self) -> None:
+        self.tokenizer = instantiate(self.cfg.tokenizer)
+
+    def _setup_model(self) -> None:
+        from torchtune import training
+        from torchtune.modules import TransformerSelfAttentionLayer
+        from torchtune.modules.peft import get_adapter_params, set_trainable_params
+
+        self.lora = lora_settings(self.cfg.model)
+        build_device = torch.device("meta") if self.parallel.builds_on_meta else self.device
+        with training.set_default_dtype(self.dtype), build_device:
+            model = instantiate(self.cfg.model)
+        set_trainable_params(model, get_adapter_params(model))
+        if self.cfg.get("enable_activation_checkpointing", False):
+            training.set_activation_checkpointing(model, auto_wrap_policy={TransformerSelfAttentionLayer})
+        adapter = {k: v.to(self.dtype) for k, v in initial_adapter_state(model, self.seed).items()}
+        self.model = self.parallel.prepare_model(model, self.base_state, adapter)
+        del self.base_state
+        use_mas_attention(self.model, self.backend)
+        check_vocab(self.tokenizer, self.model)
+        if self.cfg.get("compile", False):
+            training.compile_model(self.model)
+        self.trainable = [p for p in self.model.parameters() if p.requires_grad]
+        if self.parallel.is_main:
+            n_train = sum(p.numel() for p in self.trainable) * self.parallel.world_size
+            log.info("LoRA: %.3fM trainable parameters", n_train / 1e6)
+
+    def _setup_optimizer(self) -> None:
+        self.optimizer = instantiate(self.cfg.optimizer, self.trainable)
+
+    def _setup_loss(self) -> None:
+        self.loss_fn = instantiate(self.cfg.loss)
+        chunks = getattr(self.loss_fn, "num_output_chunks", 0)
+        if chunks:
+            self.model.set_num_output_chunks(chunks)
+        if self.cfg.get("compile", False):
+            from torchtune import training
+
+            self.loss_fn = training.compile_loss(self.loss_fn)
+
+    def _dataloader(self, dataset: Any, *, shuffle: bool) -> tuple[DataLoader, ResumableSampler]:
+        sampler = ResumableSampler(
+            len(dataset), shuffle=shuffle, seed=self.seed, rank=self.parallel.rank, world_size=self.parallel.world_size
+        )
+        pad_id = pad_token_id(self.tokenizer)
+        multiple = self.cfg.get("pad_to_multiple_of")
+        loader = DataLoader(
+            dataset,
+            batch_size=int(self.cfg.batch_size),
+            sampler=sampler,
+            drop_last=True,  # a constant batch shape: no recompiles, equal-weight steps
+            num_workers=int(self.cfg.get("num_workers", 0)),
+            collate_fn=lambda items: collate_segmented(items, pad_id=pad_id, pad_to_multiple_of=multiple),
+            # Its own generator: creating an iterator must not draw from the global RNG, or a
+            # resumed run's dropout masks would differ from an uninterrupted run's.
+            generator=torch.Generator().manual_seed(self.seed),
+        )
+        return loader, sampler
+
+    def _setup_data(self) -> None:
+        self.dataset = instantiate(self.cfg.dataset, self.tokenizer)
+        if self.parallel.is_main:
+            log.info("train data: %s", self.dataset.stats.summary())
+        per_step = int(self.cfg.batch_size) * self.parallel.world_size
+        if len(self.dataset) < per_step:
+            raise ConfigError(
+                f"batch_size={self.cfg.batch_size} x {self.parallel.world_size} rank(s) exceeds the "
+                f"{len(self.dataset)} training examples"
+            )
+        self.loader, self.sampler = self._dataloader(self.dataset, shuffle=self.cfg.get("shuffle", True))
+        self.val_loader = None
+        if self.cfg.get("val_dataset") is not None:
+            val_dataset = instantiate(self.cfg.val_dataset, self.tokenizer)
+            if self.parallel.is_main:
+                log.info("validation data: %s", val_dataset.stats.summary())
+            self.val_loader, _ = self._dataloader(val_dataset, shuffle=False)
+        batches = len(self.loader)
+        self.steps_per_epoch = batches // self.grad_accum
+        cap = self.cfg.get("max_steps_per_epoch")
+        if cap is not None:
+            self.steps_per_epoch = min(self.steps_per_epoch, int(cap))
+        if self.steps_per_epoch < 1:
+            raise ConfigError(
+                f"{batches} batches per epoch < gradient_accumulation_steps={self.grad_accum}: no optimizer step possible"
+            )
+        self.total_steps = self.steps_per_epoch * int(self.cfg.epochs)
+
+    def _setup_lr_scheduler(self) -> None:
+        self.lr_scheduler = instantiate(self.cfg.lr_scheduler, self.optimizer, num_training_steps=self.total_steps)
+
+    def _setup_resume(self) -> None:
+        if not self.resuming:
+            return
+        folder = latest_checkpoint(self.output_dir)
+        if folder is None:
+            raise ConfigError(f"resume_from_checkpoint=True but {self.output_dir}/checkpoints has no complete checkpoint")
+        adapter, adapter_config, state = load_run_checkpoint(folder, self.hf_info)
+        trained = adapter_config.get("mas", {}).get("attention")
+        if trained != self.attention:
+            raise ConfigError(f"{folder} was trained with attention={trained}, this run asks for attention={self.attention}")
+        if state.get("world_size", 1) != self.parallel.world_size:
+            raise ConfigError(
+                f"{folder} was written by {state.get('world_size', 1)} rank(s); resume with the same number "
+                f"(the data order per rank depends on it), not {self.parallel.world_size}"
+            )
+        self.parallel.load_adapter(self.model, {k: v.to(self.dtype) for k, v in adapter.items()})
+        self.parallel.load_optimizer_state(self.model, self.optimizer, state["optimizer"])
+        self.lr_scheduler.load_state_dict(state["lr_scheduler"])
+        restore_rng(state["rng"][self.parallel.rank] if "rng_per_rank" in state else state["rng"])
+        self.position = DataPosition(state["global_step"], state["epoch"], state["steps_in_epoch"])
+        if state["epoch_end"]:
+            self.position.epoch += 1
+            self.position.steps_in_epoch = 0
+        if self.parallel.is_main:
+            log.info("resumed from %s at step %d", folder, self.position.global_step)
+
+    # ----------------------------------------------------------------------------- training
+    def _micro_batches(self, epoch: int, start_step: int) -> Iterator[Dict[str, torch.Tensor]]:
+        self.sampler.set_epoch(epoch, start=start_step * self.grad_accum * int(self.cfg.batch_size))
+        return iter(self.loader)
+
+    def _optimizer_step(self, batches: Iterator[Dict[str, torch.Tensor]]) -> Dict[str, float]:
+        """One optimizer step over ``gradient_accumulation_steps`` micro-batches (per rank)."""
+        from torchtune import training
+
+        self.model.train()
+        loss_sum = torch.zeros((), device=self.device)
+        counts = torch.zeros(2, dtype=torch.long, device=self.device)  # [targets, tokens]
+        for _ in range(self.grad_accum):
+            prepared = prepare_batch(next(batches), attention=self.attention, device=self.device, backend=self.backend)
+            loss = summed_token_loss(self.model, self.loss_fn, prepared)
+            loss.backward()
+            loss_sum += loss.detach().float()
+            counts += torch.tensor([prepared.num_targets, prepared.num_tokens], device=self.device)
+        local_tokens = int(counts[1])
+        loss_sum, counts = self.parallel.sum(loss_sum), self.parallel.sum(counts)
+        num_targets, num_tokens = int(counts[0]), int(counts[1])
+        if num_targets == 0:
+            raise RuntimeError("a whole optimizer step had no target token; check the data")
+        # Gradients of summed losses scaled to the gradient of the mean over all targets.
+        training.scale_grads(self.model, torch.tensor(self.parallel.gradient_scale(num_targets)))
+        max_norm = self.cfg.get("clip_grad_norm")
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.trainable, max_norm=float(max_norm) if max_norm else math.inf)
+        if hasattr(grad_norm, "full_tensor"):
+            grad_norm = grad_norm.full_tensor()
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.lr_scheduler.step()
+        return {
+            "loss": loss_sum.item() / num_targets,
+            "grad_norm": float(grad_norm),
+            "num_tokens": num_tokens,
+            "local_tokens": local_tokens,
+        }
+
+    @torch.no_grad()
+    def validate(self) -> Optional[float]:
+        if self.val_loader is None:
+            return None
+        self.model.eval()
+        totals = torch.zeros(2, device=self.device, dtype=torch.float64)  # [loss sum, targets]
+        limit = self.cfg.get("max_val_batches")
+        for i, batch in enumerate(self.val_loader):
+            if limit is not None and i >= int(limit):
+                break
+            prepared = prepare_batch(batch, attention=self.attention, device=self.device, backend=self.backend)
+            totals[0] += summed_token_loss(self.model, self.loss_fn, prepared).double()
+            totals[1] += prepared.num_targets
+        self.model.train()
+        totals = self.parallel.sum(totals)
+        return float(totals[0] / totals[1].clamp(min=1))
+
+    def _log(self, record: Dict[str, Any]) -> None:
+        if not self.parallel.is_main:
+            return
+        self.metrics_file.write(record)
+        if self.metric_logger is not None:
+            payload = {k: v for k, v in record.items() if isinstance(v, (int, float)) and k != "step"}
+            self.metric_logger.log_dict(payload, step=record["step"])
+
+    def train(self) -> None:
+        cfg = self.cfg
+        log_every = int(cfg.get("log_every_n_steps", 1))
+        save_every = cfg.get("save_every_n_steps")
+        val_every = cfg.get("val_every_n_steps")
+        progress = tqdm(
+            total=self.total_steps,
+            initial=self.position.global_step,
+            desc=f"{self.name} [{self.attention}]",
+            disable=not (cfg.get("progress_bar", True) and self.parallel.is_main),
+            dynamic_ncols=True,
+        )
+        timer = StepTimer(self.device)
+        for epoch in range(self.position.epoch, int(cfg.epochs)):
+            self.position.epoch = epoch
+            batches = self._micro_batches(epoch, self.position.steps_in_epoch)
+            while self.position.steps_in_epoch < self.steps_per_epoch:
+                stats = self._optimizer_step(batches)
+                self.position.global_step += 1
+                self.position.steps_in_epoch += 1
+                step = self.position.global_step
+                seconds = timer.lap()
+                lr = self.optimizer.param_groups[0]["lr"]
+                progress.update(1)
+                progress.set_postfix(loss=f"{stats['loss']:.4f}", lr=f"{lr:.2e}", tok_s=f"{stats['num_tokens'] / seconds:.0f}")
+                if step % log_every == 0 or step == self.total_steps:
+                    record = {
+                        "kind": "train",
+                        "step": step,
+                        "epoch": epoch,
+                        "loss": stats["loss"],
+                        "lr": lr,
+                        "grad_norm": stats["grad_norm"],
+                        "tokens_per_second": stats["num_tokens"] / seconds,
+                        "tokens_per_second_per_rank": stats["local_tokens"] / seconds,
+                        "step_seconds": seconds,
+                        "world_size": self.parallel.world_size,
+                    }
+                    if cfg.get("log_peak_memory_stats", True):
+                        record.update(peak_memory_gib(self.device))
+                    self._log(record)
+                if val_every and step % int(val_every) == 0:
+                    self._log_validation(step, epoch)
+                epoch_end = self.position.steps_in_epoch == self.steps_per_epoch
+                if save_every and step % int(save_every) == 0 and not epoch_end:
+                    self.save_checkpoint(epoch_end=False)
+                timer.lap()  # logging, validation and saving do not count as step time
+            if not val_every or self.position.global_step % int(val_every):
+                self._log_validation(self.position.global_step, epoch)
+            self.save_checkpoint(epoch_end=True)
+            self.position.steps_in_epoch = 0
+            timer.lap()
+        progress.close()
+
+    def _log_validation(self, step: int, epoch: int) -> None:
+        val_loss = self.validate()
+        if val_loss is not None:
+            self._log({"kind": "val", "step": step, "epoch": epoch, "val_loss": val_loss})
+            if self.parallel.is_main:
+                tqdm.write(f"step {step}: val_loss {val_loss:.4f}")
+
+    def save_checkpoint(self, *, epoch_end: bool) -> Optional[Path]:
+        """Gather full states (every rank takes part); the main rank writes them atomically."""
+        from mas.training.run_state import capture_rng
+
+        merged = epoch_end and self.cfg.get("save_merged_weights", False)
+        model_state = self.parallel.full_state_dict(self.model, adapter_only=not merged)
+        optimizer_state = self.parallel.full_optimizer_state(self.model, self.optimizer)
+        rng = _gather_objects(capture_rng(), self.parallel)
+        folder = None
+        if self.parallel.is_main:
+            from torchtune.modules.peft import get_adapter_state_dict
+
+            folder = save_run_checkpoint(
+                self.writer,
+                position=self.position,
+                adapter_state=get_adapter_state_dict(model_state),
+                info=self.hf_info,
+                lora=self.lora,
+                mas=mas_settings(self.attention, self.cfg.dataset),
+                optimizer_state=optimizer_state,
+                scheduler_state=self.lr_scheduler.state_dict(),
+                epoch_end=epoch_end,
+                model_state=model_state if merged else None,
+                base_checkpoint_dir=self.base_checkpoint_dir,
+                extra={"world_size": self.parallel.world_size, **({"rng": rng, "rng_per_rank": True} if self.parallel.world_size > 1 else {})},
+            )
+            tqdm.write(f"saved checkpoint {folder}")
+        self.parallel.barrier()
+        return folder
+
+    def cleanup(self) -> None:
+        if self.metrics_file is not None:
+            self.metrics_file.close()
+        if self.metric_logger is not None:
+            self.metric_logger.close()
+
+
+def _gather_objects(obj: Any, parallel: Parallelism) -> list:
+    """Every rank's ``obj`` on every rank (a list, in rank order)."""
+    if parallel.world_size == 1:
+        return [obj]
+    import torch.distributed as dist
+
+    out: list = [None] * parallel.world_size
+    dist.all_gather_object(out, obj)
+    return out
