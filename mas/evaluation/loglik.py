@@ -1,0 +1,75 @@
+"""Log-likelihood scoring: how likely is each candidate answer after the prompt?
+
+A candidate is scored exactly as training would see it: the prompt segments (MAS or causal)
+followed by the answer tokens, causal. The score is the sum of the answer tokens' log
+probabilities (no end-of-sequence token), one forward pass per batch of candidates; nothing is
+generated, so there is no answer to extract and no extraction failure.
+"""
+
+from __future__ import annotations
+
+from typing import List, Sequence
+
+import torch
+from torch import nn
+
+from mas.attention import create_attention_mask
+from mas.data.collate import collate_segmented
+from mas.masks import CAUSAL
+from mas.segments import SegmentedSequence, as_causal
+
+__all__ = ["answer_logprobs", "drop_final_eos"]
+
+
+def drop_final_eos(sequence: SegmentedSequence, eos_id: int | None) -> SegmentedSequence:
+    """The sequence without its trailing EOS (a candidate answer is scored without it)."""
+    if eos_id is not None and sequence.tokens and sequence.tokens[-1] == eos_id:
+        return SegmentedSequence(sequence.tokens[:-1], sequence.labels[:-1], sequence.segment_ids[:-1])
+    return sequence
+
+
+@torch.inference_mode()
+def answer_logprobs(
+    model: nn.Module,
+    sequences: Sequence[SegmentedSequence],
+    *,
+    attention: str = "mas",
+    backend: str = "auto",
+    batch_size: int = 16,
+) -> List[float]:
+    """Sum of log p(answer token | everything before) over each sequence's causal answer part.
+
+    Args:
+        model (nn.Module): a torchtune decoder with MAS attention, without KV caches.
+        sequences (Sequence[SegmentedSequence]): prompt + answer, answer tokens ``CAUSAL``.
+        attention (str): ``"mas"`` or ``"causal"`` for the prompt.
+        backend (str): attention backend.
+        batch_size (int): sequences per forward pass.
+
+    Returns:
+        List[float]: one score per sequence.
+
+    Raises:
+        ValueError: a sequence without answer tokens.
+    """
+    device = model.tok_embeddings.weight.device
+    scores: List[float] = []
+    for start in range(0, len(sequences), batch_size):
+        chunk = sequences[start : start + batch_size]
+        for i, seq in enumerate(chunk):
+            if CAUSAL not in seq.segment_ids:
+                raise ValueError(f"sequence {start + i} has no answer tokens to score")
+        batch = collate_segmented([{"tokens": s.tokens, "labels": s.labels, "segment_ids": s.segment_ids} for s in chunk])
+        segment_ids = batch["segment_ids"].to(device)
+        mask = create_attention_mask(segment_ids if attention == "mas" else as_causal(segment_ids), backend=backend)
+        tokens = batch["tokens"].to(device)
+        logits = model(tokens, mask=mask)
+        if isinstance(logits, list):
+            logits = torch.cat(logits, dim=1)
+        # Position i predicts token i + 1: [b, s - 1, vocab] vs [b, s - 1].
+        logprobs = torch.log_softmax(logits[:, :-1].float(), dim=-1)
+        targets = tokens[:, 1:]
+        picked = logprobs.gather(-1, targets[..., None]).squeeze(-1)
+        is_answer = segment_ids[:, 1:] == CAUSAL
+        scores.extend((picked * is_answer).sum(-1).tolist())
+    return scores
