@@ -303,9 +303,16 @@ def tiny_hf_checkpointer(
     )
     from torchtune.training import FullModelHFCheckpointer
 
+    import torch.distributed as dist
+
     dims = {**TINY_LLAMA3_2, **overrides}
-    if not _tiny_checkpoint_is_current(Path(checkpoint_dir), seed, pretrain_steps, dims):
-        write_tiny_hf_checkpoint(checkpoint_dir, seed=seed, pretrain_steps=pretrain_steps, **overrides)
+    # Under torchrun one rank writes the checkpoint and the others wait for it.
+    distributed = dist.is_available() and dist.is_initialized()
+    if not distributed or dist.get_rank() == 0:
+        if not _tiny_checkpoint_is_current(Path(checkpoint_dir), seed, pretrain_steps, dims):
+            write_tiny_hf_checkpoint(checkpoint_dir, seed=seed, pretrain_steps=pretrain_steps, **overrides)
+    if distributed:
+        dist.barrier()
     return FullModelHFCheckpointer(
         checkpoint_dir=checkpoint_dir,
         checkpoint_files=["model.safetensors"],

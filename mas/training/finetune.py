@@ -152,7 +152,12 @@ class LoRAFinetuneRecipe:
         set_trainable_params(model, get_adapter_params(model))
         if self.cfg.get("enable_activation_checkpointing", False):
             training.set_activation_checkpointing(model, auto_wrap_policy={TransformerSelfAttentionLayer})
-        adapter = {k: v.to(self.dtype) for k, v in initial_adapter_state(model, self.seed).items()}
+        # A resumed run starts from the checkpoint's adapter, a fresh one from the seeded init.
+        # Loading it here, before the optimizer exists, keeps the optimizer's parameters the
+        # model's (FSDP2 loads full state dicts by assigning new parameters).
+        self.resume_from = self._resume_checkpoint()
+        start = self.resume_from[0] if self.resume_from else initial_adapter_state(model, self.seed)
+        adapter = {k: v.to(self.dtype) for k, v in start.items()}
         self.model = self.parallel.prepare_model(model, self.base_state, adapter)
         del self.base_state
         use_mas_attention(self.model, self.backend)
@@ -161,7 +166,7 @@ class LoRAFinetuneRecipe:
             training.compile_model(self.model)
         self.trainable = [p for p in self.model.parameters() if p.requires_grad]
         if self.parallel.is_main:
-            n_train = sum(p.numel() for p in self.trainable) * self.parallel.world_size
+            n_train = sum(p.numel() for p in self.trainable)  # DTensor.numel() is the global size
             log.info("LoRA: %.3fM trainable parameters", n_train / 1e6)
 
     def _setup_optimizer(self) -> None:
@@ -227,9 +232,10 @@ class LoRAFinetuneRecipe:
     def _setup_lr_scheduler(self) -> None:
         self.lr_scheduler = instantiate(self.cfg.lr_scheduler, self.optimizer, num_training_steps=self.total_steps)
 
-    def _setup_resume(self) -> None:
+    def _resume_checkpoint(self) -> Optional[tuple]:
+        """(adapter, adapter config, recipe state) of the checkpoint to resume from, or None."""
         if not self.resuming:
-            return
+            return None
         folder = latest_checkpoint(self.output_dir)
         if folder is None:
             raise ConfigError(f"resume_from_checkpoint=True but {self.output_dir}/checkpoints has no complete checkpoint")
@@ -242,7 +248,15 @@ class LoRAFinetuneRecipe:
                 f"{folder} was written by {state.get('world_size', 1)} rank(s); resume with the same number "
                 f"(the data order per rank depends on it), not {self.parallel.world_size}"
             )
-        self.parallel.load_adapter(self.model, {k: v.to(self.dtype) for k, v in adapter.items()})
+        if self.parallel.is_main:
+            log.info("resuming from %s", folder)
+        return adapter, adapter_config, state
+
+    def _setup_resume(self) -> None:
+        """Restore optimizer, schedule, RNG and data position (the adapter is already loaded)."""
+        if self.resume_from is None:
+            return
+        _, _, state = self.resume_from
         self.parallel.load_optimizer_state(self.model, self.optimizer, state["optimizer"])
         self.lr_scheduler.load_state_dict(state["lr_scheduler"])
         restore_rng(state["rng"][self.parallel.rank] if "rng_per_rank" in state else state["rng"])
@@ -250,8 +264,9 @@ class LoRAFinetuneRecipe:
         if state["epoch_end"]:
             self.position.epoch += 1
             self.position.steps_in_epoch = 0
+        self.resume_from = None
         if self.parallel.is_main:
-            log.info("resumed from %s at step %d", folder, self.position.global_step)
+            log.info("resumed at step %d", self.position.global_step)
 
     # ----------------------------------------------------------------------------- training
     def _micro_batches(self, epoch: int, start_step: int) -> Iterator[Dict[str, torch.Tensor]]:

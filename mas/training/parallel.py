@@ -106,11 +106,6 @@ class Parallelism:
     def load_optimizer_state(self, model: nn.Module, optimizer: torch.optim.Optimizer, state: Dict[str, Any]) -> None:
         optimizer.load_state_dict(state)
 
-    def load_adapter(self, model: nn.Module, adapter_state: Dict[str, Tensor]) -> None:
-        from mas.training.model_setup import load_adapter_state
-
-        load_adapter_state(model, adapter_state)
-
     def barrier(self) -> None:
         pass
 
@@ -211,19 +206,24 @@ class FSDP2(Parallelism):
         return training.gather_cpu_state_dict(model, self.is_main, device=self.device, adapter_weights_only=adapter_only)
 
     def full_optimizer_state(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> Dict[str, Any]:
-        from torchtune import training
+        """The full (unsharded) optimizer state on rank 0, keyed by parameter name; {} elsewhere."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
-        return training.get_full_optimizer_state_dict(model, optimizer, self.is_main, device=self.device)
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        state = get_optimizer_state_dict(model, optimizer, options=options)
+        return state if self.is_main else {}
 
     def load_optimizer_state(self, model: nn.Module, optimizer: torch.optim.Optimizer, state: Dict[str, Any]) -> None:
-        from torchtune import training
+        """Shard a full optimizer state (every rank read it from the checkpoint) into ``optimizer``.
 
-        training.load_from_full_optimizer_state_dict(model, optimizer, state, self.device)
+        torchtune 0.6.1's ``load_from_full_optimizer_state_dict`` silently loads nothing into a
+        fresh optimizer (its state is empty, so there is nothing to match); the state is
+        materialized first here.
+        """
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
-    def load_adapter(self, model: nn.Module, adapter_state: Dict[str, Tensor]) -> None:
-        from torchtune import training
-
-        training.load_from_full_model_state_dict(model, adapter_state, self.device, strict=False, cpu_offload=self.cpu_offload)
+        _materialize_optimizer_state(optimizer)
+        set_optimizer_state_dict(model, optimizer, optim_state_dict=state, options=StateDictOptions(full_state_dict=True))
 
     def barrier(self) -> None:
         dist.barrier()
@@ -231,6 +231,23 @@ class FSDP2(Parallelism):
     def close(self) -> None:
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def _materialize_optimizer_state(optimizer: torch.optim.Optimizer) -> None:
+    """Create the optimizer's per-parameter state with one no-op step (zero grads, lr 0)."""
+    if optimizer.state:
+        return
+    saved_lrs = []
+    for group in optimizer.param_groups:
+        saved_lrs.append(group["lr"])
+        group["lr"] = 0.0
+        for param in group["params"]:
+            param.grad = torch.zeros_like(param)
+    optimizer.step()
+    for group, lr in zip(optimizer.param_groups, saved_lrs):
+        group["lr"] = lr
+        for param in group["params"]:
+            param.grad = None
 
 
 def _decoder_layer_type() -> type:
