@@ -38,6 +38,10 @@ from torch import nn
 
 __all__ = [
     "TINY_FAMILIES",
+    "lora_with_nf4_base",
+    "quantize_frozen_linears",
+    "qlora_qwen2_5_3b",
+    "qlora_qwen2_5_7b_base",
     "TinyCheckpoint",
     "TinyFamily",
     "lora_mistral_7b_v0_3",
@@ -127,6 +131,104 @@ def qlora_mistral_7b_v0_3(
         lora_dropout=lora_dropout,
         use_dora=use_dora,
         quantize_base=True,
+    )
+
+
+_BASE_PROJECTIONS = ("attn.q_proj", "attn.k_proj", "attn.v_proj", "attn.output_proj", "mlp.w1", "mlp.w2", "mlp.w3")
+
+
+def quantize_frozen_linears(model: nn.Module) -> nn.Module:
+    """Turn every plain (non-LoRA) projection of the decoder layers into an NF4 ``FrozenNF4Linear``.
+
+    torchtune 0.6.1's Qwen2 LoRA builder quantizes only the projections that carry an adapter:
+    with LoRA on q and v, k, o and the whole MLP stay bf16 and QLoRA saves little. This swaps
+    the rest for torchtune's ``FrozenNF4Linear`` (same shapes, bias and parameter names, so HF
+    checkpoints load unchanged). The bf16 weights exist until swapped, layer by layer after the
+    model is built, so building needs about the bf16 model's memory once.
+    """
+    from torchtune.modules.low_precision import FrozenNF4Linear
+
+    for layer in model.layers:
+        for path in _BASE_PROJECTIONS:
+            parent_path, _, leaf = path.rpartition(".")
+            parent = layer.get_submodule(parent_path)
+            linear = getattr(parent, leaf)
+            if type(linear) is not nn.Linear:  # a LoRALinear (already NF4) or already swapped
+                continue
+            setattr(
+                parent,
+                leaf,
+                FrozenNF4Linear(
+                    linear.in_features,
+                    linear.out_features,
+                    bias=linear.bias is not None,
+                    device=linear.weight.device,
+                    dtype=linear.weight.dtype,
+                ),
+            )
+    model._mas_quantized_after_build = True  # for tools/estimate_memory.py: bf16 existed while building
+    return model
+
+
+def lora_with_nf4_base(builder: str, **builder_kwargs: Any) -> nn.Module:
+    """Any torchtune LoRA builder (a dotpath) as QLoRA, every decoder projection in NF4.
+
+    Args:
+        builder (str): e.g. ``torchtune.models.qwen2.lora_qwen2``.
+        **builder_kwargs: its arguments (``quantize_base`` is set to True).
+    """
+    return quantize_frozen_linears(_import(builder)(**{**builder_kwargs, "quantize_base": True}))
+
+
+def qlora_qwen2_5_3b(
+    lora_attn_modules: List[str],
+    apply_lora_to_mlp: bool = False,
+    apply_lora_to_output: bool = False,
+    lora_rank: int = 8,
+    lora_alpha: float = 16,
+    lora_dropout: float = 0.0,
+    use_dora: bool = False,
+) -> nn.Module:
+    """Qwen2.5-3B QLoRA: torchtune's ``lora_qwen2_5_3b`` with *every* decoder projection in NF4."""
+    from torchtune.models.qwen2_5 import lora_qwen2_5_3b
+
+    return quantize_frozen_linears(
+        lora_qwen2_5_3b(
+            lora_attn_modules=list(lora_attn_modules),
+            apply_lora_to_mlp=apply_lora_to_mlp,
+            apply_lora_to_output=apply_lora_to_output,
+            lora_rank=lora_rank,
+            lora_alpha=lora_alpha,
+            lora_dropout=lora_dropout,
+            use_dora=use_dora,
+            quantize_base=True,
+        )
+    )
+
+
+def qlora_qwen2_5_7b_base(
+    lora_attn_modules: List[str],
+    apply_lora_to_mlp: bool = False,
+    apply_lora_to_output: bool = False,
+    lora_rank: int = 8,
+    lora_alpha: float = 16,
+    lora_dropout: float = 0.0,
+    use_dora: bool = False,
+) -> nn.Module:
+    """Qwen2.5-7B (base) QLoRA: ``lora_qwen2_5_7b_base`` with every decoder projection in NF4."""
+    from torchtune.models.qwen2_5 import lora_qwen2_5_7b_base
+
+    return quantize_frozen_linears(
+        lora_qwen2_5_7b_base(
+            lora_attn_modules=list(lora_attn_modules),
+            apply_lora_to_mlp=apply_lora_to_mlp,
+            apply_lora_to_output=apply_lora_to_output,
+            lora_rank=lora_rank,
+            lora_alpha=lora_alpha,
+            lora_dropout=lora_dropout,
+            use_dora=use_dora,
+            quantize_base=True,
+        )
     )
 
 

@@ -60,7 +60,15 @@ class FamilyRun:
         return self.recipe.hf_info
 
 
-def _run_recipe(ckpt: TinyCheckpoint, out: Path, *, extra: List[str] = (), **model_kwargs: Any):
+def _run_recipe(
+    ckpt: TinyCheckpoint,
+    out: Path,
+    *,
+    extra: List[str] = (),
+    lora_attn: List[str] = LORA_ATTN,
+    mlp: bool = True,
+    **model_kwargs: Any,
+):
     overrides = [
         f"output_dir={out}",
         "epochs=1",
@@ -77,7 +85,7 @@ def _run_recipe(ckpt: TinyCheckpoint, out: Path, *, extra: List[str] = (), **mod
     ]
     cfg = load_config("tiny_mas", overrides)
     cfg.model = OmegaConf.create(
-        ckpt.lora_model_node(LORA_ATTN, apply_lora_to_mlp=True, lora_rank=LORA_RANK, lora_alpha=LORA_ALPHA,
+        ckpt.lora_model_node(lora_attn, apply_lora_to_mlp=mlp, lora_rank=LORA_RANK, lora_alpha=LORA_ALPHA,
                              lora_dropout=0.05, **model_kwargs)
     )  # fmt: skip
     cfg.tokenizer = OmegaConf.create(ckpt.tokenizer_node(max_seq_len=SEQ_LEN))
@@ -253,19 +261,32 @@ def test_flex_mas_logits_equal_dense_sdpa_logits(family_run):
 # ------------------------------------------------------------------------------------------ QLoRA
 # torchtune's RMSNorm computes in fp32 next to a bf16 scale; torch warns that it cannot fuse that.
 @pytest.mark.filterwarnings("ignore:Mismatch dtype between input and weight")
-def test_qlora_trains_saves_adapter_and_dequantized_merged_weights(tmp_path):
-    """NF4 base weights (torchao) on CPU in bf16: load, train, save PEFT and merged HF weights."""
+@pytest.mark.parametrize("family", ["llama3_2", "qwen2_untied"])
+def test_qlora_trains_saves_adapter_and_dequantized_merged_weights(family, tmp_path):
+    """NF4 base weights (torchao) on CPU in bf16: load, train, save PEFT and merged HF weights.
+
+    Llama 3.2 through torchtune's own ``quantize_base``; Qwen2 through
+    ``mas.families.lora_with_nf4_base``, which also quantizes the projections without adapters.
+    """
     from torchao.dtypes.nf4tensor import NF4Tensor
 
     # NF4 quantizes in blocks of 64 values with scalers in blocks of 256: every weight needs a
-    # multiple of 16384 elements, so this tiny Llama 3.2 is 256 wide.
-    ckpt = write_tiny_checkpoint("llama3_2", tmp_path / "base", embed_dim=256, intermediate_dim=512)
+    # multiple of 16384 elements, so these tiny models are 256 wide.
+    ckpt = write_tiny_checkpoint(family, tmp_path / "base", embed_dim=256, intermediate_dim=512)
     out = tmp_path / "run"
-    recipe = _run_recipe(ckpt, out, extra=["dtype=bf16"], quantize_base=True)
+    if family == "qwen2_untied":
+        # Adapters on q and v only (as the paper's configs): k, o and the MLP are swapped to NF4.
+        cfg_model = {"_component_": "mas.families.lora_with_nf4_base", "builder": ckpt.family.lora_builder}
+        recipe = _run_recipe(ckpt, out, extra=["dtype=bf16"], lora_attn=["q_proj", "v_proj"], mlp=False,
+                             **cfg_model)  # fmt: skip
+    else:
+        recipe = _run_recipe(ckpt, out, extra=["dtype=bf16"], quantize_base=True)
     run = FamilyRun(ckpt, recipe, out)
     model = recipe.model
-    assert isinstance(model.layers[0].attn.q_proj.weight, NF4Tensor)
-    assert isinstance(model.layers[0].mlp.w1.weight, NF4Tensor)
+    layer = model.layers[0]
+    for proj in (layer.attn.q_proj, layer.attn.k_proj, layer.attn.v_proj, layer.attn.output_proj,
+                 layer.mlp.w1, layer.mlp.w2, layer.mlp.w3):  # fmt: skip
+        assert isinstance(proj.weight, NF4Tensor)
     assert all(p.dtype == torch.bfloat16 for p in recipe.trainable)
     # torchtune's builder registered reparametrize_as_dtype_state_dict_post_hook: no NF4 leaves.
     assert not any(isinstance(v, NF4Tensor) for v in model.state_dict().values())
@@ -282,7 +303,8 @@ def test_qlora_trains_saves_adapter_and_dequantized_merged_weights(tmp_path):
     error = (merged[k].float() - base[k]).abs().max() / base[k].abs().max()
     assert 0 < error < 0.2, f"NF4 round-trip error {error}"
 
-    state = _hf_checkpointer(latest_checkpoint(out) / "merged", "LLAMA3_2", tmp_path / "o").load_checkpoint()["model"]
+    merged_dir = latest_checkpoint(out) / "merged"
+    state = _hf_checkpointer(merged_dir, ckpt.family.model_type, tmp_path / "o").load_checkpoint()["model"]
     with torch.device("cpu"):
         plain = ckpt.build_model().to(torch.bfloat16).eval()
     plain.load_state_dict(state, strict=True)

@@ -263,6 +263,10 @@ def test_documented_overrides_apply(name):
         if cfg.model.get("apply_lora_to_mlp"):
             assert adapted == {"q_proj", "k_proj", "v_proj", "w1", "w2", "w3"}  # torchtune adds gate (w1)
             assert float(cfg.optimizer.lr) == PAPER_LR_EX[paper_model(name)]
-        if "quantize_base" in cfg.model or "qlora" in str(cfg.model._component_):
-            assert isinstance(model.layers[0].attn.q_proj.weight, NF4Tensor)
+        if "qlora" in str(cfg.model._component_):
+            layer = model.layers[0]
+            for proj in (layer.attn.q_proj, layer.attn.k_proj, layer.attn.v_proj, layer.attn.output_proj,
+                         layer.mlp.w1, layer.mlp.w2, layer.mlp.w3):  # fmt: skip
+                assert isinstance(proj.weight, NF4Tensor), f"QLoRA leaves {type(proj).__name__} in bf16"
             assert cfg.enable_activation_checkpointing is True
+    assert any("qlora" in " ".join(o) for o in lines), "no QLoRA launch line"
