@@ -2,7 +2,10 @@
 
 The paper fine-tunes Llama 3 / 3.1 / 3.2, Mistral 7B v0.1 / v0.3 and Qwen2.5 base models.
 torchtune 0.6.1 builds all of them except Mistral-7B-v0.3 (vocabulary 32768, RoPE base 1e6),
-which :func:`lora_mistral_7b_v0_3` adds from torchtune's own Mistral component builders.
+which :func:`lora_mistral_7b_v0_3` adds from torchtune's own Mistral component builders. Its
+Qwen2 builders quantize only the adapted projections under QLoRA; :func:`qlora_qwen2_5_3b` and
+:func:`qlora_qwen2_5_7b_base` put every decoder projection in NF4, as its Llama and Mistral
+QLoRA builders do.
 
 Real weights cannot be downloaded in tests, so :func:`write_tiny_checkpoint` writes a tiny,
 randomly initialised model of each family in that family's Hugging Face layout (``config.json``,

@@ -196,6 +196,18 @@ def test_paper_config_builds_the_papers_model_with_its_settings(name):
     assert cfg.save_merged_weights is False
 
 
+@pytest.mark.parametrize("name", PAPER_CONFIGS)
+def test_paper_config_train_and_validation_rows_partition_the_file(name):
+    from mas.data.rows import RowSource, select_rows
+
+    cfg = load_config(name)
+    rows = RowSource("commonsense_170k.json", [{"i": i} for i in range(170_420)], [f"row {i}" for i in range(170_420)])
+    train = [r["i"] for r in select_rows(rows, cfg.dataset.rows)]
+    val = [r["i"] for r in select_rows(rows, cfg.val_dataset.rows)]
+    assert len(val) == 1000 and train + val == list(range(170_420))
+    assert cfg.val_dataset.source == cfg.dataset.source
+
+
 @pytest.fixture(scope="module")
 def tiny_checkpoints(tmp_path_factory) -> Dict[str, "object"]:
     from mas.families import write_tiny_checkpoint
