@@ -13,7 +13,7 @@ from torchtune.data import Message
 from mas.generation.generate import (
     GenerationSettings,
     SystemPromptCache,
-    decode_one_token,
+    forward_one_token,
     generate_batch,
     system_prefix,
 )
@@ -141,7 +141,9 @@ def generate(
     if settings.seed is not None:
         generator = torch.Generator(device=device).manual_seed(settings.seed)
     system_cache = SystemPromptCache() if settings.reuse_system_cache else None
-    decode_step = torch.compile(decode_one_token, dynamic=False) if settings.compile_decode else decode_one_token
+    forward_step = forward_one_token
+    if settings.compile_decode:
+        forward_step = torch.compile(forward_one_token, dynamic=False, mode=settings.compile_mode)
 
     tokens: Dict[int, List[int]] = {}
     ttft, decode_s, decoded, cache_hits = [], 0.0, 0, 0
@@ -152,7 +154,7 @@ def generate(
             settings,
             pad_id=pad_id,
             system_cache=system_cache,
-            decode_step=decode_step,
+            forward_step=forward_step,
             generator=generator,
         )
         tokens.update(zip(batch_ids, out.tokens))

@@ -28,6 +28,7 @@ __all__ = [
     "GenerationSettings",
     "SystemPromptCache",
     "decode_one_token",
+    "forward_one_token",
     "generate_batch",
     "prefill",
 ]
@@ -46,7 +47,10 @@ class GenerationSettings:
         seed (Optional[int]): sampling seed.
         batch_size (int): prompts per batch.
         reuse_system_cache (bool): prefill a shared system prompt once and reuse its KV cache.
-        compile_decode (bool): ``torch.compile`` the decode step (static shapes).
+        compile_decode (bool): ``torch.compile`` the decode step (static shapes: the mask spans
+            the whole cache, so one compiled graph serves every step).
+        compile_mode (str): ``torch.compile`` mode for the decode step (``"reduce-overhead"``
+            adds CUDA graphs on GPU).
         max_cache_len (Optional[int]): cache slots; default the model's ``max_seq_len``.
         attention_backend (str): ``auto``/``flex``/``sdpa`` for the prefill.
     """
@@ -61,6 +65,7 @@ class GenerationSettings:
     batch_size: int = 8
     reuse_system_cache: bool = False
     compile_decode: bool = False
+    compile_mode: str = "default"
     max_cache_len: Optional[int] = None
     attention_backend: str = "auto"
 
@@ -139,13 +144,34 @@ class DecodeState:
         return cls(valid, batch.num_slots, batch.lengths.clone(), full_width_mask)
 
 
-def decode_one_token(model: nn.Module, tokens: Tensor, state: DecodeState) -> Tensor:
+def forward_one_token(model: nn.Module, tokens: Tensor, mask: Tensor, input_pos: Tensor) -> Tensor:
+    """The model part of a decode step, all tensors (what ``compile_decode`` compiles).
+
+    Args:
+        tokens (Tensor): ``[b, 1]``; mask (Tensor): ``[b, 1, width]``; input_pos (Tensor): ``[b, 1]``.
+
+    Returns:
+        Tensor: ``[b, vocab]`` logits.
+    """
+    return model(tokens, mask=mask, input_pos=input_pos)[:, -1]
+
+
+def decode_one_token(
+    model: nn.Module,
+    tokens: Tensor,
+    state: DecodeState,
+    forward: Callable[[nn.Module, Tensor, Tensor, Tensor], Tensor] = forward_one_token,
+) -> Tensor:
     """Append one causal token per row and return the next-token logits.
+
+    The slot bookkeeping stays in Python here; ``forward`` sees only tensors of fixed shapes
+    (with ``full_width_mask``), so a compiled ``forward`` never recompiles between steps.
 
     Args:
         model (nn.Module): the model with filled caches.
         tokens (Tensor): ``[b]`` the tokens to append (written to ``state.next_slot``).
         state (DecodeState): updated in place.
+        forward: :func:`forward_one_token` or a compiled version of it.
 
     Returns:
         Tensor: ``[b, vocab]`` logits for the token after ``tokens``.
@@ -155,10 +181,10 @@ def decode_one_token(model: nn.Module, tokens: Tensor, state: DecodeState) -> Te
     width = state.valid_slots.shape[1] if state.full_width_mask else slot + 1
     # [b, L] -> [b, 1, width]: a generated token sees every written slot, itself included.
     mask = state.valid_slots[:, None, :width]
-    logits = model(tokens[:, None], mask=mask, input_pos=state.next_position[:, None])
+    logits = forward(model, tokens[:, None], mask, state.next_position[:, None])
     state.next_slot += 1
     state.next_position += 1
-    return logits[:, -1]
+    return logits
 
 
 class SystemPromptCache:
@@ -217,7 +243,7 @@ def generate_batch(
     *,
     pad_id: int = 0,
     system_cache: Optional[SystemPromptCache] = None,
-    decode_step: Optional[Callable[[nn.Module, Tensor, DecodeState], Tensor]] = None,
+    forward_step: Optional[Callable[[nn.Module, Tensor, Tensor, Tensor], Tensor]] = None,
     generator: Optional[torch.Generator] = None,
 ) -> BatchOutput:
     """Generate for one batch of segmented prompts.
@@ -228,7 +254,7 @@ def generate_batch(
         settings (GenerationSettings): sampling and stopping.
         pad_id (int): id written for padding slots.
         system_cache (Optional[SystemPromptCache]): reuse shared system prompts from here.
-        decode_step: the (possibly compiled) :func:`decode_one_token`.
+        forward_step: :func:`forward_one_token` or a compiled version (``compile_decode``).
         generator (Optional[torch.Generator]): sampling RNG.
 
     Returns:
@@ -241,7 +267,7 @@ def generate_batch(
     _ensure_mas_attention(model, settings.attention_backend)
     device = model.tok_embeddings.weight.device
     cache_len = settings.max_cache_len or model.max_seq_len
-    decode_step = decode_step or decode_one_token
+    forward_step = forward_step or forward_one_token
     start_time = time.perf_counter()
 
     prefix = None
@@ -280,7 +306,7 @@ def generate_batch(
         out.append(torch.where(done, torch.full_like(token, -1), token))
         if bool(done.all()) or step == settings.max_new_tokens - 1:
             break
-        logits = decode_step(model, token, state)
+        logits = decode_one_token(model, token, state, forward_step)
         token = sample_next_token(logits, temperature=settings.temperature, top_k=settings.top_k, top_p=settings.top_p, generator=generator)
     if device.type == "cuda":
         torch.cuda.synchronize(device)

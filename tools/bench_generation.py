@@ -1,0 +1,209 @@
+"""Benchmark generation: MAS vs causal prefill, decoding, torchtune's generate, the bandwidth roofline.
+
+Measured on one model with random weights (tiny on CPU, Llama-3.2-1B shape on CUDA):
+
+- prefill latency of one prompt batch, MAS mask vs causal mask on the same path (target
+  MAS / causal <= 1.05);
+- decode tokens/s after a MAS vs a causal prefill (decoding is causal in both; target >= 0.98);
+- greedy tokens/s of ``mas.generate`` against torchtune's ``generate`` on the same model and prompt;
+- on CUDA, batch-1 decode tokens/s with the compiled decode step, as a fraction of the
+  memory-bandwidth roofline (every weight and the written KV cache read once per token, at the
+  device-to-device copy bandwidth measured in the same run).
+
+Usage::
+
+    python tools/bench_generation.py                   # CPU, tiny model
+    python tools/bench_generation.py --device cuda     # GPU, Llama-3.2-1B shape, bf16
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from benchlib import BENCHMARKS_FILE, interleaved_median_ms, machine_description, markdown_table, update_section  # noqa: E402
+
+from mas import CAUSAL, use_mas_attention  # noqa: E402
+from mas.generation import GenerationSettings, generate_batch, layout_prompts, prefill  # noqa: E402
+from mas.generation.kv_cache import clear_kv_caches, setup_kv_caches  # noqa: E402
+from mas.segments import SegmentedSequence  # noqa: E402
+
+NAME = "bench_generation"
+TITLE = "Generation: MAS vs causal prefill and decode, torchtune's generate, roofline (`tools/bench_generation.py`)"
+
+
+def build_model(name: str, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
+    from torchtune import training
+
+    with training.set_default_dtype(dtype), device:
+        if name == "tiny":
+            from mas.models import tiny_llama3_2
+
+            model = tiny_llama3_2()
+        else:
+            from torchtune.models.llama3_2 import llama3_2_1b
+
+            model = llama3_2_1b()
+    return model.eval()
+
+
+def prompt(length: int, vocab: int, seed: int = 0) -> SegmentedSequence:
+    """A system segment (1/4) and a user segment (3/4) of random tokens."""
+    generator = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(0, vocab, (length,), generator=generator).tolist()
+    system = length // 4
+    segments = [0] * system + [1] * (length - system)
+    return SegmentedSequence(tokens, [-100] * length, segments)
+
+
+def copy_bandwidth_gbs(device: torch.device) -> float:
+    """Device-to-device copy bandwidth (bytes read + written per second), GB/s."""
+    x = torch.empty(1 << 30, dtype=torch.uint8, device=device)
+    y = torch.empty_like(x)
+    ms = interleaved_median_ms({"copy": lambda: y.copy_(x)}, device, warmup=3, min_repeats=10)["copy"]
+    return 2 * x.numel() / (ms / 1e3) / 1e9
+
+
+def bench(args: argparse.Namespace) -> str:
+    device = torch.device(args.device)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    backend = "flex" if device.type == "cuda" else "sdpa"
+    model = build_model(args.model, device, dtype)
+    use_mas_attention(model, "auto")
+    vocab = model.tok_embeddings.num_embeddings
+    cache_len = max(args.prompt_lens) + args.new_tokens + 8
+    rows, decode_rows = [], []
+
+    for length in args.prompt_lens:
+        for batch_size in args.batch_sizes:
+            seqs = [prompt(length, vocab, seed=i) for i in range(batch_size)]
+            layout = layout_prompts(seqs, pad_id=0).to(device)
+
+            def run_prefill(attention: str):
+                def fn():
+                    setup_kv_caches(model, batch_size, cache_len, dtype)
+                    with torch.inference_mode():
+                        prefill(model, layout, attention=attention, backend=backend)
+
+                return fn
+
+            ms = interleaved_median_ms({"mas": run_prefill("mas"), "causal": run_prefill("causal")}, device, budget_s=2.0)
+            rows.append(
+                {
+                    "prompt": str(length),
+                    "batch": str(batch_size),
+                    "prefill MAS (ms)": f"{ms['mas']:.2f}",
+                    "prefill causal (ms)": f"{ms['causal']:.2f}",
+                    "MAS / causal": f"{ms['mas'] / ms['causal']:.3f}",
+                }
+            )
+
+    # Decode after a MAS and after a causal prefill, and torchtune's generate, batch 1.
+    length = args.prompt_lens[0]
+    seq = prompt(length, vocab)
+    decode: Dict[str, List[float]] = {"MAS": [], "causal": [], "MAS compiled": [], "torchtune generate": []}
+    settings = {
+        "MAS": GenerationSettings(attention="mas", max_new_tokens=args.new_tokens, max_cache_len=cache_len, stop_tokens=[]),
+        "causal": GenerationSettings(attention="causal", max_new_tokens=args.new_tokens, max_cache_len=cache_len, stop_tokens=[]),
+        "MAS compiled": GenerationSettings(
+            attention="mas", max_new_tokens=args.new_tokens, max_cache_len=cache_len, stop_tokens=[], compile_decode=True,
+            compile_mode="reduce-overhead" if device.type == "cuda" else "default",
+        ),
+    }
+    from mas.generation.generate import forward_one_token
+
+    compiled = torch.compile(forward_one_token, dynamic=False, mode=settings["MAS compiled"].compile_mode)
+    from torchtune.generation import generate as tt_generate
+
+    def torchtune_run() -> float:
+        clear_kv_caches(model)
+        with device:
+            model.setup_caches(batch_size=1, dtype=dtype, decoder_max_seq_len=cache_len)
+        prompt_ids = torch.tensor(seq.tokens, device=device)
+        start = time.perf_counter()
+        with torch.inference_mode():
+            tt_generate(model, prompt_ids, max_generated_tokens=args.new_tokens, pad_id=0, temperature=1.0, top_k=1)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        clear_kv_caches(model)
+        return args.new_tokens / (time.perf_counter() - start)
+
+    for round_index in range(args.rounds + 1):
+        for name, s in settings.items():
+            out = generate_batch(model, [seq], s, forward_step=compiled if s.compile_decode else None)
+            if round_index:  # round 0 warms up (and compiles)
+                decode[name].append(out.decoded_tokens / out.decode_seconds)
+        tokens_per_s = torchtune_run()
+        if round_index:
+            decode["torchtune generate"].append(tokens_per_s)
+    clear_kv_caches(model)
+    median = {k: statistics.median(v) for k, v in decode.items()}
+    for name, value in median.items():
+        decode_rows.append({"batch 1, greedy": name, "tokens/s": f"{value:,.1f}", "vs MAS": f"{value / median['MAS']:.3f}"})
+
+    notes = [
+        f"- decode after a MAS prefill / after a causal prefill: {median['MAS'] / median['causal']:.3f} (target >= 0.98)",
+        f"- mas.generate (eager) / torchtune generate: {median['MAS'] / median['torchtune generate']:.2f}x; compiled: {median['MAS compiled'] / median['torchtune generate']:.2f}x",
+    ]
+    if device.type == "cuda":
+        params = sum(p.numel() for p in model.parameters())
+        layer = model.layers[0].attn
+        kv_bytes = 2 * len(model.layers) * layer.num_kv_heads * layer.head_dim * (length + args.new_tokens / 2) * 2
+        bytes_per_token = params * 2 + kv_bytes
+        bandwidth = copy_bandwidth_gbs(device)
+        roofline = bandwidth * 1e9 / bytes_per_token
+        notes.append(
+            f"- roofline: {params / 1e9:.2f}B bf16 parameters + KV cache = {bytes_per_token / 1e9:.2f} GB read per token; "
+            f"measured copy bandwidth {bandwidth:,.0f} GB/s -> {roofline:,.0f} tokens/s; compiled batch-1 decode reaches "
+            f"{median['MAS compiled']:,.0f} tokens/s = {median['MAS compiled'] / roofline:.0%} of the roofline"
+        )
+    return "\n".join(
+        [
+            f"### {device.type}",
+            "",
+            f"Measured {datetime.date.today().isoformat()} with `python tools/bench_generation.py --device {device.type} --model {args.model}`.",
+            f"Machine: {machine_description(device)}.",
+            f"Model: {args.model} shape, random weights, {str(dtype).replace('torch.', '')}. Prompts: random tokens, a system segment (1/4) "
+            f"and a user segment (3/4). Prefill on {'compiled FlexAttention (BlockMask)' if device.type == 'cuda' else 'SDPA with the dense mask'}; "
+            f"decode: SDPA over the KV cache. Medians of interleaved repeats; decode over {args.new_tokens} new tokens after a {length}-token prompt, {args.rounds} rounds.",
+            "",
+            "**Prefill latency**",
+            "",
+            markdown_table(rows),
+            "",
+            "**Decode throughput**",
+            "",
+            markdown_table(decode_rows),
+            "",
+            *notes,
+        ]
+    )
+
+
+def main(argv: Optional[List[str]] = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--model", default=None, help="tiny (CPU default) or llama3_2_1b (CUDA default)")
+    parser.add_argument("--prompt-lens", type=int, nargs="+", default=[256, 1024])
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8])
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--no-write", action="store_true")
+    args = parser.parse_args(argv)
+    args.model = args.model or ("llama3_2_1b" if args.device == "cuda" else "tiny")
+    report = bench(args)
+    print(report)
+    if not args.no_write:
+        update_section(BENCHMARKS_FILE, NAME, TITLE, args.device, report)
+
+
+if __name__ == "__main__":
+    main()
