@@ -30,7 +30,8 @@ else is arithmetic, stated here so it can be checked:
   figure is the larger of that and the training step.
 * Plus a fixed 1 GiB for the CUDA context, cuBLAS workspaces and allocator slack.
 
-The figures in parentheses were measured once on an H200 (``MEASURED_H200``).
+The figures in parentheses were measured once on an H200 by ``tools/measure_memory.py``
+(``MEASURED_H200``); they exclude the CUDA context that the computed figures include.
 
 Flex attention never materializes the ``s x s`` scores, so activations grow linearly in ``s``.
 
@@ -70,9 +71,9 @@ MODELS = {
 }
 
 
-# Peak torch.cuda.max_memory_allocated (GiB) of three training steps, random weights, measured once
-# on one H200 (torch 2.11, torchtune 0.6.1, flex attention, MAS batch of 8 rows up to 256 or 1024
-# tokens; includes building the model; excludes the CUDA context). Key: (config, qlora, AC, batch).
+# Peak torch.cuda.max_memory_allocated (GiB) from `python tools/measure_memory.py`, run once on one
+# H200 (torch 2.11, torchtune 0.6.1, torchao 0.15, flex attention; random weights, three MAS steps;
+# includes building the model, excludes the CUDA context). Key: (config, qlora, AC, batch).
 MEASURED_H200 = {
     ("llama3_8b_mas", False, False, 8): 27.6, ("llama3_8b_mas", False, True, 8): 17.4,
     ("llama3_8b_mas", True, False, 8): 17.9, ("llama3_8b_mas", True, True, 8): 7.7,
