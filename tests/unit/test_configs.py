@@ -25,11 +25,13 @@ CONFIGS = sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
 TRAIN_SAMPLE = REPO / "mas" / "assets" / "commonsense" / "train_sample" / "commonsense_train_600.json"
 
 FINETUNE = "mas_lora_finetune"
-# Config-name suffix -> recipe module. Configs matching none belong to the fine-tuning recipe.
-RECIPE_BY_SUFFIX = {
-    "_generate": "mas_generate",
-    "_eval": "mas_eval",
-    "_distributed": "mas_lora_finetune_distributed",
+# A word of the config name (between underscores) -> recipe module, first match wins:
+# tiny_generate, tiny_eval_mmlu, llama3_1_8b_mas_distributed. Names with none of them are
+# fine-tuning configs.
+RECIPE_BY_NAME_WORD = {
+    "generate": "mas_generate",
+    "eval": "mas_eval",
+    "distributed": "mas_lora_finetune_distributed",
 }
 
 # The paper's models, as their Hugging Face config.json describes them: what each config's
@@ -60,10 +62,8 @@ TINY_FAMILY_OF = {"LLAMA3": "llama3", "LLAMA3_2": "llama3_2", "QWEN2": "qwen2_un
 
 
 def recipe_of(name: str) -> str:
-    for suffix, recipe in RECIPE_BY_SUFFIX.items():
-        if name.endswith(suffix):
-            return recipe
-    return FINETUNE
+    words = name.split("_")
+    return next((recipe for word, recipe in RECIPE_BY_NAME_WORD.items() if word in words), FINETUNE)
 
 
 def recipe_keys(recipe: str) -> RecipeKeys:
