@@ -1,14 +1,16 @@
-"""Per-example predictions, accuracies, results files and the paper's table.
+"""Per-example predictions, per-task scores, results files and tables, for every benchmark.
 
 Files of one evaluation run:
 
 - ``predictions.jsonl``: one :class:`PredictionRecord` per line, appended as examples finish, so
   an interrupted run resumes with :func:`load_done` (a half-written last line is dropped).
-- ``results.json``: run metadata (model, config, attention, mode, limit), per-task accuracy,
-  counts and no-answer counts, and the average over tasks (the paper's "Avg." column).
+- ``results.json``: run metadata (model, config, attention, mode, limit), per-task scores and
+  counts, and the average over tasks (the paper's "Avg." column).
 
-:func:`markdown_table` lays runs out as the paper's Table 1 and :func:`win_rate_row` adds the row
-comparing a challenger (MAS) with a baseline (causal) model by model.
+Benchmarks differ in their task names, their metric and their table: each has a
+:class:`~mas.evaluation.suites.TaskSuite` (:func:`markdown_table` and :func:`load_results` use it).
+Records and results files carry their benchmark's name; files without one are commonsense (as
+written before other benchmarks existed). :func:`win_rate_row` is the commonsense Table 1's.
 """
 
 from __future__ import annotations
@@ -21,24 +23,34 @@ from pathlib import Path
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
 from mas.data.rows import DataError
-from mas.evaluation.tasks import TASK_NAMES, TASKS, get_task
+from mas.evaluation.suites import (
+    DEFAULT_BENCHMARK,
+    MISSING_CELL,
+    TaskSuite,
+    get_suite,
+    register_suite,
+    table_row,
+)
+from mas.evaluation.tasks import TASK_NAMES
 
 __all__ = [
     "MISSING_CELL",
     "MODES",
     "EvalResults",
     "PredictionRecord",
+    "TaskSuite",
     "append_predictions",
+    "get_suite",
     "load_done",
     "load_results",
     "markdown_table",
+    "register_suite",
     "win_rate_row",
 ]
 
 MODES = ("generate", "loglik")
-MISSING_CELL = "–"  # en dash: a task the run did not evaluate
-RESULTS_FORMAT = "mas-commonsense-results/1"
 PathLike = Union[str, Path]
+Runs = Sequence[Tuple[str, Mapping[str, Any]]]
 
 
 @dataclass
@@ -46,27 +58,35 @@ class PredictionRecord:
     """One scored example.
 
     Attributes:
-        task (str): canonical task name.
+        task (str): canonical task name in its benchmark (a commonsense task, an MMLU subject, a
+            summarization data set).
         index (int): the row's position in the task file.
-        gold (str): the gold label.
-        prediction (Optional[str]): the predicted label; None is "no answer" (wrong).
-        correct (bool): prediction == gold.
+        gold (str): the gold label (or reference summary).
+        prediction (Optional[str]): the predicted label (or generated summary); None is "no answer".
+        correct (Optional[bool]): prediction == gold; None where no answer is right or wrong
+            (summarization: see ``scores``).
         mode (str): "generate" (label read from a generation) or "loglik" (best-scoring option).
         generation (str): the raw generated text ('' in loglik mode).
         option_scores (Optional[Dict[str, float]]): loglik mode's score per option label.
+        scores (Optional[Dict[str, float]]): per-example metrics (summarization: ROUGE F1s).
+        info (Optional[Dict[str, Any]]): anything else worth keeping (e.g. ``truncated_tokens``).
+        benchmark (str): the benchmark whose task names and metric apply.
     """
 
     task: str
     index: int
     gold: str
     prediction: Optional[str]
-    correct: bool
+    correct: Optional[bool]
     mode: str
     generation: str = ""
     option_scores: Optional[Dict[str, float]] = None
+    scores: Optional[Dict[str, float]] = None
+    info: Optional[Dict[str, Any]] = None
+    benchmark: str = DEFAULT_BENCHMARK
 
     def __post_init__(self) -> None:
-        self.task = get_task(self.task).name
+        self.task = get_suite(self.benchmark).canonical(self.task)
         if self.mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
 
@@ -79,14 +99,29 @@ class PredictionRecord:
         names = set(cls.__dataclass_fields__)
         return cls(**{k: v for k, v in data.items() if k in names})
 
+    def to_json(self) -> str:
+        """One JSONL line (optional fields that are unset are left out)."""
+        data = asdict(self)
+        for name in ("scores", "info"):
+            if data[name] is None:
+                del data[name]
+        return json.dumps(data, ensure_ascii=False)
+
 
 @dataclass
 class EvalResults:
     """Accumulates :class:`PredictionRecord`s of one run (one per ``(task, index)``; last wins)."""
 
     records: Dict[Tuple[str, int], PredictionRecord] = field(default_factory=dict)
+    benchmark: str = DEFAULT_BENCHMARK
+
+    @property
+    def suite(self) -> TaskSuite:
+        return get_suite(self.benchmark)
 
     def add(self, record: PredictionRecord) -> None:
+        if record.benchmark != self.benchmark:
+            raise ValueError(f"a {record.benchmark} record cannot join {self.benchmark} results")
         self.records[record.key] = record
 
     def extend(self, records: Iterable[PredictionRecord]) -> None:
@@ -94,28 +129,26 @@ class EvalResults:
             self.add(record)
 
     def task_counts(self) -> Dict[str, Dict[str, Any]]:
-        """``{task: {accuracy, correct, total, no_answer}}`` for the evaluated tasks, paper order."""
-        counts: Dict[str, Dict[str, Any]] = {}
-        for name in TASK_NAMES:
-            mine = [r for r in self.records.values() if r.task == name]
-            if not mine:
-                continue
-            correct = sum(r.correct for r in mine)
-            no_answer = sum(r.prediction is None for r in mine)
-            counts[name] = {
-                "accuracy": correct / len(mine), "correct": correct, "total": len(mine), "no_answer": no_answer
-            }
-        return counts
+        """``{task: entry}`` for the evaluated tasks in table order; commonsense and MMLU entries
+        are ``{accuracy, correct, total, no_answer}``."""
+        by_task: Dict[str, List[PredictionRecord]] = {}
+        for record in self.records.values():
+            by_task.setdefault(record.task, []).append(record)
+        return {name: self.suite.task_entry(by_task[name]) for name in self.suite.order(by_task)}
 
     def accuracy(self, task: str) -> Optional[float]:
         """Accuracy on one task (0..1), None when no example of it was scored."""
-        entry = self.task_counts().get(get_task(task).name)
-        return None if entry is None else entry["accuracy"]
+        entry = self.task_counts().get(self.suite.canonical(task))
+        return None if entry is None else entry.get("accuracy")
+
+    def average(self) -> Optional[float]:
+        """Mean over tasks of the suite's metric (each task weighs the same, as the paper's Avg.)."""
+        values = [c[self.suite.metric] for c in self.task_counts().values()]
+        return sum(values) / len(values) if values else None
 
     def average_accuracy(self) -> Optional[float]:
-        """Mean of the per-task accuracies (each task weighs the same, as the paper's Avg.)."""
-        accuracies = [c["accuracy"] for c in self.task_counts().values()]
-        return sum(accuracies) / len(accuracies) if accuracies else None
+        """:meth:`average` for accuracy benchmarks; None for others (summarization)."""
+        return self.average() if self.suite.metric == "accuracy" else None
 
     def to_dict(self, *, model: str, attention: str, mode: str, limit: Optional[int] = None,
                 config: Optional[str] = None, extra: Optional[Mapping[str, Any]] = None) -> Dict[str, Any]:
@@ -131,7 +164,8 @@ class EvalResults:
             raise ValueError(f"run mode is {mode!r} but some records were scored in {other_modes}")
         tasks = self.task_counts()
         return {
-            "format": RESULTS_FORMAT,
+            "format": self.suite.results_format,
+            "benchmark": self.benchmark,
             "model": model,
             "config": config,
             "attention": attention,
@@ -139,13 +173,10 @@ class EvalResults:
             "limit": limit,
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "tasks": tasks,
+            "metric": self.suite.metric,
+            "average": self.average(),
             "average_accuracy": self.average_accuracy(),
-            "counts": {
-                "examples": sum(c["total"] for c in tasks.values()),
-                "correct": sum(c["correct"] for c in tasks.values()),
-                "no_answer": sum(c["no_answer"] for c in tasks.values()),
-            },
-            "no_answer": {name: c["no_answer"] for name, c in tasks.items()},
+            **self.suite.summary(tasks),
             **dict(extra or {}),
         }
 
@@ -177,7 +208,7 @@ def append_predictions(jsonl_path: PathLike, records: Iterable[PredictionRecord]
                 content = f.read()
                 f.truncate(content.rfind(b"\n") + 1)
         for record in records:
-            f.write((json.dumps(asdict(record), ensure_ascii=False) + "\n").encode("utf-8"))
+            f.write((record.to_json() + "\n").encode("utf-8"))
         f.flush()
         os.fsync(f.fileno())
 
@@ -218,43 +249,38 @@ def load_results(path: PathLike) -> Dict[str, Any]:
         raise DataError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
     if not isinstance(data, dict) or not isinstance(data.get("tasks"), dict):
         raise DataError(f"{path}: not a results file (no 'tasks' object)")
+    try:
+        suite = get_suite(data.get("benchmark"))
+    except ValueError as e:
+        raise DataError(f"{path}: {e}") from None
     for name, entry in data["tasks"].items():
-        if name not in TASKS or not isinstance(entry, dict) or not isinstance(entry.get("accuracy"), (int, float)):
-            raise DataError(f"{path}: task entry {name!r} needs a known task name and a numeric 'accuracy'")
+        try:
+            known = suite.canonical(name) == name
+        except ValueError:
+            known = False
+        if not known or not isinstance(entry, dict) or not isinstance(entry.get(suite.metric), (int, float)):
+            raise DataError(f"{path}: task entry {name!r} needs a known {suite.name} task name and a numeric '{suite.metric}'")
     return data
 
 
-def _percent(value: float) -> str:
-    return f"{100.0 * value:.1f}"
+def markdown_table(runs: Runs) -> str:
+    """Runs as their benchmark's table (all runs must share one benchmark).
 
-
-def _row(cells: Sequence[str]) -> str:
-    return "| " + " | ".join(cells) + " |"
-
-
-def markdown_table(runs: Sequence[Tuple[str, Mapping[str, Any]]]) -> str:
-    """Runs as the paper's Table 1: one row per run, tasks in the paper's order, then Avg.
-
+    Commonsense (the paper's Table 1): one row per run, tasks in the paper's order, then Avg.
     Cells are accuracies in percent with one decimal; a task the run did not evaluate shows
     ``–``. Avg. is the mean over the tasks the run evaluated; when that is not all eight, the
     count follows it, e.g. ``61.2 (3/8)``, since such averages are not comparable.
 
     Args:
         runs: ``(label, results)`` pairs, ``results`` as written by :meth:`EvalResults.to_dict`.
+
+    Raises:
+        ValueError: runs of different benchmarks.
     """
-    header = ["Run"] + [TASKS[n].column for n in TASK_NAMES] + ["Avg."]
-    lines = [_row(header), _row(["---"] + ["---:"] * (len(header) - 1))]
-    for label, results in runs:
-        tasks = results.get("tasks", {})
-        accuracies = [tasks[n]["accuracy"] for n in TASK_NAMES if n in tasks]
-        cells = [_percent(tasks[n]["accuracy"]) if n in tasks else MISSING_CELL for n in TASK_NAMES]
-        average = MISSING_CELL
-        if accuracies:
-            average = _percent(sum(accuracies) / len(accuracies))
-            if len(accuracies) < len(TASK_NAMES):
-                average += f" ({len(accuracies)}/{len(TASK_NAMES)})"
-        lines.append(_row([label.replace("|", "\\|")] + cells + [average]))
-    return "\n".join(lines)
+    benchmarks = {results.get("benchmark") or DEFAULT_BENCHMARK for _, results in runs}
+    if len(benchmarks) > 1:
+        raise ValueError(f"cannot tabulate runs of different benchmarks together: {sorted(benchmarks)}")
+    return get_suite(benchmarks.pop() if benchmarks else None).markdown_table(runs)
 
 
 def _win_cell(wins: int, compared: int) -> str:
@@ -264,7 +290,8 @@ def _win_cell(wins: int, compared: int) -> str:
 def win_rate_row(
     pairs: Sequence[Tuple[Mapping[str, Any], Mapping[str, Any]]], label: str = "MAS win rate"
 ) -> str:
-    """The win-rate row under :func:`markdown_table`: how often the challenger beats the baseline.
+    """The win-rate row under the commonsense :func:`markdown_table`: how often the challenger
+    beats the baseline.
 
     Each pair is ``(baseline, challenger)`` results of the *same model* (e.g. causal and MAS
     fine-tunes of Llama-3.2-3B). A *win* is a strictly higher accuracy (a tie is not a win).
@@ -291,4 +318,4 @@ def win_rate_row(
             wins += c["accuracy"] > b["accuracy"]
         cells.append(_win_cell(wins, compared))
         total_wins, total_compared = total_wins + wins, total_compared + compared
-    return _row([label] + cells + [_win_cell(total_wins, total_compared)])
+    return table_row([label] + cells + [_win_cell(total_wins, total_compared)])
