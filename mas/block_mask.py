@@ -98,7 +98,9 @@ def _ordered(blocks: Tensor) -> tuple[Tensor, Tensor]:
     counts = blocks.sum(-1, dtype=torch.int32)
     # Selected blocks first, in increasing order (stable sort of "not selected").
     indices = torch.argsort((~blocks).to(torch.int8), dim=-1, stable=True).to(torch.int32)
-    return counts, indices
+    # The kernels index these tables as row-major. argsort keeps the strides of a transposed
+    # input, and a transposed q table silently corrupts dK and dV in the CUDA backward.
+    return counts.contiguous(), indices.contiguous()
 
 
 def create_mas_block_mask(
