@@ -355,7 +355,7 @@ def machine_description(device: torch.device) -> str:
     return ", ".join(parts)
 
 
-def report(device: torch.device, build_rows, attention_rows) -> str:
+def report(device: torch.device, build_rows, attention_rows, command: str) -> str:
     shape = ATTENTION_SHAPES[device.type]
     largest = f"{MASK_BUILD_SHAPES[-1][0]} x {MASK_BUILD_SHAPES[-1][1]}"
     ours_ms = float(build_rows[0][largest].split()[0])  # the median
@@ -366,7 +366,7 @@ def report(device: torch.device, build_rows, attention_rows) -> str:
             f"### {device.type}",
             "",
             f"Measured {datetime.date.today().isoformat()} with "
-            f"`python tools/bench_masks.py --device {device.type}`.",
+            f"`{command}`.",
             f"Machine: {machine_description(device)}.",
             "Times are medians of repeated calls after warm-up (CUDA: events, synchronised). Mask "
             "builders are timed one after another; the attention variants of one size are timed "
@@ -427,7 +427,16 @@ def main(argv: Optional[List[str]] = None) -> None:
         "--output", type=Path, default=DEFAULT_BENCHMARKS_FILE, help="Markdown file to update"
     )
     parser.add_argument("--skip-attention", action="store_true", help="only the mask builds")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch CPU threads (default: torch's choice). On a machine shared with other jobs, "
+        "1 avoids threads waiting on each other for a core and gives steadier numbers",
+    )
     args = parser.parse_args(argv)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: CUDA is not available")
@@ -435,9 +444,12 @@ def main(argv: Optional[List[str]] = None) -> None:
     dtype = ATTENTION_SHAPES[device.type].dtype
     build_rows = bench_mask_build(device, dtype)
     attention_rows = [] if args.skip_attention else bench_attention(device)
-    section = report(device, build_rows, attention_rows) if attention_rows else report(
-        device, build_rows, [{"seq": "-", "note": "attention skipped (--skip-attention)"}]
-    )
+    if not attention_rows:
+        attention_rows = [{"seq": "-", "note": "attention skipped (--skip-attention)"}]
+    command = f"python tools/bench_masks.py --device {device.type}"
+    if args.threads is not None:
+        command += f" --threads {args.threads}"
+    section = report(device, build_rows, attention_rows, command)
     print()
     print(section)
     if not args.no_write:
