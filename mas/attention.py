@@ -203,6 +203,7 @@ def create_attention_mask(
     *,
     backend: AttentionBackend = "auto",
     block_size: int = 128,
+    validate: bool = True,
 ) -> AttentionMask:
     """The mask a training step should pass to the model: built once per batch, shared by layers.
 
@@ -215,6 +216,7 @@ def create_attention_mask(
         document_ids (Optional[Tensor]): ``[b, s]`` or None.
         backend (str): ``"auto"``, ``"flex"`` or ``"sdpa"`` (see :class:`MASAttention`).
         block_size (int): FlexAttention tile size.
+        validate (bool): check the ids (see :func:`mas.create_mas_block_mask`).
 
     Returns:
         BlockMask or Tensor.
@@ -224,5 +226,9 @@ def create_attention_mask(
 
     use_flex = backend == "flex" or (backend == "auto" and flex_supported(segment_ids.device))
     if use_flex:
-        return create_mas_block_mask(segment_ids, document_ids, block_size=block_size)
+        # On CUDA the eager builder is launch-bound (~2 ms at 8 x 1024 on an H200); its compiled
+        # graph takes ~0.2 ms and gives identical tables (tests/gpu).
+        return create_mas_block_mask(
+            segment_ids, document_ids, block_size=block_size, validate=validate, compile=segment_ids.is_cuda
+        )
     return dense_mas_mask(segment_ids, document_ids)

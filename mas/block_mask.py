@@ -18,7 +18,7 @@ tests check against Eq. 14 and against ``create_block_mask`` itself.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -103,42 +103,11 @@ def _ordered(blocks: Tensor) -> tuple[Tensor, Tensor]:
     return counts.contiguous(), indices.contiguous()
 
 
-def create_mas_block_mask(
-    segment_ids: Tensor,
-    document_ids: Optional[Tensor] = None,
-    *,
-    query_start: int = 0,
-    query_len: Optional[int] = None,
-    block_size: int = 128,
-) -> BlockMask:
-    """The MAS ``BlockMask`` for a batch, built from segment boundaries in ``O(s)``.
+def _block_tables(segment_ids: Tensor, docs: Tensor, query_start: int, query_len: int, block_size: int) -> Tuple[Tensor, ...]:
+    """The eight BlockMask tables (kv-major partial/full, then q-major partial/full) of a batch.
 
-    Built once per batch and shared by every layer, on the device of ``segment_ids``.
-
-    Args:
-        segment_ids (Tensor): ``[b, s]`` segment ids of all key positions (``>= 0`` prompt
-            segment, ``CAUSAL``, ``PAD``).
-        document_ids (Optional[Tensor]): ``[b, s]`` document ids for packed rows, or None.
-        query_start (int): key position of the first query (KV-cache prefill after a cached
-            prefix). Default 0.
-        query_len (Optional[int]): number of queries; default ``s - query_start``.
-        block_size (int): FlexAttention tile size. Default 128.
-
-    Returns:
-        BlockMask: ``seq_lengths == (query_len, s)``, one head (broadcast over heads).
+    Pure tensor code with static ints, so ``torch.compile`` can fuse it (``compile=True``).
     """
-    batch_size, kv_len = segment_ids.shape
-    if query_len is None:
-        query_len = kv_len - query_start
-    if query_start < 0 or query_len < 1 or query_start + query_len > kv_len:
-        raise ValueError(
-            f"queries [{query_start}, {query_start + query_len}) exceed the {kv_len} key positions"
-        )
-    mask_mod = mas_mask_mod(segment_ids, document_ids, query_start=query_start)
-    segment_ids = segment_ids.long()
-    docs = (
-        torch.zeros_like(segment_ids) if document_ids is None else document_ids.long()
-    )
     queries = segment_ids[:, : query_start + query_len]
     q = _summarize(queries, docs[:, : query_start + query_len], query_start, block_size, False)
     k = _summarize(segment_ids, docs, 0, block_size, True)
@@ -177,6 +146,80 @@ def create_mas_block_mask(
     # is ~100x cheaper than BlockMask.from_kv_blocks re-deriving it from the ordered form.
     q_num_blocks, q_indices = _ordered(partial.transpose(-1, -2))
     full_q_num_blocks, full_q_indices = _ordered(full.transpose(-1, -2))
+    return (
+        kv_num_blocks,
+        kv_indices,
+        full_kv_num_blocks,
+        full_kv_indices,
+        q_num_blocks,
+        q_indices,
+        full_q_num_blocks,
+        full_q_indices,
+    )
+
+
+_compiled_block_tables = None
+
+
+def _block_tables_fn(compile: bool):
+    global _compiled_block_tables
+    if not compile:
+        return _block_tables
+    if _compiled_block_tables is None:
+        _compiled_block_tables = torch.compile(_block_tables, dynamic=False)
+    return _compiled_block_tables
+
+
+def create_mas_block_mask(
+    segment_ids: Tensor,
+    document_ids: Optional[Tensor] = None,
+    *,
+    query_start: int = 0,
+    query_len: Optional[int] = None,
+    block_size: int = 128,
+    validate: bool = True,
+    compile: bool = False,
+) -> BlockMask:
+    """The MAS ``BlockMask`` for a batch, built from segment boundaries in ``O(s)``.
+
+    Built once per batch and shared by every layer, on the device of ``segment_ids``.
+
+    Args:
+        segment_ids (Tensor): ``[b, s]`` segment ids of all key positions (``>= 0`` prompt
+            segment, ``CAUSAL``, ``PAD``).
+        document_ids (Optional[Tensor]): ``[b, s]`` document ids for packed rows, or None.
+        query_start (int): key position of the first query (KV-cache prefill after a cached
+            prefix). Default 0.
+        query_len (Optional[int]): number of queries; default ``s - query_start``.
+        block_size (int): FlexAttention tile size. Default 128.
+        validate (bool): check the ids first (a device sync on CUDA); the training loop checks
+            its CPU batch instead and passes False.
+        compile (bool): build the tables with ``torch.compile`` (one fused graph per shape:
+            fewer kernel launches on CUDA, a compile per new shape).
+
+    Returns:
+        BlockMask: ``seq_lengths == (query_len, s)``, one head (broadcast over heads).
+    """
+    batch_size, kv_len = segment_ids.shape
+    if query_len is None:
+        query_len = kv_len - query_start
+    if query_start < 0 or query_len < 1 or query_start + query_len > kv_len:
+        raise ValueError(
+            f"queries [{query_start}, {query_start + query_len}) exceed the {kv_len} key positions"
+        )
+    mask_mod = mas_mask_mod(segment_ids, document_ids, query_start=query_start, validate=validate)
+    docs = torch.zeros_like(segment_ids) if document_ids is None else document_ids
+    tables = _block_tables_fn(compile)(segment_ids.long(), docs.long(), query_start, query_len, block_size)
+    (
+        kv_num_blocks,
+        kv_indices,
+        full_kv_num_blocks,
+        full_kv_indices,
+        q_num_blocks,
+        q_indices,
+        full_q_num_blocks,
+        full_q_indices,
+    ) = tables
     return BlockMask(
         seq_lengths=(query_len, kv_len),
         kv_num_blocks=kv_num_blocks,

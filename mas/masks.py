@@ -150,6 +150,7 @@ def mas_mask_mod(
     document_ids: Optional[Tensor] = None,
     *,
     query_start: int = 0,
+    validate: bool = True,
 ) -> MaskMod:
     """The MAS ``mask_mod``: not_padding AND same_document AND (causal OR same_prompt_segment).
 
@@ -159,11 +160,14 @@ def mas_mask_mod(
             packed sequences. None means one document per row.
         query_start (int): key position of query 0. Non-zero when the queries are a window of a
             longer key sequence (prefill after a cached system prompt). Default 0.
+        validate (bool): check the ids (:func:`validate_segment_ids`; one device sync on CUDA).
+            Callers that validated the CPU batch already pass False.
 
     Returns:
         MaskMod: a ``(b, h, q_idx, kv_idx) -> bool`` function for FlexAttention.
     """
-    validate_segment_ids(segment_ids, document_ids)
+    if validate:
+        validate_segment_ids(segment_ids, document_ids)
     allowed = or_masks(causal_from(query_start), same_prompt_segment(segment_ids, query_start))
     parts = [key_not_padding(segment_ids)]
     if document_ids is not None:

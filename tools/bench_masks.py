@@ -246,6 +246,8 @@ def bench_mask_build(device: torch.device, dtype: torch.dtype) -> List[Dict[str,
     """One row per builder: median ms per shape, and memory of what it builds at the largest."""
     builders: Dict[str, Callable[[torch.Tensor], object]] = {
         "`create_mas_block_mask` (ours, O(s))": create_mas_block_mask,
+        "ours, ids checked on the CPU batch (training path)": lambda ids: create_mas_block_mask(ids, validate=False),
+        "ours, `compile=True`": lambda ids: create_mas_block_mask(ids, validate=False, compile=True),
         "`create_block_mask` eager": lambda ids: create_mas_block_mask_reference(ids),
         "`create_block_mask` compiled (static shapes)": _compiled_create_block_mask(),
         "paper's approach: Python-loop float mask": lambda ids: loop_additive_mask(ids, dtype),

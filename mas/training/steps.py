@@ -15,7 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from mas.attention import AttentionBackend, AttentionMask, create_attention_mask
-from mas.masks import PAD
+from mas.masks import PAD, validate_segment_ids
 from mas.segments import IGNORE_INDEX, as_causal, ignore_leaking_labels
 
 __all__ = ["AttentionMode", "PreparedBatch", "prepare_batch", "summed_token_loss"]
@@ -76,12 +76,14 @@ def prepare_batch(
         raise ValueError(f"batch has keys the model cannot take: {sorted(unknown)}")
     if attention not in ("mas", "causal"):
         raise ValueError(f"attention must be 'mas' or 'causal', got {attention!r}")
+    # Checked on the CPU batch, so building the mask on the GPU needs no device sync.
+    validate_segment_ids(batch["segment_ids"], batch.get("document_ids"))
     segment_ids = batch["segment_ids"].to(device)
     labels = ignore_leaking_labels(batch["labels"].to(device), segment_ids)
     document_ids = batch.get("document_ids")
     document_ids = document_ids.to(device) if document_ids is not None else None
     mask_segments = segment_ids if attention == "mas" else as_causal(segment_ids)
-    mask = create_attention_mask(mask_segments, document_ids, backend=backend)
+    mask = create_attention_mask(mask_segments, document_ids, backend=backend, validate=False)
     # [b, s] labels -> [b, s] targets: position i predicts token i + 1.
     targets = torch.cat([labels[:, 1:], labels.new_full((labels.shape[0], 1), IGNORE_INDEX)], dim=1)
     input_pos = batch.get("input_pos")

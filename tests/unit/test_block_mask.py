@@ -304,3 +304,24 @@ def test_flex_forward_backward_equals_sdpa_cuda(dtype, seq_len, query_start):
     out, dq = results_flex[0], results_flex[1]
     assert (out.permute(0, 2, 1, 3)[empty_rows] == 0).all()
     assert (dq.permute(0, 2, 1, 3)[empty_rows] == 0).all()
+
+
+def test_compiled_block_tables_equal_eager_tables():
+    from mas.masks import CAUSAL, PAD
+
+    """``compile=True`` builds the same tables (the compiled graph fuses the eager ops)."""
+    from mas.block_mask import create_mas_block_mask
+
+    seg = torch.full((3, 300), CAUSAL)
+    seg[:, :40] = 0
+    seg[:, 40:170] = 1
+    seg[1, 250:] = PAD
+    seg[2, :20] = PAD
+    docs = torch.zeros_like(seg)
+    docs[0, 150:] = 1
+    for kwargs in ({}, {"document_ids": docs}, {"query_start": 100, "query_len": 150}):
+        eager = create_mas_block_mask(seg, **kwargs)
+        compiled = create_mas_block_mask(seg, compile=True, **kwargs)
+        for name in ("kv_num_blocks", "kv_indices", "full_kv_num_blocks", "full_kv_indices",
+                     "q_num_blocks", "q_indices", "full_q_num_blocks", "full_q_indices"):  # fmt: skip
+            assert torch.equal(getattr(eager, name), getattr(compiled, name)), (name, kwargs)
