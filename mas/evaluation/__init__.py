@@ -1,4 +1,9 @@
-"""Commonsense evaluation: the eight tasks, answer extraction, results files and tables."""
+"""Evaluation: the paper's benchmarks (commonsense, MMLU, summarization), scoring and results.
+
+``mas_eval`` runs a benchmark by name through :data:`mas.evaluation.benchmarks.BENCHMARKS`; each
+prompts with the shared segment builder (as in training), writes resumable per-example JSONL and
+returns :class:`EvalResults`, which write the results JSON and the paper-layout Markdown table.
+"""
 
 from mas.evaluation.answers import answer_pattern, extract_answer, is_correct
 from mas.evaluation.results import (
@@ -10,6 +15,7 @@ from mas.evaluation.results import (
     markdown_table,
     win_rate_row,
 )
+from mas.evaluation.suites import TaskSuite, get_suite
 from mas.evaluation.tasks import (
     SAMPLE_SOURCE,
     TASK_NAMES,
@@ -31,9 +37,11 @@ __all__ = [
     "PredictionRecord",
     "TaskData",
     "TaskExample",
+    "TaskSuite",
     "answer_pattern",
     "append_predictions",
     "extract_answer",
+    "get_suite",
     "get_task",
     "is_correct",
     "load_done",
