@@ -117,7 +117,13 @@ def prefill(model: nn.Module, batch: PromptBatch, *, attention: str = "mas", bac
         from mas.masks import dense_mas_mask
 
         mask = dense_mas_mask(segment_ids, query_start=start, query_len=query_len)
-    return model(batch.tokens[:, start:], mask=mask, input_pos=batch.positions[:, start:])
+    return _as_logits(model(batch.tokens[:, start:], mask=mask, input_pos=batch.positions[:, start:]))
+
+
+def _as_logits(output: Any) -> Tensor:
+    """Model output as one ``[b, s, vocab]`` tensor (a model set up for the chunked training loss
+    returns a list of sequence chunks)."""
+    return torch.cat(output, dim=1) if isinstance(output, list) else output
 
 
 @dataclass
@@ -153,7 +159,7 @@ def forward_one_token(model: nn.Module, tokens: Tensor, mask: Tensor, input_pos:
     Returns:
         Tensor: ``[b, vocab]`` logits.
     """
-    return model(tokens, mask=mask, input_pos=input_pos)[:, -1]
+    return _as_logits(model(tokens, mask=mask, input_pos=input_pos))[:, -1]
 
 
 def decode_one_token(

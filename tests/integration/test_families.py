@@ -320,3 +320,25 @@ def test_qlora_trains_saves_adapter_and_dequantized_merged_weights(family, tmp_p
 
 def test_every_family_is_covered():
     assert sorted(FAMILIES) == sorted(TINY_FAMILIES)
+
+
+def test_generation_runs_and_its_cache_is_exact(family_model_and_tokenizer):
+    """Each family generates with the shared builder; cached decoding equals a full recompute."""
+    import mas
+    from mas import CAUSAL, dense_mas_mask
+    from mas.generation.kv_cache import clear_kv_caches
+
+    model, tokenizer = family_model_and_tokenizer
+    model.eval()
+    prompt = {"system": "Below is an instruction that describes a task.", "user": "### Instruction:\nIs ice cold?\n\n### Response:\n"}
+    out = mas.generate(model, tokenizer, [prompt], max_new_tokens=6, stop_tokens=[])
+    assert len(out.tokens[0]) == 6 and isinstance(out.texts[0], str)
+    seq = out.prompts[0]
+    tokens, segments = list(seq.tokens), list(seq.segment_ids)
+    clear_kv_caches(model)
+    with torch.no_grad():
+        for expected in out.tokens[0]:
+            logits = _logits(model, torch.tensor([tokens]), mask=dense_mas_mask(torch.tensor([segments])))
+            assert int(logits[0, -1].argmax()) == expected
+            tokens.append(expected)
+            segments.append(CAUSAL)

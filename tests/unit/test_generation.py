@@ -190,3 +190,11 @@ def test_clear_errors(model, llama3_tokenizer):
         mas.generate(model, llama3_tokenizer, PROMPTS, reuse_system_cache=True, merge_system_and_user=True)
     with pytest.raises(ValueError, match="attention must be"):
         GenerationSettings(attention="bidirectional")
+
+
+@pytest.mark.slow
+def test_compiled_decode_equals_eager_decode(model, llama3_tokenizer):
+    """The compiled decode step (static shapes, full-width mask) gives the eager tokens."""
+    eager = mas.generate(model, llama3_tokenizer, PROMPTS, max_new_tokens=10, max_cache_len=128)
+    compiled = mas.generate(model, llama3_tokenizer, PROMPTS, max_new_tokens=10, max_cache_len=128, compile_decode=True)
+    assert compiled.tokens == eager.tokens
