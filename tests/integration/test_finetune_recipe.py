@@ -177,3 +177,18 @@ def test_missing_checkpoint_and_vocab_mismatch(tmp_path, tiny_base_dir):
 def test_unknown_config_name_suggests_bundled_ones():
     with pytest.raises(ConfigError, match="did you mean tiny_mas"):
         load_config("tiny_mass")
+
+
+def test_plot_metrics_tool_draws_both_runs(tmp_path, tiny_mas_run):
+    import matplotlib.image
+
+    out = tmp_path / "curves.png"
+    tool = Path(__file__).resolve().parents[2] / "tools" / "plot_metrics.py"
+    result = subprocess.run(
+        [sys.executable, str(tool), str(tiny_mas_run), str(tiny_mas_run / "metrics.jsonl"), "--labels", "a", "b", "--out", str(out)],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    image = matplotlib.image.imread(out)
+    assert image.shape[:2] == (380, 1000)
+    assert image[..., :3].std() > 0.01  # not a blank canvas
