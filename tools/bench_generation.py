@@ -31,7 +31,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from benchlib import BENCHMARKS_FILE, interleaved_median_ms, machine_description, markdown_table, update_section  # noqa: E402
 
-from mas import CAUSAL, use_mas_attention  # noqa: E402
+from mas import use_mas_attention  # noqa: E402
 from mas.generation import GenerationSettings, generate_batch, layout_prompts, prefill  # noqa: E402
 from mas.generation.kv_cache import clear_kv_caches, setup_kv_caches  # noqa: E402
 from mas.segments import SegmentedSequence  # noqa: E402

@@ -32,11 +32,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import os
-import platform
-import re
-import statistics
-import time
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Dict, List, Optional
@@ -45,18 +41,21 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from benchlib import (  # noqa: E402
+    BENCHMARKS_FILE,
+    interleaved_median_ms,
+    machine_description,
+    markdown_table,
+    median_and_min_ms,
+    update_section,
+)
+
 from mas.block_mask import create_mas_block_mask, create_mas_block_mask_reference
 from mas.masks import CAUSAL, PAD, dense_mas_mask, mas_mask_mod
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_BENCHMARKS_FILE = REPO_ROOT / "BENCHMARKS.md"
-BEGIN, END = "<!-- bench_masks:begin -->", "<!-- bench_masks:end -->"
-BENCHMARKS_HEADER = """# Benchmarks
-
-Measured by the scripts in `tools/`. Each script rewrites only its own section (between its
-`<!-- name:begin -->` / `<!-- name:end -->` markers); numbers depend on the machine stated in
-each section.
-"""
+NAME = "bench_masks"
+TITLE = "MAS masks: build time and attention speed (`tools/bench_masks.py`)"
 
 MASK_BUILD_SHAPES = [(8, 256), (8, 1024)]
 ATTENTION_SEQ_LENS = [256, 1024, 4096]
@@ -82,68 +81,6 @@ ATTENTION_SHAPES = {
 # ----------------------------------------------------------------------------------------------
 # Timing.
 # ----------------------------------------------------------------------------------------------
-
-
-def _time_once_ms(fn: Callable[[], object], device: torch.device) -> float:
-    if device.type == "cuda":
-        start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        torch.cuda.synchronize(device)
-        start.record()
-        fn()
-        stop.record()
-        torch.cuda.synchronize(device)
-        return start.elapsed_time(stop)
-    begin = time.perf_counter()
-    fn()
-    return (time.perf_counter() - begin) * 1e3
-
-
-def _repeated_times_ms(
-    fns: Dict[str, Callable[[], object]],
-    device: torch.device,
-    warmup: int = 3,
-    min_repeats: int = 5,
-    max_repeats: int = 50,
-    budget_s: float = 1.0,
-) -> Dict[str, List[float]]:
-    """Wall times in milliseconds of each ``fn()``, after ``warmup`` calls of each.
-
-    The functions are called in turn (A, B, C, A, B, C, ...), so a change in machine load hits
-    all of them alike and their ratios stay meaningful. Rounds repeat until ``budget_s`` is
-    spent (at least ``min_repeats``, at most ``max_repeats``). On CUDA each call is timed with
-    events around it, synchronised.
-    """
-    for fn in fns.values():
-        for _ in range(warmup):
-            fn()
-    times: Dict[str, List[float]] = {name: [] for name in fns}
-    spent, rounds = 0.0, 0
-    while rounds < max_repeats and (rounds < min_repeats or spent < budget_s):
-        for name, fn in fns.items():
-            elapsed = _time_once_ms(fn, device)
-            times[name].append(elapsed)
-            spent += elapsed / 1e3
-        rounds += 1
-    return times
-
-
-def interleaved_median_ms(
-    fns: Dict[str, Callable[[], object]], device: torch.device, **kwargs
-) -> Dict[str, float]:
-    """Median wall time in milliseconds of each ``fn()``, timed in turn (see
-    :func:`_repeated_times_ms` for ``kwargs``)."""
-    times = _repeated_times_ms(fns, device, **kwargs)
-    return {name: statistics.median(values) for name, values in times.items()}
-
-
-def median_and_min_ms(fn: Callable[[], object], device: torch.device, **kwargs) -> str:
-    """``"median (min)"`` wall time of ``fn()`` in milliseconds.
-
-    The minimum is what the code costs on an idle machine; the median what it cost here, where
-    other jobs may share the cores (see :func:`_repeated_times_ms` for ``kwargs``).
-    """
-    times = _repeated_times_ms({"fn": fn}, device, **kwargs)["fn"]
-    return f"{statistics.median(times):.2f} ({min(times):.2f})"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -326,37 +263,6 @@ def _computed_tiles(block_mask) -> int:
 # ----------------------------------------------------------------------------------------------
 
 
-def markdown_table(rows: List[Dict[str, str]]) -> str:
-    header = list(rows[0])
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(row[h] for h in header) + " |" for row in rows]
-    return "\n".join(lines)
-
-
-def machine_description(device: torch.device) -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    parts = [
-        f"CPU {cpu}",
-        f"{torch.get_num_threads()} torch threads",
-        f"torch {torch.__version__}",
-        f"device {device.type}",
-    ]
-    if hasattr(os, "getloadavg"):
-        # Other jobs on a shared machine slow everything; the load says how much.
-        parts.append(f"1-min load average at the end {os.getloadavg()[0]:.1f}")
-    if device.type == "cuda":
-        parts.append(f"GPU {torch.cuda.get_device_name(device)}")
-    parts.append(f"Python {platform.python_version()}, {platform.system()} {platform.release()}")
-    return ", ".join(parts)
-
-
 def report(device: torch.device, build_rows, attention_rows, command: str) -> str:
     shape = ATTENTION_SHAPES[device.type]
     largest = f"{MASK_BUILD_SHAPES[-1][0]} x {MASK_BUILD_SHAPES[-1][1]}"
@@ -397,36 +303,12 @@ def report(device: torch.device, build_rows, attention_rows, command: str) -> st
     )
 
 
-def update_benchmarks_file(path: Path, device_type: str, section: str) -> None:
-    """Replace (or add) this device's subsection inside the bench_masks section of ``path``."""
-    text = path.read_text() if path.exists() else BENCHMARKS_HEADER
-    sub_begin = f"<!-- bench_masks:{device_type}:begin -->"
-    sub_end = f"<!-- bench_masks:{device_type}:end -->"
-    subsection = f"{sub_begin}\n{section}\n{sub_end}"
-    if BEGIN not in text or END not in text:
-        title = "## MAS masks: build time and attention speed (`tools/bench_masks.py`)"
-        text = text.rstrip("\n") + f"\n\n{title}\n\n{BEGIN}\n{END}\n"
-    head, rest = text.split(BEGIN, 1)
-    body, tail = rest.split(END, 1)
-    pattern = re.compile(re.escape(sub_begin) + r".*?" + re.escape(sub_end), re.DOTALL)
-    if pattern.search(body):
-        body = pattern.sub(lambda _: subsection, body)
-    else:
-        # cpu first, then cuda: keep a stable order.
-        body = body.strip("\n")
-        parts = [body, subsection] if body else [subsection]
-        if device_type == "cpu" and body:
-            parts = [subsection, body]
-        body = "\n\n".join(parts)
-    path.write_text(f"{head}{BEGIN}\n{body.strip(chr(10))}\n{END}{tail}")
-
-
 def main(argv: Optional[List[str]] = None) -> None:
     parser = argparse.ArgumentParser(description="Benchmark MAS mask builders and attention.")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--no-write", action="store_true", help="print only; leave BENCHMARKS.md")
     parser.add_argument(
-        "--output", type=Path, default=DEFAULT_BENCHMARKS_FILE, help="Markdown file to update"
+        "--output", type=Path, default=BENCHMARKS_FILE, help="Markdown file to update"
     )
     parser.add_argument("--skip-attention", action="store_true", help="only the mask builds")
     parser.add_argument(
@@ -455,7 +337,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     print()
     print(section)
     if not args.no_write:
-        update_benchmarks_file(args.output, device.type, section)
+        update_section(args.output, NAME, TITLE, device.type, section)
         print(f"\nupdated {args.output}")
 
 

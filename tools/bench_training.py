@@ -33,12 +33,11 @@ from pathlib import Path
 from typing import Callable, Dict, List, Optional
 
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from benchlib import BENCHMARKS_FILE, machine_description, markdown_table, time_once_ms, update_section  # noqa: E402
 
-from mas import CAUSAL, PAD, dense_mas_mask, use_mas_attention  # noqa: E402
+from mas import CAUSAL, dense_mas_mask, use_mas_attention  # noqa: E402
 from mas.segments import as_causal  # noqa: E402
 from mas.training import prepare_batch  # noqa: E402
 

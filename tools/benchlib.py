@@ -43,15 +43,20 @@ def time_once_ms(fn: Callable[[], object], device: torch.device) -> float:
     return (time.perf_counter() - begin) * 1e3
 
 
-def interleaved_median_ms(
+def repeated_times_ms(
     fns: Dict[str, Callable[[], object]],
     device: torch.device,
     warmup: int = 3,
     min_repeats: int = 5,
     max_repeats: int = 50,
     budget_s: float = 1.0,
-) -> Dict[str, float]:
-    """Median ms of each ``fn()``, called in turn (A, B, A, B, ...) so load changes hit all alike."""
+) -> Dict[str, List[float]]:
+    """Times (ms) of each ``fn()`` after ``warmup`` calls of each.
+
+    The functions are called in turn (A, B, A, B, ...), so a change in machine load hits all of
+    them alike and their ratios stay meaningful. Rounds repeat until ``budget_s`` is spent (at
+    least ``min_repeats``, at most ``max_repeats``).
+    """
     for fn in fns.values():
         for _ in range(warmup):
             fn()
@@ -63,7 +68,19 @@ def interleaved_median_ms(
             times[name].append(elapsed)
             spent += elapsed / 1e3
         rounds += 1
-    return {name: statistics.median(values) for name, values in times.items()}
+    return times
+
+
+def interleaved_median_ms(fns: Dict[str, Callable[[], object]], device: torch.device, **kwargs) -> Dict[str, float]:
+    """Median ms of each ``fn()``, timed in turn (see :func:`repeated_times_ms`)."""
+    return {name: statistics.median(v) for name, v in repeated_times_ms(fns, device, **kwargs).items()}
+
+
+def median_and_min_ms(fn: Callable[[], object], device: torch.device, **kwargs) -> str:
+    """``"median (min)"`` ms of ``fn()``: the minimum is the idle-machine cost, the median what it
+    cost among the machine's other jobs."""
+    times = repeated_times_ms({"fn": fn}, device, **kwargs)["fn"]
+    return f"{statistics.median(times):.2f} ({min(times):.2f})"
 
 
 def markdown_table(rows: List[Dict[str, str]]) -> str:

@@ -85,19 +85,15 @@ def load_inference_model(
     from torchtune.modules.peft import get_adapter_params
 
     from mas.training.model_setup import load_adapter_state
+    from mas.training.parallel import load_base_state
 
     checkpointer = instantiate(checkpointer_cfg)
     info = hf_info_from_checkpointer(checkpointer)
     base_state = checkpointer.load_checkpoint()["model"]
     with training.set_default_dtype(dtype), device:
         model = instantiate(model_cfg)
-    missing, unexpected = model.load_state_dict(base_state, strict=False)
+    load_base_state(model, base_state)
     adapter_names = set(get_adapter_params(model))
-    if [k for k in missing if k not in adapter_names] or unexpected:
-        raise ConfigError(
-            f"the checkpoint does not fit the model: missing {[k for k in missing if k not in adapter_names][:4]}, "
-            f"unexpected {list(unexpected)[:4]}"
-        )
     adapter_config, adapter_path = None, None
     if adapter_checkpoint:
         adapter_path = _resolve_adapter_folder(Path(adapter_checkpoint))

@@ -3,19 +3,18 @@
 from __future__ import annotations
 
 import logging
-from typing import Any, Dict, Optional
+from typing import Any, Dict
 
 import torch
 from omegaconf import DictConfig
 from torch import nn
 
-from mas.attention import AttentionBackend, flex_supported, use_mas_attention
-from mas.config import ConfigError, instantiate
+from mas.attention import AttentionBackend, flex_supported
+from mas.config import ConfigError
 
 __all__ = [
     "LORA_KEYS",
     "check_vocab",
-    "load_lora_model",
     "lora_settings",
     "resolve_device",
     "tokenizer_vocab_size",
@@ -104,56 +103,6 @@ def check_vocab(tokenizer: Any, model: nn.Module) -> None:
             f"vocab size mismatch: the tokenizer emits ids up to {needed - 1} but the model has only "
             f"{have} embedding rows; the tokenizer and model checkpoint do not belong together"
         )
-
-
-def load_lora_model(
-    model_cfg: DictConfig,
-    base_state: Dict[str, torch.Tensor],
-    *,
-    device: torch.device,
-    dtype: torch.dtype,
-    attention_backend: AttentionBackend = "auto",
-    activation_checkpointing: bool = False,
-    adapter_state: Optional[Dict[str, torch.Tensor]] = None,
-) -> nn.Module:
-    """Instantiate the LoRA model, load the base (and optional adapter) weights, freeze the base.
-
-    Args:
-        model_cfg (DictConfig): the ``model`` config node (a LoRA builder).
-        base_state (Dict[str, Tensor]): torchtune-format base weights.
-        device (torch.device), dtype (torch.dtype): where and in what precision.
-        attention_backend (str): see :class:`mas.attention.MASAttention`.
-        activation_checkpointing (bool): recompute each decoder layer in backward.
-        adapter_state (Optional[Dict[str, Tensor]]): LoRA weights to load (resume / inference).
-
-    Returns:
-        nn.Module: the model, adapters trainable, base frozen, MAS attention installed.
-
-    Raises:
-        ConfigError: when the base checkpoint does not match the model architecture.
-    """
-    from torchtune import training
-    from torchtune.modules import TransformerSelfAttentionLayer
-    from torchtune.modules.peft import get_adapter_params, set_trainable_params
-
-    with training.set_default_dtype(dtype), device:
-        model = instantiate(model_cfg)
-    missing, unexpected = model.load_state_dict(base_state, strict=False)
-    adapter_names = set(get_adapter_params(model))
-    missing_base = [k for k in missing if k not in adapter_names]
-    if missing_base or unexpected:
-        raise ConfigError(
-            "the base checkpoint does not fit the model: "
-            f"missing {missing_base[:5]}{'...' if len(missing_base) > 5 else ''}, "
-            f"unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}"
-        )
-    if adapter_state is not None:
-        load_adapter_state(model, adapter_state)
-    set_trainable_params(model, get_adapter_params(model))
-    use_mas_attention(model, attention_backend)
-    if activation_checkpointing:
-        training.set_activation_checkpointing(model, auto_wrap_policy={TransformerSelfAttentionLayer})
-    return model
 
 
 def load_adapter_state(model: nn.Module, adapter_state: Dict[str, torch.Tensor]) -> None:

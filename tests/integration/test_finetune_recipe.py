@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -14,22 +13,17 @@ import torch
 
 from mas.checkpointing import (
     ADAPTER_CONFIG_FILE,
-    ADAPTER_WEIGHTS_FILE,
     HFModelInfo,
     latest_checkpoint,
     load_peft_adapter,
     peft_to_adapter,
 )
-from mas.config import ConfigError, load_config, validate_config
+from mas.config import ConfigError, load_config
 from mas.training import read_metrics
-
-import mas_lora_finetune  # noqa: E402  (installed top-level recipe module)
 from support.runs import finetune_overrides, run_finetune
-
 
 _overrides = finetune_overrides
 _run_in_process = run_finetune
-
 
 @pytest.mark.slow
 def test_tune_run_end_to_end_from_another_directory(tmp_path, tiny_base_dir):
@@ -63,11 +57,9 @@ def test_tune_run_end_to_end_from_another_directory(tmp_path, tiny_base_dir):
     assert all(k.startswith("base_model.model.model.layers.") for k in weights)
     assert (folder / "merged" / "model.safetensors").exists()  # epoch end + save_merged_weights
 
-
 def _reload_adapter(folder: Path, base_dir: Path) -> dict:
     weights, _ = load_peft_adapter(folder)
     return peft_to_adapter(weights, HFModelInfo.from_checkpoint_dir(base_dir, "LLAMA3_2"))
-
 
 def test_saved_adapter_equals_trained_adapter(tmp_path, tiny_base_dir):
     from torchtune.modules.peft import get_adapter_state_dict
@@ -78,7 +70,6 @@ def test_saved_adapter_equals_trained_adapter(tmp_path, tiny_base_dir):
     assert trained.keys() == reloaded.keys()
     for key in trained:
         assert torch.equal(trained[key], reloaded[key]), key
-
 
 @pytest.mark.parametrize("resume_at, extra", [(3, {}), (6, {"gradient_accumulation_steps": 2, "epochs": 2})])
 def test_resume_gives_the_same_loss_curve(tmp_path, tiny_base_dir, resume_at, extra):
@@ -104,7 +95,6 @@ def test_resume_gives_the_same_loss_curve(tmp_path, tiny_base_dir, resume_at, ex
     for step in reference:
         assert after[step] == pytest.approx(reference[step], abs=1e-6), step
 
-
 def test_killed_save_leaves_previous_checkpoint_loadable(tmp_path, tiny_base_dir, monkeypatch):
     out = tmp_path / "run"
     recipe = _run_in_process("tiny_mas", _overrides(out, tiny_base_dir, max_steps_per_epoch=3))
@@ -126,7 +116,6 @@ def test_killed_save_leaves_previous_checkpoint_loadable(tmp_path, tiny_base_dir
     assert not list((out / "checkpoints").glob("*.tmp"))  # the next save cleans up
     assert latest_checkpoint(out).name == "step_0000005"
 
-
 def test_causal_run_records_its_mode_and_refuses_a_mas_resume(tmp_path, tiny_base_dir):
     out = tmp_path / "run"
     _run_in_process("tiny_causal", _overrides(out, tiny_base_dir, max_steps_per_epoch=3))
@@ -134,7 +123,6 @@ def test_causal_run_records_its_mode_and_refuses_a_mas_resume(tmp_path, tiny_bas
     assert config["mas"]["attention"] == "causal"
     with pytest.raises(ConfigError, match="trained with attention=causal"):
         _run_in_process("tiny_mas", _overrides(out, tiny_base_dir, resume_from_checkpoint=True))
-
 
 @pytest.mark.parametrize(
     "overrides, message",
@@ -159,7 +147,6 @@ def test_bad_configs_fail_fast_with_a_clear_message(tmp_path, tiny_base_dir, ove
 
     assert re.search(message, result.stderr), result.stderr[-2000:]
 
-
 def test_missing_checkpoint_and_vocab_mismatch(tmp_path, tiny_base_dir):
     from mas.models import write_tiny_hf_checkpoint
 
@@ -173,11 +160,9 @@ def test_missing_checkpoint_and_vocab_mismatch(tmp_path, tiny_base_dir):
     with pytest.raises(ConfigError, match="vocab size mismatch"):
         _run_in_process("tiny_mas", mismatch)
 
-
 def test_unknown_config_name_suggests_bundled_ones():
     with pytest.raises(ConfigError, match="did you mean tiny_mas"):
         load_config("tiny_mass")
-
 
 def test_plot_metrics_tool_draws_both_runs(tmp_path, tiny_mas_run):
     import matplotlib.image

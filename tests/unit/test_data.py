@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 
 from mas import CAUSAL, PAD, dense_mas_mask
 from mas.data import (

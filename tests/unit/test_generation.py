@@ -10,7 +10,7 @@ import torch
 import mas
 from mas import CAUSAL, dense_mas_mask
 from mas.data import collate_segmented, instruction_messages
-from mas.generation import GenerationSettings, generate_batch, prefill, sample_next_token
+from mas.generation import GenerationSettings, prefill, sample_next_token
 from mas.generation.generate import DecodeState, decode_one_token
 from mas.generation.kv_cache import clear_kv_caches, setup_kv_caches
 from mas.generation.layout import layout_prompts
