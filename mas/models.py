@@ -308,8 +308,18 @@ def tiny_hf_checkpointer(
     dims = {**TINY_LLAMA3_2, **overrides}
     # Under torchrun one rank writes the checkpoint and the others wait for it.
     distributed = dist.is_available() and dist.is_initialized()
+    folder = Path(checkpoint_dir)
+    if (folder / "model.safetensors").exists() and not (folder / TINY_RECIPE_FILE).exists():
+        # Never replace weights this function did not write (a merged checkpoint, a real model).
+        from mas.config import ConfigError
+
+        raise ConfigError(
+            f"{folder} holds a checkpoint that is not the embedded tiny model; load it with "
+            "checkpointer._component_=torchtune.training.FullModelHFCheckpointer "
+            "checkpointer.checkpoint_files=[model.safetensors] checkpointer.model_type=LLAMA3_2"
+        )
     if not distributed or dist.get_rank() == 0:
-        if not _tiny_checkpoint_is_current(Path(checkpoint_dir), seed, pretrain_steps, dims):
+        if not _tiny_checkpoint_is_current(folder, seed, pretrain_steps, dims):
             write_tiny_hf_checkpoint(checkpoint_dir, seed=seed, pretrain_steps=pretrain_steps, **overrides)
     if distributed:
         dist.barrier()

@@ -115,3 +115,31 @@ def test_generate_recipe_loads_the_trained_adapter(tmp_path, tiny_base_dir, tiny
     again = mas.generate(model.eval(), tiny_llama3_tokenizer(), [prompt], max_new_tokens=8)
     assert again.texts == texts
     assert torch.is_tensor(model.layers[0].attn.q_proj.lora_a.weight)
+
+
+def test_merged_weights_generate_like_base_plus_adapter(tmp_path, tiny_base_dir):
+    """A run's merged HF weights, loaded by torchtune's checkpointer into the plain model, give the
+    completions of base + adapter; the tiny checkpointer refuses to overwrite them."""
+    import mas_generate
+    from mas.checkpointing import latest_checkpoint
+    from support.runs import finetune_overrides, run_finetune
+
+    run = tmp_path / "run"
+    run_finetune("tiny_mas", finetune_overrides(run, tiny_base_dir, max_steps_per_epoch=4, save_merged_weights=True))
+    merged = latest_checkpoint(run) / "merged"
+    with_adapter = mas_generate.run(load_config("tiny_generate", _overrides(tmp_path, tiny_base_dir, adapter_checkpoint=run)))
+    merged_cfg = load_config(
+        "tiny_generate",
+        _overrides(tmp_path, tiny_base_dir)
+        + [
+            "model=mas.models.tiny_llama3_2",
+            "~model.lora_attn_modules", "~model.apply_lora_to_mlp", "~model.apply_lora_to_output",
+            "~model.lora_rank", "~model.lora_alpha", "~model.lora_dropout",
+            "checkpointer=torchtune.training.FullModelHFCheckpointer", "~checkpointer.pretrain_steps",
+            f"checkpointer.checkpoint_dir={merged}", "checkpointer.checkpoint_files=[model.safetensors]",
+            "checkpointer.model_type=LLAMA3_2",
+        ],
+    )  # fmt: skip
+    assert mas_generate.run(merged_cfg)["tokens"] == with_adapter["tokens"]
+    with pytest.raises(ConfigError, match="not the embedded tiny model"):
+        mas_generate.run(load_config("tiny_generate", _overrides(tmp_path, tiny_base_dir, **{"checkpointer.checkpoint_dir": merged})))
