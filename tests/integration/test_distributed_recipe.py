@@ -12,7 +12,7 @@ import pytest
 
 from mas.checkpointing import ADAPTER_CONFIG_FILE, latest_checkpoint
 from mas.training import read_metrics
-from support.runs import finetune_overrides, run_finetune
+from support.runs import finetune_overrides, run_finetune, tune_command
 
 # Both runs see the same 8 examples per step; float sums differ in order only.
 LOSS_TOLERANCE = 1e-4
@@ -20,7 +20,7 @@ LOSS_TOLERANCE = 1e-4
 
 def _distributed(tmp_path: Path, out: Path, base_dir: Path, *extra: str, nproc: int = 2) -> subprocess.CompletedProcess:
     overrides = finetune_overrides(out, base_dir, **{"model.lora_dropout": 0.0, "global_batch_size": 8})
-    cmd = ["tune", "run", "--nproc_per_node", str(nproc), "mas_lora_finetune_distributed", "--config", "tiny_mas_distributed"]
+    cmd = [*tune_command(), "run", "--nproc_per_node", str(nproc), "mas_lora_finetune_distributed", "--config", "tiny_mas_distributed"]
     return subprocess.run(cmd + overrides + list(extra), cwd=tmp_path, capture_output=True, text=True, timeout=600)
 
 

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from support.runs import tune_command
 
 from mas.config import load_config
 
@@ -37,7 +38,7 @@ def _run(out: Path, base_dir: Path, **extra):
 @pytest.mark.slow
 def test_tune_run_eval_writes_json_jsonl_and_table(tmp_path, tiny_base_dir, tiny_mas_run):
     out = tmp_path / "eval"
-    cmd = ["tune", "run", "mas_eval", "--config", "tiny_eval", *_overrides(out, tiny_base_dir, adapter_checkpoint=tiny_mas_run)]
+    cmd = [*tune_command(), "run", "mas_eval", "--config", "tiny_eval", *_overrides(out, tiny_base_dir, adapter_checkpoint=tiny_mas_run)]
     result = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     for mode in ("generate", "loglik"):

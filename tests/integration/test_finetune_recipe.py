@@ -20,7 +20,7 @@ from mas.checkpointing import (
 )
 from mas.config import ConfigError, load_config
 from mas.training import read_metrics
-from support.runs import finetune_overrides, run_finetune
+from support.runs import finetune_overrides, run_finetune, tune_command
 
 _overrides = finetune_overrides
 _run_in_process = run_finetune
@@ -30,7 +30,7 @@ def test_tune_run_end_to_end_from_another_directory(tmp_path, tiny_base_dir):
     work = tmp_path / "elsewhere"
     work.mkdir()
     out = tmp_path / "run"
-    cmd = ["tune", "run", "mas_lora_finetune", "--config", "tiny_mas.yaml"]
+    cmd = [*tune_command(), "run", "mas_lora_finetune", "--config", "tiny_mas.yaml"]
     cmd += _overrides(out, tiny_base_dir, max_steps_per_epoch=12, save_every_n_steps=6, val_every_n_steps=6)
     result = subprocess.run(cmd, cwd=work, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]

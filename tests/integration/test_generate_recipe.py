@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from mas.config import ConfigError, load_config
+from support.runs import tune_command
 
 
 def _overrides(tmp_path: Path, base_dir: Path, **extra) -> list[str]:
@@ -25,7 +26,7 @@ def _overrides(tmp_path: Path, base_dir: Path, **extra) -> list[str]:
 
 
 def _tune_run(tmp_path: Path, overrides: list[str]) -> subprocess.CompletedProcess:
-    cmd = ["tune", "run", "mas_generate", "--config", "tiny_generate", *overrides]
+    cmd = [*tune_command(), "run", "mas_generate", "--config", "tiny_generate", *overrides]
     return subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300)
 
 

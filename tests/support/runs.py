@@ -19,6 +19,7 @@ def finetune_overrides(output_dir: Path, base_dir: Path, **extra) -> List[str]:
         "save_every_n_steps": 3,
         "val_every_n_steps": None,
         "batch_size": 4,
+        "epochs": 1,
         **extra,
     }
     return [f"{k}={'None' if v is None else v}" for k, v in values.items()]
@@ -35,3 +36,18 @@ def run_finetune(config: str, overrides: List[str]):
     recipe.train()
     recipe.cleanup()
     return recipe
+
+
+def tune_command() -> List[str]:
+    """The ``tune`` console script of the running interpreter's environment (an unactivated
+    virtual environment has it next to ``python``, not on ``PATH``)."""
+    import shutil
+    import sys
+
+    beside = Path(sys.executable).parent / "tune"
+    if beside.exists():
+        return [str(beside)]
+    found = shutil.which("tune")
+    if found is None:
+        raise RuntimeError("torchtune's `tune` command is not installed")
+    return [found]
