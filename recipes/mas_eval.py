@@ -32,7 +32,13 @@ from mas.data import DataError
 from mas.evaluation import markdown_table
 from mas.evaluation.benchmarks import BENCHMARKS, BenchmarkContext
 from mas.generation import GenerationSettings
-from mas.generation.loading import InferenceModel, load_inference_model, prompt_mismatch_warnings
+from mas.generation.loading import (
+    INFERENCE_KEYS_OPTIONAL,
+    INFERENCE_KEYS_REQUIRED,
+    InferenceModel,
+    load_inference_model,
+    prompt_mismatch_warnings,
+)
 from mas.segments import SegmentBuilder
 from mas.training import load_adapter_state, resolve_device
 
@@ -41,15 +47,12 @@ log = logging.getLogger("mas_eval")
 KEYS = RecipeKeys(
     recipe="mas_eval",
     required={
+        **INFERENCE_KEYS_REQUIRED,
         "output_dir": "where predictions and results go",
-        "model": "model builder (lora_* to load an adapter)",
-        "checkpointer": "FullModelHFCheckpointer for base (or merged) weights",
-        "tokenizer": "tokenizer builder",
-        "attention": "mas | causal prompt mask",
         "benchmark": "commonsense | mmlu | summarization",
     },
     optional={
-        "adapter_checkpoint": "checkpoint folder or run folder (null: base/merged weights)",
+        **INFERENCE_KEYS_OPTIONAL,
         "checkpoints": "latest | all (evaluate every step checkpoint of adapter_checkpoint)",
         "run_name": "row label in the results table",
         "tasks": "commonsense tasks, MMLU subjects or summarization data sets (null: all)",
@@ -59,17 +62,6 @@ KEYS = RecipeKeys(
         "limit": "first N examples per task",
         "mode": "generate | loglik | both",
         "answer_template": "loglik answer sentence with {label}",
-        "max_new_tokens": "generation length",
-        "batch_size": "prompts per batch",
-        "reuse_system_cache": "prefill the shared preamble once",
-        "compile_decode": "torch.compile the decode step",
-        "max_cache_len": "KV cache slots",
-        "prompt_format": "text | chat (as in training)",
-        "merge_system_and_user": "as in training",
-        "attention_backend": "auto | flex | sdpa",
-        "device": "cpu | cuda | auto",
-        "dtype": "bf16 | fp32",
-        "seed": "seed",
         "progress_bar": "show progress",
         "resume": "reuse predictions already written",
     },

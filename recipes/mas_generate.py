@@ -27,40 +27,29 @@ from omegaconf import DictConfig, OmegaConf
 from mas.config import ConfigError, RecipeKeys, instantiate, parse
 from mas.data import DataError, instruction_messages, load_rows
 from mas.generation import GenerationSettings, generate, prompt_messages
-from mas.generation.loading import load_inference_model, prompt_mismatch_warnings
+from mas.generation.loading import (
+    INFERENCE_KEYS_OPTIONAL,
+    INFERENCE_KEYS_REQUIRED,
+    load_inference_model,
+    prompt_mismatch_warnings,
+)
 from mas.training import resolve_device
 
 log = logging.getLogger("mas_generate")
 
 KEYS = RecipeKeys(
     recipe="mas_generate",
-    required={
-        "model": "model builder (a lora_* builder to load an adapter)",
-        "checkpointer": "FullModelHFCheckpointer for base (or merged) weights",
-        "tokenizer": "tokenizer builder",
-        "attention": "mas | causal prefill",
-    },
+    required=INFERENCE_KEYS_REQUIRED,
     optional={
+        **INFERENCE_KEYS_OPTIONAL,
         "output_dir": "where output_file defaults to",
-        "adapter_checkpoint": "a mas_lora_finetune checkpoint folder or run folder (null: none)",
         "prompt": "{system, user} or a string",
         "prompts_file": "JSONL of prompts",
         "output_file": "JSONL of completions (null: print only)",
-        "prompt_format": "text | chat (as in training)",
-        "merge_system_and_user": "as in training",
-        "attention_backend": "auto | flex | sdpa",
-        "device": "cpu | cuda | auto",
-        "dtype": "bf16 | fp32",
-        "seed": "sampling seed",
-        "max_new_tokens": "tokens per prompt",
         "temperature": "0 = greedy",
         "top_k": "top-k filter",
         "top_p": "nucleus filter",
         "stop_tokens": "ids that end generation (null: the tokenizer's)",
-        "batch_size": "prompts per batch",
-        "reuse_system_cache": "prefill each system prompt once",
-        "compile_decode": "torch.compile the decode step",
-        "max_cache_len": "KV cache slots (null: model max_seq_len)",
     },
 )
 
