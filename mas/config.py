@@ -31,6 +31,7 @@ __all__ = [
     "load_config",
     "parse",
     "resolve_config_path",
+    "run_reporting_user_errors",
     "validate_config",
 ]
 
@@ -209,6 +210,20 @@ def instantiate(node: Optional[DictConfig], *args: Any, **kwargs: Any) -> Any:
         if "argument" in str(e):  # unexpected/missing keyword: a config mistake, not a bug
             raise ConfigError(f"{component}: {e}") from e
         raise
+
+
+def run_reporting_user_errors(recipe: str, run: Callable[[DictConfig], Any], cfg: DictConfig) -> int:
+    """Run a recipe; a config or data mistake (or a bad value) ends it with one line, no traceback."""
+    import logging
+
+    from mas.data.rows import DataError
+
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        run(cfg)
+    except (ConfigError, DataError, ValueError) as e:
+        raise SystemExit(f"{recipe}: {type(e).__name__}: {e}") from None
+    return 0
 
 
 def parse(keys: RecipeKeys) -> Callable[[Callable[[DictConfig], Any]], Callable[[], Any]]:

@@ -63,6 +63,12 @@ def tiny_llama3_tokenizer(
     )
 
 
+def _dims(arguments: Dict[str, Any]) -> Dict[str, Any]:
+    """The dimension arguments among a builder's ``locals()`` (explicit signatures keep config
+    validation able to reject misspelt keys; this keeps them from being listed twice)."""
+    return {k: v for k, v in arguments.items() if k in TINY_LLAMA3_2}
+
+
 def tiny_llama3_2(
     vocab_size: int = TINY_LLAMA3_2["vocab_size"],
     num_layers: int = TINY_LLAMA3_2["num_layers"],
@@ -73,15 +79,7 @@ def tiny_llama3_2(
     max_seq_len: int = TINY_LLAMA3_2["max_seq_len"],
 ) -> TransformerDecoder:
     """The tiny Llama 3.2 model (defaults: :data:`TINY_LLAMA3_2`)."""
-    dims = dict(
-        vocab_size=vocab_size,
-        num_layers=num_layers,
-        num_heads=num_heads,
-        num_kv_heads=num_kv_heads,
-        embed_dim=embed_dim,
-        intermediate_dim=intermediate_dim,
-        max_seq_len=max_seq_len,
-    )
+    dims = _dims(locals())
     return llama3_2(**{**TINY_LLAMA3_2, **dims})
 
 
@@ -103,15 +101,7 @@ def lora_tiny_llama3_2(
     max_seq_len: int = TINY_LLAMA3_2["max_seq_len"],
 ) -> TransformerDecoder:
     """The tiny Llama 3.2 model with LoRA adapters (same arguments as torchtune's builders)."""
-    dims = dict(
-        vocab_size=vocab_size,
-        num_layers=num_layers,
-        num_heads=num_heads,
-        num_kv_heads=num_kv_heads,
-        embed_dim=embed_dim,
-        intermediate_dim=intermediate_dim,
-        max_seq_len=max_seq_len,
-    )
+    dims = _dims(locals())
     return lora_llama3_2(
         lora_attn_modules=list(lora_attn_modules),
         apply_lora_to_mlp=apply_lora_to_mlp,
@@ -292,15 +282,7 @@ def tiny_hf_checkpointer(
         pretrain_steps (int): causal pre-training steps (0: random weights).
         vocab_size, num_layers, ...: dimensions; must match the model builder's.
     """
-    overrides = dict(
-        vocab_size=vocab_size,
-        num_layers=num_layers,
-        num_heads=num_heads,
-        num_kv_heads=num_kv_heads,
-        embed_dim=embed_dim,
-        intermediate_dim=intermediate_dim,
-        max_seq_len=max_seq_len,
-    )
+    overrides = _dims(locals())
     from torchtune.training import FullModelHFCheckpointer
 
     import torch.distributed as dist

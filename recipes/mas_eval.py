@@ -27,8 +27,7 @@ if getattr(mas, "__file__", None) is None:  # a plain folder named "mas" in the 
 from omegaconf import DictConfig, OmegaConf
 
 from mas.checkpointing import RECIPE_STATE_FILE, hf_info_from_checkpointer, load_peft_adapter, peft_to_adapter
-from mas.config import ConfigError, RecipeKeys, instantiate, parse
-from mas.data import DataError
+from mas.config import ConfigError, RecipeKeys, instantiate, parse, run_reporting_user_errors
 from mas.evaluation import markdown_table
 from mas.evaluation.benchmarks import BENCHMARKS, BenchmarkContext
 from mas.generation import GenerationSettings
@@ -209,12 +208,7 @@ def run(cfg: DictConfig) -> Dict[str, Any]:
 
 @parse(KEYS)
 def recipe_main(cfg: DictConfig) -> int:
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        run(cfg)
-    except (ConfigError, DataError, ValueError) as e:
-        raise SystemExit(f"{KEYS.recipe}: {type(e).__name__}: {e}") from None
-    return 0
+    return run_reporting_user_errors(KEYS.recipe, run, cfg)
 
 
 if __name__ == "__main__":

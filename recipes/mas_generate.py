@@ -24,7 +24,7 @@ if getattr(mas, "__file__", None) is None:  # a plain folder named "mas" in the 
 
 from omegaconf import DictConfig, OmegaConf
 
-from mas.config import ConfigError, RecipeKeys, instantiate, parse
+from mas.config import ConfigError, RecipeKeys, instantiate, parse, run_reporting_user_errors
 from mas.data import DataError, instruction_messages, load_rows
 from mas.generation import GenerationSettings, generate, prompt_messages
 from mas.generation.loading import (
@@ -140,12 +140,7 @@ def run(cfg: DictConfig) -> Dict[str, Any]:
 
 @parse(KEYS)
 def recipe_main(cfg: DictConfig) -> int:
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        run(cfg)
-    except (ConfigError, DataError, ValueError) as e:
-        raise SystemExit(f"{KEYS.recipe}: {type(e).__name__}: {e}") from None
-    return 0
+    return run_reporting_user_errors(KEYS.recipe, run, cfg)
 
 
 if __name__ == "__main__":
