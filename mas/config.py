@@ -23,6 +23,9 @@ from typing import Any, Callable, Iterable, List, Mapping, Optional, Sequence
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
+from mas.assets import ASSETS_DIR
+from mas.errors import ConfigError
+
 __all__ = [
     "ConfigError",
     "RecipeKeys",
@@ -36,15 +39,9 @@ __all__ = [
 ]
 
 
-class ConfigError(ValueError):
-    """A config that cannot work: unknown key, bad value, missing file."""
-
-
 def _register_resolvers() -> None:
     if not OmegaConf.has_resolver("mas_asset"):
         # ${mas_asset:commonsense/train_sample/x.json} -> the bundled file, wherever mas lives.
-        from mas.models import ASSETS_DIR
-
         register = getattr(OmegaConf, "register_resolver", None) or OmegaConf.register_new_resolver
         register("mas_asset", lambda rel: str(ASSETS_DIR / rel))
 

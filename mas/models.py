@@ -23,6 +23,8 @@ from torchtune.models.llama3 import Llama3Tokenizer, llama3_tokenizer
 from torchtune.models.llama3_2 import llama3_2, lora_llama3_2
 from torchtune.modules import TransformerDecoder
 
+from mas.assets import ASSETS_DIR, TINY_TOKENIZER_DIR
+
 __all__ = [
     "TINY_LLAMA3_2",
     "ASSETS_DIR",
@@ -33,8 +35,6 @@ __all__ = [
     "write_tiny_hf_checkpoint",
 ]
 
-ASSETS_DIR = Path(__file__).resolve().parent / "assets"
-TINY_TOKENIZER_DIR = ASSETS_DIR / "tiny_tokenizer"
 
 #: Dimensions of the tiny model (a Llama 3.2 with GQA, tied embeddings, scaled RoPE).
 TINY_LLAMA3_2: Dict[str, Any] = dict(

@@ -28,6 +28,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from mas.checkpointing import RECIPE_STATE_FILE, hf_info_from_checkpointer, load_peft_adapter, peft_to_adapter
 from mas.config import ConfigError, RecipeKeys, instantiate, parse, run_reporting_user_errors
+from mas.devices import resolve_device
 from mas.evaluation import markdown_table
 from mas.evaluation.benchmarks import BENCHMARKS, BenchmarkContext
 from mas.generation import GenerationSettings
@@ -39,7 +40,7 @@ from mas.generation.loading import (
     prompt_mismatch_warnings,
 )
 from mas.segments import SegmentBuilder
-from mas.training import load_adapter_state, resolve_device
+from mas.training import load_adapter_state
 
 log = logging.getLogger("mas_eval")
 

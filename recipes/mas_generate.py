@@ -26,6 +26,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from mas.config import ConfigError, RecipeKeys, instantiate, parse, run_reporting_user_errors
 from mas.data import DataError, instruction_messages, load_rows
+from mas.devices import resolve_device
 from mas.generation import GenerationSettings, generate, prompt_messages
 from mas.generation.loading import (
     INFERENCE_KEYS_OPTIONAL,
@@ -33,7 +34,6 @@ from mas.generation.loading import (
     load_inference_model,
     prompt_mismatch_warnings,
 )
-from mas.training import resolve_device
 
 log = logging.getLogger("mas_generate")
 

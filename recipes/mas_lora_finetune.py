@@ -24,8 +24,8 @@ from omegaconf import DictConfig
 from mas.checkpointing import latest_checkpoint
 from mas.config import ConfigError, parse
 from mas.data import DataError
+from mas.devices import resolve_device
 from mas.training.finetune import FINETUNE_KEYS, LoRAFinetuneRecipe
-from mas.training.model_setup import resolve_device
 from mas.training.parallel import SingleDevice
 
 KEYS = FINETUNE_KEYS

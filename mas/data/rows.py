@@ -11,11 +11,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence
 
+from mas.errors import DataError
+
 __all__ = ["DataError", "RowSource", "load_rows", "optional_text", "require_text", "select_rows"]
-
-
-class DataError(ValueError):
-    """A malformed data file or row; the message names the file, row and field."""
 
 
 @dataclass(frozen=True)

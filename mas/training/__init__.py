@@ -6,7 +6,6 @@ from mas.training.model_setup import (
     check_vocab,
     load_adapter_state,
     lora_settings,
-    resolve_device,
     tokenizer_vocab_size,
 )
 from mas.training.run_state import (
@@ -38,7 +37,6 @@ __all__ = [
     "peak_memory_gib",
     "prepare_batch",
     "read_metrics",
-    "resolve_device",
     "restore_rng",
     "save_run_checkpoint",
     "summed_token_loss",

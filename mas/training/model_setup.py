@@ -16,7 +16,6 @@ __all__ = [
     "LORA_KEYS",
     "check_vocab",
     "lora_settings",
-    "resolve_device",
     "tokenizer_vocab_size",
 ]
 
@@ -32,20 +31,6 @@ LORA_KEYS = (
     "use_dora",
 )
 _LORA_DEFAULTS = {"apply_lora_to_mlp": False, "apply_lora_to_output": False, "lora_dropout": 0.0, "use_dora": False}
-
-
-def resolve_device(name: str) -> torch.device:
-    """``cpu``, ``cuda``, ``cuda:N`` or ``auto``; a CUDA device that is absent is a clear error."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ConfigError(f"device={name} but CUDA is not available on this machine (use device=cpu)")
-        index = device.index or 0
-        if index >= torch.cuda.device_count():
-            raise ConfigError(f"device={name} but only {torch.cuda.device_count()} CUDA device(s) exist")
-    return device
 
 
 def check_attention_backend(backend: AttentionBackend, device: torch.device) -> None:
