@@ -1,4 +1,9 @@
-"""Attention dispatch: let every torchtune attention layer take a MAS ``BlockMask`` or dense mask.
+"""Attention dispatch: one mask builder, and torchtune attention layers that take its masks.
+
+:func:`build_attention_mask` is the only place that turns per-token segment ids, an attention
+mode (``"mas"`` or ``"causal"``) and a backend into a mask; training, prefill, log-likelihood
+scoring and the system-prompt cache all call it. :func:`uses_flex` is the only place that
+decides between a FlexAttention ``BlockMask`` and a dense SDPA mask.
 
 torchtune's ``MultiHeadAttention`` calls ``self._attention_call(q, k, v, mask=..., dropout_p=...,
 is_causal=...)``. :func:`use_mas_attention` replaces that callable on every attention layer with a
@@ -23,22 +28,28 @@ the unwritten tail beyond the mask is sliced off (it is never attended).
 from __future__ import annotations
 
 import logging
-from typing import Literal, Optional, Union
+from typing import Literal, Optional, Union, get_args
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
+from torchtune.modules import MultiHeadAttention
 
-from mas.masks import materialize_mask_mod
+from mas.block_mask import create_mas_block_mask
+from mas.errors import ConfigError
+from mas.masks import AttentionMode, as_causal, dense_mas_mask, materialize_mask_mod, validate_attention_mode
 
 __all__ = [
     "AttentionBackend",
+    "AttentionMask",
     "MASAttention",
     "block_mask_to_dense",
-    "create_attention_mask",
+    "build_attention_mask",
     "flex_supported",
     "use_mas_attention",
+    "uses_flex",
+    "validate_attention_backend",
 ]
 
 log = logging.getLogger(__name__)
@@ -106,22 +117,17 @@ class MASAttention:
     """
 
     def __init__(self, backend: AttentionBackend = "auto") -> None:
-        if backend not in ("auto", "flex", "sdpa"):
-            raise ValueError(f"attention backend must be auto, flex or sdpa, got {backend!r}")
-        self.backend = backend
+        self.backend = validate_attention_backend(backend, key="attention backend")
 
     def _use_flex(self, q: Tensor, k: Tensor, v: Tensor) -> bool:
-        if self.backend == "sdpa":
-            return False
+        use_flex = uses_flex(self.backend, q.device)
         needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
-        if q.device.type == "cpu":
-            if self.backend == "flex" and needs_grad:
-                raise RuntimeError(
-                    "attention backend 'flex' cannot train on CPU: FlexAttention has no CPU "
-                    "backward in this torch version. Use backend 'auto' (dense SDPA fallback)."
-                )
-            return self.backend == "flex"
-        return self.backend == "flex" or flex_supported(q.device)
+        if use_flex and needs_grad and q.device.type == "cpu":
+            raise RuntimeError(
+                "attention backend 'flex' cannot train on CPU: FlexAttention has no CPU "
+                "backward in this torch version. Use backend 'auto' (dense SDPA fallback)."
+            )
+        return use_flex
 
     def __call__(
         self,
@@ -178,8 +184,6 @@ def use_mas_attention(model: nn.Module, backend: AttentionBackend = "auto") -> n
     Raises:
         ValueError: if the model has no torchtune attention layer.
     """
-    from torchtune.modules import MultiHeadAttention
-
     layers = [m for m in model.modules() if isinstance(m, MultiHeadAttention)]
     if not layers:
         raise ValueError(f"{type(model).__name__} has no torchtune MultiHeadAttention layer")
@@ -197,38 +201,94 @@ def flex_supported(device: torch.device) -> bool:
     return torch.cuda.get_device_capability(device) >= (7, 5)
 
 
-def create_attention_mask(
+def validate_attention_backend(value: object, *, key: str = "attention_backend") -> AttentionBackend:
+    """Return ``value`` if it is an :data:`AttentionBackend`, else raise a one-line ``ConfigError``."""
+    if value not in get_args(AttentionBackend):
+        raise ConfigError(f"{key} must be auto, flex or sdpa, got {value!r}")
+    return value  # type: ignore[return-value]
+
+
+def uses_flex(backend: AttentionBackend, device: torch.device) -> bool:
+    """Whether masks on ``device`` are BlockMasks run by FlexAttention (else dense SDPA masks).
+
+    ``"flex"``: always (on CPU forward only); ``"sdpa"``: never; ``"auto"``: where compiled flex
+    runs forward and backward (:func:`flex_supported`). The mask builder and the kernel choice
+    in :class:`MASAttention` both ask this, so they never disagree.
+    """
+    backend = validate_attention_backend(backend)
+    return backend == "flex" or (backend == "auto" and flex_supported(device))
+
+
+def build_attention_mask(
     segment_ids: Tensor,
     document_ids: Optional[Tensor] = None,
     *,
+    attention: AttentionMode,
     backend: AttentionBackend = "auto",
+    query_start: int = 0,
+    query_len: Optional[int] = None,
     block_size: int = 128,
     validate: bool = True,
+    compile_block_tables: Optional[bool] = None,
 ) -> AttentionMask:
-    """The mask a training step should pass to the model: built once per batch, shared by layers.
+    """The one place a mask is built: training, prefill, scoring and the system-prompt cache.
 
-    A ``BlockMask`` (``O(s)`` build, no ``[s, s]`` tensor) where FlexAttention will run; else the
-    dense boolean ``[b, s, s]`` twin from the same ``mask_mod`` (CPU training, ``backend="sdpa"``),
-    built here, outside any compiled region.
+    The attention mode picks the segment layout (MAS, or the same layout with prompt segments
+    made causal); the backend and the device of ``segment_ids`` pick the mask's form: a
+    ``BlockMask`` (``O(s)`` build, no ``[s, s]`` tensor) where FlexAttention will run, else the
+    dense boolean twin from the same ``mask_mod`` (CPU, ``backend="sdpa"``). Built outside any
+    compiled region, once per batch, and shared by every layer. For a query window (prefill
+    after a cached prefix) query ``i`` is key position ``query_start + i``.
+
+    Example, a system segment (0), a user segment (1), an answer, one padding slot::
+
+        segment_ids = [0, 0, 1, 1, -1, -2]
+
+        attention="mas"            attention="causal"
+          k: 0 1 2 3 4 5             k: 0 1 2 3 4 5
+          [1 1 0 0 0 0]              [1 0 0 0 0 0]
+          [1 1 0 0 0 0]              [1 1 0 0 0 0]
+          [1 1 1 1 0 0]              [1 1 1 0 0 0]
+          [1 1 1 1 0 0]              [1 1 1 1 0 0]
+          [1 1 1 1 1 0]              [1 1 1 1 1 0]
+          [1 1 1 1 1 0]              [1 1 1 1 1 0]
 
     Args:
-        segment_ids (Tensor): ``[b, s]`` on the target device.
-        document_ids (Optional[Tensor]): ``[b, s]`` or None.
-        backend (str): ``"auto"``, ``"flex"`` or ``"sdpa"`` (see :class:`MASAttention`).
+        segment_ids (Tensor): ``[b, s]`` segment ids of every key position, on the target device.
+        document_ids (Optional[Tensor]): ``[b, s]`` document ids of packed rows, or None.
+        attention (AttentionMode): ``"mas"`` or ``"causal"``.
+        backend (AttentionBackend): ``"auto"``, ``"flex"`` or ``"sdpa"`` (see :func:`uses_flex`).
+        query_start (int): key position of the first query. Default 0.
+        query_len (Optional[int]): number of queries; default ``s - query_start``.
         block_size (int): FlexAttention tile size.
-        validate (bool): check the ids (see :func:`mas.create_mas_block_mask`).
+        validate (bool): check the ids (a device sync on CUDA); the training loop checks its CPU
+            batch instead and passes False.
+        compile_block_tables (Optional[bool]): build the BlockMask tables with ``torch.compile``.
+            None (default): on CUDA, where the eager build is launch-bound (~2 ms at 8 x 1024 on
+            an H200, ~0.2 ms compiled, identical tables: tests/gpu). Callers whose shapes change
+            every batch (prefill) pass False: one compile per new shape costs more than it saves.
 
     Returns:
-        BlockMask or Tensor.
-    """
-    from mas.block_mask import create_mas_block_mask
-    from mas.masks import dense_mas_mask
+        AttentionMask: ``BlockMask`` with ``seq_lengths == (query_len, s)``, or bool
+        ``[b, query_len, s]``.
 
-    use_flex = backend == "flex" or (backend == "auto" and flex_supported(segment_ids.device))
-    if use_flex:
-        # On CUDA the eager builder is launch-bound (~2 ms at 8 x 1024 on an H200); its compiled
-        # graph takes ~0.2 ms and gives identical tables (tests/gpu).
-        return create_mas_block_mask(
-            segment_ids, document_ids, block_size=block_size, validate=validate, compile=segment_ids.is_cuda
+    Raises:
+        ConfigError: for an unknown attention mode or backend.
+    """
+    attention = validate_attention_mode(attention)
+    layout = segment_ids if attention == "mas" else as_causal(segment_ids)
+    if not uses_flex(backend, segment_ids.device):
+        return dense_mas_mask(
+            layout, document_ids, query_start=query_start, query_len=query_len, validate=validate
         )
-    return dense_mas_mask(segment_ids, document_ids)
+    if compile_block_tables is None:
+        compile_block_tables = segment_ids.is_cuda
+    return create_mas_block_mask(
+        layout,
+        document_ids,
+        query_start=query_start,
+        query_len=query_len,
+        block_size=block_size,
+        validate=validate,
+        compile=compile_block_tables,
+    )

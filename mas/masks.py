@@ -31,16 +31,20 @@ Example, a system segment (0), a user segment (1) and a two-token answer (``CAUS
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Callable, Literal, Optional, get_args
 
 import torch
 from torch import Tensor
 from torch.nn.attention.flex_attention import and_masks, or_masks
 
+from mas.errors import ConfigError
+
 __all__ = [
     "CAUSAL",
     "PAD",
+    "AttentionMode",
     "MaskMod",
+    "as_causal",
     "causal",
     "dense_mas_mask",
     "key_not_padding",
@@ -48,6 +52,7 @@ __all__ = [
     "materialize_mask_mod",
     "same_document",
     "same_prompt_segment",
+    "validate_attention_mode",
     "validate_segment_ids",
 ]
 
@@ -56,7 +61,44 @@ CAUSAL: int = -1
 #: Segment id of padding tokens: never attended as keys.
 PAD: int = -2
 
+#: How prompt segments attend: ``"mas"`` (each prompt segment bidirectional, Eq. 14) or
+#: ``"causal"`` (the baseline: the same layout with every prompt segment made causal).
+AttentionMode = Literal["mas", "causal"]
+
 MaskMod = Callable[[Tensor, Tensor, Tensor, Tensor], Tensor]
+
+
+def validate_attention_mode(value: object, *, key: str = "attention") -> AttentionMode:
+    """Return ``value`` if it is an :data:`AttentionMode`, else raise a one-line ``ConfigError``.
+
+    Args:
+        value (object): the requested mode.
+        key (str): the config key or argument it came from, named in the error.
+
+    Raises:
+        ConfigError: for anything but ``"mas"`` or ``"causal"``.
+    """
+    modes = get_args(AttentionMode)
+    if value not in modes:
+        raise ConfigError(f"{key} must be 'mas' or 'causal', got {value!r}")
+    return value  # type: ignore[return-value]
+
+
+def as_causal(segment_ids: Tensor) -> Tensor:
+    """The same layout with every prompt segment made causal (the causal baseline's mask).
+
+    Padding and documents are kept, so causal and MAS runs share one attention path::
+
+        segment_ids            = [0, 0, 1, 1, -1, -2]
+        as_causal(segment_ids) = [-1, -1, -1, -1, -1, -2]
+
+    Args:
+        segment_ids (Tensor): ``[b, s]`` segment ids.
+
+    Returns:
+        Tensor: ``[b, s]``, ``CAUSAL`` wherever ``segment_ids >= 0``.
+    """
+    return torch.where(segment_ids >= 0, torch.full_like(segment_ids, CAUSAL), segment_ids)
 
 
 def causal(b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
@@ -200,6 +242,7 @@ def dense_mas_mask(
     *,
     query_start: int = 0,
     query_len: Optional[int] = None,
+    validate: bool = True,
 ) -> Tensor:
     """The MAS mask as a dense boolean tensor, built from :func:`mas_mask_mod`.
 
@@ -211,6 +254,7 @@ def dense_mas_mask(
         document_ids (Optional[Tensor]): ``[b, s]`` document ids, or None.
         query_start (int): key position of the first query. Default 0.
         query_len (Optional[int]): number of queries; default ``s - query_start``.
+        validate (bool): check the ids (:func:`validate_segment_ids`). Default True.
 
     Returns:
         Tensor: bool ``[b, query_len, s]``.
@@ -218,5 +262,5 @@ def dense_mas_mask(
     batch_size, kv_len = segment_ids.shape
     if query_len is None:
         query_len = kv_len - query_start
-    mask_mod = mas_mask_mod(segment_ids, document_ids, query_start=query_start)
+    mask_mod = mas_mask_mod(segment_ids, document_ids, query_start=query_start, validate=validate)
     return materialize_mask_mod(mask_mod, batch_size, query_len, kv_len, segment_ids.device)

@@ -15,7 +15,13 @@ Segments come from message roles, never from scanning for special-token ids:
 Leakage guard: inside a bidirectional segment a token sees its successor, so predicting that
 successor would be copying. Labels of prompt tokens are therefore always ignored (whatever
 ``train_on_input`` says); the last prompt token still predicts the first answer token, which it
-cannot see. :func:`ignore_leaking_labels` re-checks this for any ``segment_ids`` a user supplies.
+cannot see. :func:`counts_as_target` is the one definition of "which tokens count": the builder's
+labels, :func:`ignore_leaking_labels` (the guard for any ``segment_ids`` a user supplies) and
+log-likelihood scoring all use it.
+
+The builder records what it built: its :class:`SegmentSettings`, and on every
+:class:`SegmentedSequence` the span and role of each message (:class:`SegmentSpan`), so
+generation, scoring and checkpoint metadata read them instead of re-deriving them.
 
 Two prompt formats render a message to token ids:
 
@@ -27,23 +33,26 @@ Two prompt formats render a message to token ids:
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any, List, Literal, Optional, Sequence
+from dataclasses import dataclass
+from typing import Any, List, Literal, Optional, Sequence, Union, get_args
 
-import torch
 from torch import Tensor
 from torchtune.data import Message
 
-from mas.masks import CAUSAL, PAD
+from mas.errors import ConfigError
+from mas.masks import CAUSAL
 
 __all__ = [
     "IGNORE_INDEX",
     "PROMPT_ROLES",
     "PromptFormat",
     "SegmentBuilder",
+    "SegmentSettings",
+    "SegmentSpan",
     "SegmentedSequence",
     "TooLongError",
-    "as_causal",
+    "Truncation",
+    "counts_as_target",
     "ignore_leaking_labels",
 ]
 
@@ -54,10 +63,93 @@ PROMPT_ROLES = ("system", "user", "ipython")
 ANSWER_ROLES = ("assistant",)
 
 PromptFormat = Literal["text", "chat"]
+Truncation = Literal["prompt", "drop"]
+
+def counts_as_target(segment_ids: Union[int, Tensor]) -> Union[bool, Tensor]:
+    """Whether a token may count as a target (in the loss, or in a log-likelihood score).
+
+    Only causal tokens (answers) count. A prompt token is an input: inside its bidirectional
+    segment its predecessor already sees it (predicting it would be copying), and a segment's
+    first token is not an answer either. Padding is nothing. The builder's labels, the leakage
+    guard and log-likelihood scoring all ask this function.
+
+    Args:
+        segment_ids (int or Tensor): one segment id, or ``[b, s]`` segment ids.
+
+    Returns:
+        bool, or bool Tensor of the same shape.
+    """
+    return segment_ids == CAUSAL
 
 
 class TooLongError(ValueError):
     """The answer plus the irreducible prompt does not fit in ``max_seq_len``."""
+
+
+@dataclass(frozen=True)
+class SegmentSettings:
+    """How :class:`SegmentBuilder` segments and fits a conversation; recorded in checkpoints.
+
+    Attributes:
+        prompt_format (PromptFormat): ``"text"`` (message content as plain text, the paper's
+            setting) or ``"chat"`` (the tokenizer's chat headers).
+        merge_system_and_user (bool): consecutive prompt messages share one segment (the paper's
+            Appendix C.2 ablation).
+        max_seq_len (Optional[int]): longest sequence; None: no limit.
+        truncation (Truncation): over-long sequences: ``"prompt"`` drops tokens from the start
+            of the user segments, earliest first, never the system segment or the answer;
+            ``"drop"`` raises :class:`TooLongError` for the caller to drop (and count) the row.
+
+    Raises:
+        ConfigError: for an unknown prompt format or truncation mode.
+    """
+
+    prompt_format: PromptFormat = "text"
+    merge_system_and_user: bool = False
+    max_seq_len: Optional[int] = None
+    truncation: Truncation = "prompt"
+
+    def __post_init__(self) -> None:
+        if self.prompt_format not in get_args(PromptFormat):
+            raise ConfigError(f"prompt_format must be 'text' or 'chat', got {self.prompt_format!r}")
+        if self.truncation not in get_args(Truncation):
+            raise ConfigError(f"truncation must be 'prompt' or 'drop', got {self.truncation!r}")
+
+
+@dataclass(frozen=True)
+class SegmentSpan:
+    """Tokens ``[start, end)`` of one message, as the builder laid it out.
+
+    Merged prompt messages (``merge_system_and_user``) are separate spans with the same
+    ``segment_id``. The BOS token belongs to the first span, the EOS token to the last, and the
+    chat format's generation header (``for_generation``) is an ``"assistant"`` span.
+
+    Attributes:
+        segment_id (int): the segment id of every token in the span (``>= 0`` or ``CAUSAL``).
+        role (Optional[str]): the message role (``"system"``, ``"user"``, ``"ipython"``,
+            ``"assistant"``); None when not recorded (a sequence built by hand).
+        start (int): first token.
+        end (int): one past the last token.
+    """
+
+    segment_id: int
+    role: Optional[str]
+    start: int
+    end: int
+
+    def __len__(self) -> int:
+        return self.end - self.start
+
+
+def _spans_from_segment_ids(segment_ids: Sequence[int]) -> List[SegmentSpan]:
+    """Runs of equal ids, roles unknown: the spans of a sequence built without the builder."""
+    spans: List[SegmentSpan] = []
+    start = 0
+    for i in range(1, len(segment_ids) + 1):
+        if i == len(segment_ids) or segment_ids[i] != segment_ids[start]:
+            spans.append(SegmentSpan(segment_ids[start], None, start, i))
+            start = i
+    return spans
 
 
 @dataclass
@@ -70,22 +162,39 @@ class SegmentedSequence:
             should predict at position ``i - 1``), ``IGNORE_INDEX`` where nothing is learned.
         segment_ids (List[int]): ``[s]`` segment ids (``>= 0`` prompt segment, ``CAUSAL``).
         num_truncated (int): prompt tokens removed to fit ``max_seq_len``.
+        spans (List[SegmentSpan]): one span per message, in order, covering ``[0, s)``. The
+            builder records them; for a sequence built by hand (None) they are the runs of equal
+            segment ids, with unknown roles.
     """
 
     tokens: List[int]
     labels: List[int]
     segment_ids: List[int]
     num_truncated: int = 0
+    spans: Optional[List[SegmentSpan]] = None
+
+    def __post_init__(self) -> None:
+        if self.spans is None:
+            self.spans = _spans_from_segment_ids(self.segment_ids)
 
     def __len__(self) -> int:
         return len(self.tokens)
+
+    def head(self, n: int) -> "SegmentedSequence":
+        """The first ``n`` tokens, with the spans cut at ``n`` (spans past ``n`` dropped)."""
+        spans = [SegmentSpan(sp.segment_id, sp.role, sp.start, min(sp.end, n)) for sp in self.spans if sp.start < n]
+        return SegmentedSequence(
+            self.tokens[:n], self.labels[:n], self.segment_ids[:n], self.num_truncated, spans
+        )
 
     @property
     def prompt_len(self) -> int:
         """Number of leading tokens that are prompt (segment id >= 0)."""
         n = 0
-        while n < len(self.segment_ids) and self.segment_ids[n] >= 0:
-            n += 1
+        for span in self.spans:
+            if span.segment_id < 0:
+                break
+            n = span.end
         return n
 
 
@@ -99,35 +208,58 @@ def _is_sentencepiece(tokenizer: Any) -> bool:
     return isinstance(getattr(tokenizer, "_spm_model", None), SentencePieceBaseTokenizer)
 
 
-@dataclass
 class SegmentBuilder:
     """Turn a list of torchtune ``Message`` into a :class:`SegmentedSequence`.
 
     Args:
         tokenizer: a torchtune model tokenizer (``encode``, ``bos_id``, ``eos_id``; for the
             chat format also the family's message tokenization).
-        prompt_format (str): ``"text"`` or ``"chat"`` (see module docstring).
+        prompt_format (str): ``"text"`` or ``"chat"`` (see :class:`SegmentSettings`).
         merge_system_and_user (bool): consecutive prompt messages share one segment.
         max_seq_len (Optional[int]): longest sequence; longer ones are truncated in the prompt
             (``truncation="prompt"``) or raise :class:`TooLongError` (``truncation="drop"``).
-        truncation (str): ``"prompt"``: drop tokens from the start of the user segments, earliest
-            first, never the system segment or the answer; ``"drop"``: raise for the caller to
-            drop (and count) the row.
+        truncation (str): see :class:`SegmentSettings`.
+
+    Attributes:
+        settings (SegmentSettings): the four settings above, as one record (written to
+            checkpoints, compared at inference).
     """
 
-    tokenizer: Any
-    prompt_format: PromptFormat = "text"
-    merge_system_and_user: bool = False
-    max_seq_len: Optional[int] = None
-    truncation: Literal["prompt", "drop"] = "prompt"
-    _sentencepiece: bool = field(init=False, default=False, repr=False)
+    def __init__(
+        self,
+        tokenizer: Any,
+        prompt_format: PromptFormat = SegmentSettings.prompt_format,
+        merge_system_and_user: bool = SegmentSettings.merge_system_and_user,
+        max_seq_len: Optional[int] = SegmentSettings.max_seq_len,
+        truncation: Truncation = SegmentSettings.truncation,
+    ) -> None:
+        self.tokenizer = tokenizer
+        self.settings = SegmentSettings(prompt_format, merge_system_and_user, max_seq_len, truncation)
+        self._sentencepiece = _is_sentencepiece(tokenizer)
 
-    def __post_init__(self) -> None:
-        if self.prompt_format not in ("text", "chat"):
-            raise ValueError(f"prompt_format must be 'text' or 'chat', got {self.prompt_format!r}")
-        if self.truncation not in ("prompt", "drop"):
-            raise ValueError(f"truncation must be 'prompt' or 'drop', got {self.truncation!r}")
-        self._sentencepiece = _is_sentencepiece(self.tokenizer)
+    @classmethod
+    def from_settings(cls, tokenizer: Any, settings: SegmentSettings) -> "SegmentBuilder":
+        """A builder for ``tokenizer`` with ``settings`` (e.g. read back from a checkpoint)."""
+        return cls(tokenizer, settings.prompt_format, settings.merge_system_and_user, settings.max_seq_len, settings.truncation)
+
+    @property
+    def prompt_format(self) -> PromptFormat:
+        return self.settings.prompt_format
+
+    @property
+    def merge_system_and_user(self) -> bool:
+        return self.settings.merge_system_and_user
+
+    @property
+    def max_seq_len(self) -> Optional[int]:
+        return self.settings.max_seq_len
+
+    @property
+    def truncation(self) -> Truncation:
+        return self.settings.truncation
+
+    def __repr__(self) -> str:
+        return f"SegmentBuilder({type(self.tokenizer).__name__}, {self.settings})"
 
     # -- rendering one message ------------------------------------------------------------
     def _encode_text(self, text: str, first: bool) -> List[int]:
@@ -154,7 +286,7 @@ class SegmentBuilder:
 
     # -- the builder ----------------------------------------------------------------------
     def __call__(self, messages: Sequence[Message], *, for_generation: bool = False) -> SegmentedSequence:
-        """Tokenize ``messages`` into tokens, unshifted labels and segment ids.
+        """Tokenize ``messages`` into tokens, unshifted labels, segment ids and spans.
 
         Args:
             messages (Sequence[Message]): system/user/ipython/assistant messages. For training the
@@ -174,14 +306,25 @@ class SegmentBuilder:
         tokens: List[int] = []
         labels: List[int] = []
         segment_ids: List[int] = []
+        spans: List[SegmentSpan] = []
+
+        def append(ids: List[int], segment: int, role: str, learn: bool) -> None:
+            # A token is learned iff its message is (not ``masked``) and it can be a target.
+            start = len(tokens)
+            tokens.extend(ids)
+            segment_ids.extend([segment] * len(ids))
+            labels.extend(t if learn and counts_as_target(segment) else IGNORE_INDEX for t in ids)
+            spans.append(SegmentSpan(segment, role, start, len(tokens)))
+
         next_segment = 0
         previous_was_prompt = False
         bos = getattr(self.tokenizer, "bos_id", None)
-        if bos is not None:
-            tokens.append(bos)
-            labels.append(IGNORE_INDEX)
-            segment_ids.append(0 if messages[0].role in PROMPT_ROLES else CAUSAL)
         for index, message in enumerate(messages):
+            if message.role not in PROMPT_ROLES + ANSWER_ROLES:
+                raise ValueError(
+                    f"message {index} has unknown role {message.role!r}; expected one of "
+                    f"{PROMPT_ROLES + ANSWER_ROLES}"
+                )
             is_last = index == len(messages) - 1
             # Only an answer that generation will continue is left open (no end-of-turn tokens).
             continue_answer = for_generation and is_last and message.role in ANSWER_ROLES
@@ -190,29 +333,28 @@ class SegmentBuilder:
                 if not (self.merge_system_and_user and previous_was_prompt):
                     segment = next_segment
                     next_segment += 1
-                segment_ids.extend([segment] * len(ids))
-                labels.extend([IGNORE_INDEX] * len(ids))
                 previous_was_prompt = True
-            elif message.role in ANSWER_ROLES:
-                segment_ids.extend([CAUSAL] * len(ids))
-                labels.extend([IGNORE_INDEX] * len(ids) if message.masked else ids)
-                previous_was_prompt = False
             else:
-                raise ValueError(
-                    f"message {index} has unknown role {message.role!r}; expected one of "
-                    f"{PROMPT_ROLES + ANSWER_ROLES}"
-                )
-            tokens.extend(ids)
+                segment = CAUSAL
+                previous_was_prompt = False
+            if index == 0 and bos is not None:
+                # BOS joins the first message's span and segment; nothing predicts it.
+                append([bos] + ids, segment, message.role, learn=not message.masked)
+                labels[0] = IGNORE_INDEX
+            else:
+                append(ids, segment, message.role, learn=not message.masked)
         if for_generation:
             tail = self.generation_prompt_tail()
-            tokens.extend(tail)
-            labels.extend([IGNORE_INDEX] * len(tail))
-            segment_ids.extend([CAUSAL] * len(tail))
+            if tail:
+                append(tail, CAUSAL, "assistant", learn=False)
         elif messages[-1].role in ANSWER_ROLES and getattr(self.tokenizer, "eos_id", None) is not None:
+            # EOS closes the final answer: it joins that answer's span.
+            last = spans[-1]
             tokens.append(self.tokenizer.eos_id)
-            labels.append(IGNORE_INDEX if messages[-1].masked else self.tokenizer.eos_id)
             segment_ids.append(CAUSAL)
-        sequence = SegmentedSequence(tokens, labels, segment_ids)
+            labels.append(self.tokenizer.eos_id if not messages[-1].masked else IGNORE_INDEX)
+            spans[-1] = SegmentSpan(last.segment_id, last.role, last.start, last.end + 1)
+        sequence = SegmentedSequence(tokens, labels, segment_ids, spans=spans)
         if self.max_seq_len is not None and len(sequence) > self.max_seq_len:
             sequence = self._fit(sequence)
         return sequence
@@ -258,6 +400,7 @@ class SegmentBuilder:
             labels=[t for t, k in zip(sequence.labels, keep) if k],
             segment_ids=[t for t, k in zip(segs, keep) if k],
             num_truncated=excess,
+            spans=_kept_spans(sequence.spans, keep),
         )
 
     @staticmethod
@@ -265,31 +408,29 @@ class SegmentBuilder:
         return len({s for s in segs if s >= 0}) == 1
 
 
-def as_causal(segment_ids: Tensor) -> Tensor:
-    """The same layout with every prompt segment made causal (the causal baseline's mask).
-
-    Padding and documents are kept, so causal and MAS runs share one attention path.
-    """
-    return torch.where(segment_ids >= 0, torch.full_like(segment_ids, CAUSAL), segment_ids)
+def _kept_spans(spans: Sequence[SegmentSpan], keep: Sequence[bool]) -> List[SegmentSpan]:
+    """The spans after removing the tokens where ``keep`` is False (emptied spans dropped)."""
+    kept_before = [0]
+    for k in keep:
+        kept_before.append(kept_before[-1] + k)
+    shifted = [SegmentSpan(sp.segment_id, sp.role, kept_before[sp.start], kept_before[sp.end]) for sp in spans]
+    return [sp for sp in shifted if sp.end > sp.start]
 
 
 def ignore_leaking_labels(labels: Tensor, segment_ids: Tensor) -> Tensor:
-    """Ignore every target that the predicting position can already see.
+    """Ignore every target that the predicting position can already see, and every non-target.
 
     Position ``i - 1`` predicts ``labels[:, i]``; it sees token ``i`` iff both lie in the same
-    prompt segment. Segments are intervals, so this is the only way a later token is visible.
+    prompt segment (segments are intervals, so this is the only way a later token is visible).
+    A prompt token never has a target of its own either (a segment start that the previous
+    segment cannot see is still prompt, not answer), and padding has none: the targets left are
+    exactly those :func:`counts_as_target` allows.
 
     Args:
         labels (Tensor): ``[b, s]`` unshifted labels.
         segment_ids (Tensor): ``[b, s]`` segment ids.
 
     Returns:
-        Tensor: ``[b, s]`` labels with leaking targets set to ``IGNORE_INDEX``.
+        Tensor: ``[b, s]`` labels with leaking and non-target positions set to ``IGNORE_INDEX``.
     """
-    leaks = torch.zeros_like(labels, dtype=torch.bool)
-    leaks[:, 1:] = (segment_ids[:, 1:] == segment_ids[:, :-1]) & (segment_ids[:, 1:] >= 0)
-    # A prompt token never has a target of its own either: padding or a segment start that
-    # the previous segment cannot see is still prompt, not answer.
-    leaks |= segment_ids >= 0
-    leaks |= segment_ids == PAD
-    return labels.masked_fill(leaks, IGNORE_INDEX)
+    return labels.masked_fill(~counts_as_target(segment_ids), IGNORE_INDEX)

@@ -45,7 +45,7 @@ from draw_mask import _panel as draw_mask_panel  # noqa: E402
 
 from mas import CAUSAL, SegmentBuilder, dense_mas_mask  # noqa: E402
 from mas.attention import block_mask_to_dense  # noqa: E402
-from mas.segments import as_causal  # noqa: E402
+from mas.masks import as_causal  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = REPO_ROOT / "docs" / "attention_maps.png"

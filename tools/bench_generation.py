@@ -118,7 +118,7 @@ def bench(args: argparse.Namespace) -> str:
             compile_mode="reduce-overhead" if device.type == "cuda" else "default",
         ),
     }
-    from mas.generation.generate import forward_one_token
+    from mas.generation import forward_one_token
 
     compiled = torch.compile(forward_one_token, dynamic=False, mode=settings["MAS compiled"].compile_mode)
     from torchtune.generation import generate as tt_generate

@@ -38,7 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from benchlib import BENCHMARKS_FILE, machine_description, markdown_table, time_once_ms, update_section  # noqa: E402
 
 from mas import CAUSAL, dense_mas_mask, use_mas_attention  # noqa: E402
-from mas.segments import as_causal  # noqa: E402
+from mas.masks import as_causal  # noqa: E402
 from mas.training import prepare_batch  # noqa: E402
 
 NAME = "bench_training"

@@ -20,7 +20,7 @@ from mas.data.formats import AlpacaRows, ChatRows, CommonsenseRows
 from mas.data.collate import pad_token_id
 from mas.data.packing import pack_sequences
 from mas.data.rows import DataError, RowSource, load_rows, select_rows
-from mas.segments import PromptFormat, SegmentBuilder, SegmentedSequence, TooLongError
+from mas.segments import PromptFormat, SegmentBuilder, SegmentedSequence, SegmentSettings, TooLongError
 
 __all__ = [
     "DatasetStats",
@@ -72,6 +72,10 @@ class SegmentedDataset(Dataset):
             field); ``"skip"`` skips it and counts it, with a warning.
         packed (bool): pack examples into ``max_seq_len`` sequences (never splitting one).
         max_seq_len (Optional[int]): pack length (required when packed).
+
+    Attributes:
+        builder (SegmentBuilder): the builder that made the examples.
+        segment_settings (SegmentSettings): its settings (recorded in checkpoints).
     """
 
     def __init__(
@@ -88,6 +92,7 @@ class SegmentedDataset(Dataset):
             raise ValueError(f"on_bad_row must be 'error' or 'skip', got {on_bad_row!r}")
         if packed and not max_seq_len:
             raise ValueError("packed=True needs max_seq_len (set tokenizer.max_seq_len)")
+        self.builder = builder
         self.stats = DatasetStats(source=rows.name, rows=len(rows))
         self.examples: List[SegmentedSequence] = []
         for index, row in enumerate(rows):
@@ -119,6 +124,10 @@ class SegmentedDataset(Dataset):
             self.stats.packs = len(self._items)
         if self.stats.skipped_bad or self.stats.dropped_too_long:
             log.warning("%s; first: %s", self.stats.summary(), self.stats.first_problems[0])
+
+    @property
+    def segment_settings(self) -> SegmentSettings:
+        return self.builder.settings
 
     def _count_problem(self, counter: str, message: str) -> None:
         setattr(self.stats, counter, getattr(self.stats, counter) + 1)

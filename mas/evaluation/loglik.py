@@ -13,10 +13,9 @@ from typing import List, Sequence
 import torch
 from torch import nn
 
-from mas.attention import create_attention_mask
+from mas.attention import build_attention_mask
 from mas.data.collate import collate_segmented
-from mas.masks import CAUSAL
-from mas.segments import SegmentedSequence, as_causal
+from mas.segments import SegmentedSequence, counts_as_target
 
 __all__ = ["answer_logprobs", "drop_final_eos"]
 
@@ -24,7 +23,7 @@ __all__ = ["answer_logprobs", "drop_final_eos"]
 def drop_final_eos(sequence: SegmentedSequence, eos_id: int | None) -> SegmentedSequence:
     """The sequence without its trailing EOS (a candidate answer is scored without it)."""
     if eos_id is not None and sequence.tokens and sequence.tokens[-1] == eos_id:
-        return SegmentedSequence(sequence.tokens[:-1], sequence.labels[:-1], sequence.segment_ids[:-1])
+        return sequence.head(len(sequence) - 1)
     return sequence
 
 
@@ -57,11 +56,11 @@ def answer_logprobs(
     for start in range(0, len(sequences), batch_size):
         chunk = sequences[start : start + batch_size]
         for i, seq in enumerate(chunk):
-            if CAUSAL not in seq.segment_ids:
+            if not any(counts_as_target(s) for s in seq.segment_ids):
                 raise ValueError(f"sequence {start + i} has no answer tokens to score")
         batch = collate_segmented([{"tokens": s.tokens, "labels": s.labels, "segment_ids": s.segment_ids} for s in chunk])
         segment_ids = batch["segment_ids"].to(device)
-        mask = create_attention_mask(segment_ids if attention == "mas" else as_causal(segment_ids), backend=backend)
+        mask = build_attention_mask(segment_ids, attention=attention, backend=backend)
         tokens = batch["tokens"].to(device)
         logits = model(tokens, mask=mask)
         if isinstance(logits, list):
@@ -70,6 +69,6 @@ def answer_logprobs(
         logprobs = torch.log_softmax(logits[:, :-1].float(), dim=-1)
         targets = tokens[:, 1:]
         picked = logprobs.gather(-1, targets[..., None]).squeeze(-1)
-        is_answer = segment_ids[:, 1:] == CAUSAL
+        is_answer = counts_as_target(segment_ids[:, 1:])
         scores.extend((picked * is_answer).sum(-1).tolist())
     return scores

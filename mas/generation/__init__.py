@@ -1,25 +1,35 @@
-"""Generation with a MAS prefill and causal decoding over a KV cache."""
+"""Generation with a MAS prefill and causal decoding.
 
-from mas.generation.api import GenerationResult, generate, prompt_messages
-from mas.generation.generate import (
+Public names are imported from here (``from mas.generation import prefill``); the modules that
+define them are private (``_decoding``) or helpers, so ``mas.generation.generate`` is the
+function, never a module.
+"""
+
+from mas.generation._decoding import (
+    BatchOutput,
     DecodeState,
     GenerationSettings,
     SystemPromptCache,
     decode_one_token,
+    forward_one_token,
     generate_batch,
     prefill,
     system_prefix,
 )
+from mas.generation.api import GenerationResult, Prompt, generate, prompt_messages
 from mas.generation.layout import PromptBatch, layout_prompts
 from mas.generation.sampling import sample_next_token
 
 __all__ = [
+    "BatchOutput",
     "DecodeState",
     "GenerationResult",
     "GenerationSettings",
+    "Prompt",
     "PromptBatch",
     "SystemPromptCache",
     "decode_one_token",
+    "forward_one_token",
     "generate",
     "generate_batch",
     "layout_prompts",

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 from torchtune.data import Message
 
-from mas.generation.generate import (
+from mas.generation._decoding import (
     GenerationSettings,
     SystemPromptCache,
     forward_one_token,

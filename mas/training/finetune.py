@@ -411,7 +411,7 @@ class LoRAFinetuneRecipe:
                 adapter_state=get_adapter_state_dict(model_state),
                 info=self.hf_info,
                 lora=self.lora,
-                mas=mas_settings(self.attention, self.cfg.dataset),
+                mas=mas_settings(self.attention, self.dataset.segment_settings),
                 optimizer_state=optimizer_state,
                 scheduler_state=self.lr_scheduler.state_dict(),
                 epoch_end=epoch_end,

@@ -10,6 +10,7 @@ from typing import Any, Dict, Optional
 import torch
 from torch import Tensor
 
+from mas import __version__
 from mas.checkpointing import (
     RECIPE_STATE_FILE,
     CheckpointWriter,
@@ -20,6 +21,8 @@ from mas.checkpointing import (
     peft_adapter_config,
     peft_to_adapter,
 )
+from mas.masks import AttentionMode, validate_attention_mode
+from mas.segments import SegmentSettings
 
 __all__ = [
     "DataPosition",
@@ -33,15 +36,21 @@ __all__ = [
 MAS_RULE = "q attends k iff k is not padding, same document, and (k <= q or seg(q) == seg(k) >= 0)"
 
 
-def mas_settings(attention: str, dataset_cfg: Any) -> Dict[str, Any]:
-    """The MAS settings recorded in the adapter config, so inference can prompt the same way."""
-    get = (lambda k, d: dataset_cfg.get(k, d)) if dataset_cfg is not None else (lambda k, d: d)
-    from mas import __version__
+def mas_settings(attention: AttentionMode, segments: SegmentSettings) -> Dict[str, Any]:
+    """The MAS settings recorded in the adapter config, so inference can prompt the same way.
 
+    Args:
+        attention (AttentionMode): the training mask, ``"mas"`` or ``"causal"``.
+        segments (SegmentSettings): the settings of the builder that made the training data
+            (``SegmentedDataset.segment_settings``), recorded as they were, not re-read from
+            the config.
+
+    Returns:
+        Dict[str, Any]: the ``mas`` entry of ``adapter_config.json``.
+    """
     return {
-        "attention": attention,
-        "prompt_format": get("prompt_format", "text"),
-        "merge_system_and_user": bool(get("merge_system_and_user", False)),
+        "attention": validate_attention_mode(attention),
+        **asdict(segments),
         "segment_rules": {
             "system": "one bidirectional segment per message",
             "user": "one bidirectional segment per message",

@@ -9,18 +9,17 @@ not accept are removed.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Dict, Literal, Optional
+from typing import Any, Dict, Optional
 
 import torch
 from torch import Tensor, nn
 
-from mas.attention import AttentionBackend, AttentionMask, create_attention_mask
-from mas.masks import PAD, validate_segment_ids
-from mas.segments import IGNORE_INDEX, as_causal, ignore_leaking_labels
+from mas.attention import AttentionBackend, AttentionMask, build_attention_mask
+from mas.masks import PAD, AttentionMode, validate_attention_mode, validate_segment_ids
+from mas.segments import IGNORE_INDEX, ignore_leaking_labels
 
-__all__ = ["AttentionMode", "PreparedBatch", "prepare_batch", "summed_token_loss"]
+__all__ = ["PreparedBatch", "prepare_batch", "summed_token_loss"]
 
-AttentionMode = Literal["mas", "causal"]
 _BATCH_KEYS = {"tokens", "labels", "segment_ids", "document_ids", "input_pos"}
 
 
@@ -69,21 +68,20 @@ def prepare_batch(
         backend (str): attention backend (see :class:`mas.attention.MASAttention`).
 
     Raises:
-        ValueError: for unknown batch keys or attention mode.
+        ValueError: for unknown batch keys.
+        ConfigError: for an unknown attention mode.
     """
     unknown = set(batch) - _BATCH_KEYS
     if unknown:
         raise ValueError(f"batch has keys the model cannot take: {sorted(unknown)}")
-    if attention not in ("mas", "causal"):
-        raise ValueError(f"attention must be 'mas' or 'causal', got {attention!r}")
+    validate_attention_mode(attention)
     # Checked on the CPU batch, so building the mask on the GPU needs no device sync.
     validate_segment_ids(batch["segment_ids"], batch.get("document_ids"))
     segment_ids = batch["segment_ids"].to(device)
     labels = ignore_leaking_labels(batch["labels"].to(device), segment_ids)
     document_ids = batch.get("document_ids")
     document_ids = document_ids.to(device) if document_ids is not None else None
-    mask_segments = segment_ids if attention == "mas" else as_causal(segment_ids)
-    mask = create_attention_mask(mask_segments, document_ids, backend=backend, validate=False)
+    mask = build_attention_mask(segment_ids, document_ids, attention=attention, backend=backend, validate=False)
     # [b, s] labels -> [b, s] targets: position i predicts token i + 1.
     targets = torch.cat([labels[:, 1:], labels.new_full((labels.shape[0], 1), IGNORE_INDEX)], dim=1)
     input_pos = batch.get("input_pos")

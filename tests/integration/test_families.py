@@ -238,7 +238,7 @@ def test_merged_weights_give_the_lora_models_logits(family_run, tmp_path):
 def test_flex_mas_logits_equal_dense_sdpa_logits(family_run):
     from mas import create_mas_block_mask, dense_mas_mask, use_mas_attention
     from mas.masks import PAD
-    from mas.segments import as_causal
+    from mas.masks import as_causal
 
     batch = _batch(family_run)
     tokens, segments = batch["tokens"], batch["segment_ids"]

@@ -10,8 +10,7 @@ import torch
 import mas
 from mas import CAUSAL, dense_mas_mask
 from mas.data import collate_segmented, instruction_messages
-from mas.generation import GenerationSettings, prefill, sample_next_token
-from mas.generation.generate import DecodeState, decode_one_token
+from mas.generation import DecodeState, GenerationSettings, decode_one_token, prefill, sample_next_token
 from mas.generation.kv_cache import clear_kv_caches, setup_kv_caches
 from mas.generation.layout import layout_prompts
 from mas.segments import SegmentBuilder, SegmentedSequence
@@ -137,7 +136,7 @@ def test_system_prompt_cache_is_exact(model, llama3_tokenizer):
 
 def test_system_prompt_cache_logits_match(model, llama3_tokenizer):
     """Prefill after a reused system prefix (with a padding gap) gives the same logits."""
-    from mas.generation.generate import SystemPromptCache, system_prefix
+    from mas.generation import SystemPromptCache, system_prefix
     from mas.generation.kv_cache import write_prefix
 
     builder = SegmentBuilder(llama3_tokenizer)

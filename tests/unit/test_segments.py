@@ -10,7 +10,7 @@ from torchtune.data import Message
 
 from mas import CAUSAL, PAD, dense_mas_mask
 from mas.data import instruction_messages
-from mas.segments import IGNORE_INDEX, SegmentBuilder, TooLongError, as_causal, ignore_leaking_labels
+from mas.segments import IGNORE_INDEX, SegmentBuilder, TooLongError, ignore_leaking_labels
 
 
 def _runs(segment_ids):
@@ -198,7 +198,3 @@ def test_leakage_guard_on_arbitrary_labels(layout, pad):
     answer = segment_ids == CAUSAL
     assert torch.equal(guarded[answer], labels[answer])
 
-
-def test_as_causal_keeps_padding_and_drops_segments():
-    seg = torch.tensor([[0, 0, 1, CAUSAL, PAD]])
-    assert as_causal(seg).tolist() == [[CAUSAL, CAUSAL, CAUSAL, CAUSAL, PAD]]

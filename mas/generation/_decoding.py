@@ -16,14 +16,15 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor, nn
 
-from mas.attention import MASAttention, flex_supported, use_mas_attention
+from mas.attention import AttentionBackend, MASAttention, build_attention_mask, use_mas_attention, validate_attention_backend
 from mas.generation.kv_cache import read_prefix, setup_kv_caches, write_prefix
 from mas.generation.layout import PromptBatch, layout_prompts
 from mas.generation.sampling import sample_next_token
-from mas.masks import PAD
-from mas.segments import SegmentedSequence, as_causal
+from mas.masks import PAD, AttentionMode, validate_attention_mode
+from mas.segments import SegmentedSequence
 
 __all__ = [
+    "BatchOutput",
     "DecodeState",
     "GenerationSettings",
     "SystemPromptCache",
@@ -31,6 +32,7 @@ __all__ = [
     "forward_one_token",
     "generate_batch",
     "prefill",
+    "system_prefix",
 ]
 
 
@@ -55,7 +57,7 @@ class GenerationSettings:
         attention_backend (str): ``auto``/``flex``/``sdpa`` for the prefill.
     """
 
-    attention: str = "mas"
+    attention: AttentionMode = "mas"
     max_new_tokens: int = 64
     temperature: float = 0.0
     top_k: Optional[int] = None
@@ -67,11 +69,11 @@ class GenerationSettings:
     compile_decode: bool = False
     compile_mode: str = "default"
     max_cache_len: Optional[int] = None
-    attention_backend: str = "auto"
+    attention_backend: AttentionBackend = "auto"
 
     def __post_init__(self) -> None:
-        if self.attention not in ("mas", "causal"):
-            raise ValueError(f"attention must be 'mas' or 'causal', got {self.attention!r}")
+        validate_attention_mode(self.attention)
+        validate_attention_backend(self.attention_backend)
         if self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
         if self.batch_size < 1:
@@ -92,7 +94,9 @@ def _ensure_mas_attention(model: nn.Module, backend: str) -> None:
             return
 
 
-def prefill(model: nn.Module, batch: PromptBatch, *, attention: str = "mas", backend: str = "auto") -> Tensor:
+def prefill(
+    model: nn.Module, batch: PromptBatch, *, attention: AttentionMode = "mas", backend: AttentionBackend = "auto"
+) -> Tensor:
     """Run the prompt slots after the cached prefix in one pass and fill the KV cache.
 
     The caches must be set up and hold exactly ``batch.prefix_len`` slots already.
@@ -106,17 +110,16 @@ def prefill(model: nn.Module, batch: PromptBatch, *, attention: str = "mas", bac
     Returns:
         Tensor: ``[b, P - prefix_len, vocab]`` logits of the prefilled slots.
     """
-    segment_ids = batch.segment_ids if attention == "mas" else as_causal(batch.segment_ids)
     start = batch.prefix_len
-    query_len = batch.num_slots - start
-    if backend == "flex" or (backend == "auto" and flex_supported(segment_ids.device)):
-        from mas.block_mask import create_mas_block_mask
-
-        mask: Any = create_mas_block_mask(segment_ids, query_start=start, query_len=query_len)
-    else:
-        from mas.masks import dense_mas_mask
-
-        mask = dense_mas_mask(segment_ids, query_start=start, query_len=query_len)
+    # Prompt widths change every batch: compiling the block tables per shape would not pay.
+    mask = build_attention_mask(
+        batch.segment_ids,
+        attention=attention,
+        backend=backend,
+        query_start=start,
+        query_len=batch.num_slots - start,
+        compile_block_tables=False,
+    )
     return _as_logits(model(batch.tokens[:, start:], mask=mask, input_pos=batch.positions[:, start:]))
 
 
@@ -185,7 +188,9 @@ def decode_one_token(
     slot = state.next_slot
     state.valid_slots[:, slot] = True
     width = state.valid_slots.shape[1] if state.full_width_mask else slot + 1
-    # [b, L] -> [b, 1, width]: a generated token sees every written slot, itself included.
+    # [b, L] -> [b, 1, width]: a generated token is causal, so in either attention mode it sees
+    # every written slot, itself included (the row of build_attention_mask for query ``slot``,
+    # read off the slot bookkeeping without a mask build per token: tests/unit/test_generation).
     mask = state.valid_slots[:, None, :width]
     logits = forward(model, tokens[:, None], mask, state.next_position[:, None])
     state.next_slot += 1
@@ -206,7 +211,9 @@ class SystemPromptCache:
         self.hits = 0
         self.misses = 0
 
-    def get(self, model: nn.Module, prefix: SegmentedSequence, *, attention: str, backend: str, cache_len: int) -> List[Tuple[Tensor, Tensor]]:
+    def get(
+        self, model: nn.Module, prefix: SegmentedSequence, *, attention: AttentionMode, backend: AttentionBackend, cache_len: int
+    ) -> List[Tuple[Tensor, Tensor]]:
         key = tuple(prefix.tokens)
         if key in self._entries:
             self.hits += 1
@@ -220,13 +227,20 @@ class SystemPromptCache:
 
 
 def system_prefix(sequence: SegmentedSequence) -> Optional[SegmentedSequence]:
-    """The leading system segment of a prompt (segment 0), or None if the prompt has none."""
-    n = 0
-    while n < len(sequence) and sequence.segment_ids[n] == 0:
-        n += 1
-    if n == 0 or n == len(sequence):
+    """The leading system prompt of a prompt, when its keys and values can be cached alone.
+
+    Read from the spans the builder recorded: the first span, if it is a ``system`` message
+    with a segment of its own (not merged with the user turn) and something follows it. Under
+    MAS its tokens attend to nothing after them, so its cache serves every prompt that starts
+    with it. A sequence built by hand (roles not recorded) has no system prefix.
+
+    Returns:
+        Optional[SegmentedSequence]: the prefix (BOS included), or None.
+    """
+    spans = sequence.spans
+    if len(spans) < 2 or spans[0].role != "system" or spans[1].segment_id == spans[0].segment_id:
         return None
-    return SegmentedSequence(sequence.tokens[:n], sequence.labels[:n], sequence.segment_ids[:n])
+    return sequence.head(spans[0].end)
 
 
 @dataclass
