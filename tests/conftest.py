@@ -31,7 +31,7 @@ def llama3_tokenizer():
 def qwen2_tokenizer(tmp_path_factory):
     from torchtune.models.qwen2_5 import qwen2_5_tokenizer
 
-    from mas.tiny_tokenizers import write_qwen2_bpe
+    from mas.testing import write_qwen2_bpe
 
     d = write_qwen2_bpe(tmp_path_factory.mktemp("qwen2_tok"))
     return qwen2_5_tokenizer(
@@ -43,7 +43,7 @@ def qwen2_tokenizer(tmp_path_factory):
 def mistral_tokenizer(tmp_path_factory):
     from torchtune.models.mistral import mistral_tokenizer
 
-    from mas.tiny_tokenizers import write_mistral_sentencepiece
+    from mas.testing import write_mistral_sentencepiece
 
     d = write_mistral_sentencepiece(tmp_path_factory.mktemp("mistral_tok"))
     return mistral_tokenizer(str(d / "tokenizer.model"))

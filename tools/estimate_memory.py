@@ -25,7 +25,7 @@ else is arithmetic, stated here so it can be checked:
   at a time during the recomputation.
 * Buffers (RoPE caches) as built: torchtune's Qwen2 builders give every layer its own fp32
   cache over the full context (131072 positions for Qwen2.5-7B: 3.5 GiB).
-* QLoRA through ``mas.families.qlora_qwen2_5_*``: torchtune builds the projections without an
+* QLoRA through ``mas.models.qlora_qwen2_5_*``: torchtune builds the projections without an
   adapter in bf16 before they are swapped to NF4, so building peaks at about the bf16 model; the
   figure is the larger of that and the training step.
 * Plus a fixed 1 GiB for the CUDA context, cuBLAS workspaces and allocator slack.
@@ -148,7 +148,7 @@ def measure_model(model_cfg, qlora_model_cfg) -> ModelSize:
         if name not in adapters
     )
     buffers = sum(_nbytes(b) for b in model.buffers())
-    # Builders that quantize after building (mas.families.quantize_frozen_linears) hold every
+    # Builders that quantize after building (mas.models.quantize_frozen_linears) hold every
     # projection without an adapter in bf16 first; torchtune's own quantize each one at once.
     build = 2 * (total - lora) if getattr(qmodel, "_mas_quantized_after_build", False) else 0
     attn = model.layers[0].attn

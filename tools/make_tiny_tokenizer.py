@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from mas.tiny_tokenizers import write_llama3_tiktoken
+from mas.testing import write_llama3_tiktoken
 
 REPO = Path(__file__).resolve().parents[1]
 

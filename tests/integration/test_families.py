@@ -1,7 +1,7 @@
 """Every model family end to end on a tiny random model in its Hugging Face layout.
 
 For each family (Llama 3, Llama 3.2, Qwen2 tied and untied, Mistral) a tiny checkpoint written by
-:mod:`mas.families` goes through torchtune's ``FullModelHFCheckpointer``, the fine-tuning recipe
+:mod:`mas.testing` goes through torchtune's ``FullModelHFCheckpointer``, the fine-tuning recipe
 trains two MAS steps on CPU and saves; then:
 
 * the PEFT adapter reloads to exactly the trained weights;
@@ -35,7 +35,7 @@ from mas.checkpointing import (
     peft_to_adapter,
 )
 from mas.config import load_config, validate_config
-from mas.families import TINY_FAMILIES, TinyCheckpoint, write_tiny_checkpoint
+from mas.testing import TINY_FAMILIES, TinyCheckpoint, write_tiny_checkpoint
 from mas.training import read_metrics
 
 import mas_lora_finetune  # noqa: E402  (installed top-level recipe module)
@@ -266,7 +266,7 @@ def test_qlora_trains_saves_adapter_and_dequantized_merged_weights(family, tmp_p
     """NF4 base weights (torchao) on CPU in bf16: load, train, save PEFT and merged HF weights.
 
     Llama 3.2 through torchtune's own ``quantize_base``; Qwen2 through
-    ``mas.families.lora_with_nf4_base``, which also quantizes the projections without adapters.
+    ``mas.models.lora_with_nf4_base``, which also quantizes the projections without adapters.
     """
     from torchao.dtypes.nf4tensor import NF4Tensor
 
@@ -276,7 +276,7 @@ def test_qlora_trains_saves_adapter_and_dequantized_merged_weights(family, tmp_p
     out = tmp_path / "run"
     if family == "qwen2_untied":
         # Adapters on q and v only (as the paper's configs): k, o and the MLP are swapped to NF4.
-        cfg_model = {"_component_": "mas.families.lora_with_nf4_base", "builder": ckpt.family.lora_builder}
+        cfg_model = {"_component_": "mas.models.lora_with_nf4_base", "builder": ckpt.family.lora_builder}
         recipe = _run_recipe(ckpt, out, extra=["dtype=bf16"], lora_attn=["q_proj", "v_proj"], mlp=False,
                              **cfg_model)  # fmt: skip
     else:

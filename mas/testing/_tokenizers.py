@@ -7,7 +7,7 @@ in each family's on-disk format, which torchtune's own tokenizer classes then lo
 Special tokens go right after the base vocabulary, so a model with a ~1K vocabulary suffices.
 
 The Llama 3 one ships in ``mas/assets/tiny_tokenizer`` (``tools/make_tiny_tokenizer.py``); the
-others are written on demand.
+others are written on demand (:func:`mas.testing.write_tiny_checkpoint`, ``tests/conftest.py``).
 """
 
 from __future__ import annotations
@@ -19,8 +19,13 @@ from pathlib import Path
 from typing import Dict, List, Sequence, Tuple
 
 import regex
+import sentencepiece as spm
+from torchtune.models.qwen2._tokenizer import PRETOKENIZE_REGEX
+
+from mas.assets import commonsense_train_rows
 
 __all__ = [
+    "LLAMA3_PATTERN",
     "LLAMA3_SPECIAL_TOKEN_NAMES",
     "QWEN2_5_SPECIAL_TOKEN_NAMES",
     "corpus_texts",
@@ -71,17 +76,10 @@ QWEN2_5_SPECIAL_TOKEN_NAMES = [
     "<|repo_name|>",
     "<|file_sep|>",
 ]
-_ASSETS = Path(__file__).resolve().parent / "assets"
-_CORPUS = _ASSETS / "commonsense" / "train_sample" / "commonsense_train_600.json"
 _TEMPLATE_TEXT = (
     "Below is an instruction that describes a task. Write a response that appropriately "
     "completes the request.\n\n### Instruction:\n\n### Response:\nthe correct answer is "
 )
-
-
-def commonsense_train_rows() -> List[Dict[str, str]]:
-    """The 600 bundled Commonsense170K-format training rows."""
-    return json.loads(_CORPUS.read_text())
 
 
 def corpus_texts() -> List[str]:
@@ -171,8 +169,6 @@ def _gpt2_byte_to_unicode() -> Dict[int, str]:
 
 def write_qwen2_bpe(out_dir: Path, base_vocab: int = 1000) -> Path:
     """``vocab.json`` + ``merges.txt`` + ``tokenizer.json`` (special tokens) for Qwen2/2.5."""
-    from torchtune.models.qwen2._tokenizer import PRETOKENIZE_REGEX
-
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     merges = train_byte_bpe(corpus_texts(), base_vocab, pattern=PRETOKENIZE_REGEX)
@@ -194,8 +190,6 @@ def write_qwen2_bpe(out_dir: Path, base_vocab: int = 1000) -> Path:
 
 def write_mistral_sentencepiece(out_dir: Path, vocab_size: int = 1000) -> Path:
     """``tokenizer.model`` (SentencePiece BPE, Mistral's ids: unk 0, bos 1, eos 2)."""
-    import sentencepiece as spm
-
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     corpus = out_dir / "corpus.txt"

@@ -5,8 +5,10 @@ BPE trained by ``tools/make_tiny_tokenizer.py`` on the bundled commonsense rows,
 special tokens after the base vocabulary). The weights are deterministic: a seeded random init,
 then a short causal-LM pre-training on the bundled prompts (never their answers), because MAS
 adapts *causally pre-trained* models. The first use writes them as a Hugging Face layout
-checkpoint (``config.json`` + ``model.safetensors``), which torchtune's ``FullModelHFCheckpointer`` then loads exactly as it
-loads a downloaded Llama 3.2, so the tiny runs exercise the real-model code path.
+checkpoint (``config.json`` + ``model.safetensors``, :mod:`mas.models._hf_layout`), which
+torchtune's ``FullModelHFCheckpointer`` then loads exactly as it loads a downloaded Llama 3.2, so
+the tiny runs exercise the real-model code path. The test families of :mod:`mas.testing` reuse
+these dimensions for their ``llama3_2`` stand-in.
 """
 
 from __future__ import annotations
@@ -19,22 +21,26 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 import torch
+import torch.distributed as dist
 from torchtune.models.llama3 import Llama3Tokenizer, llama3_tokenizer
 from torchtune.models.llama3_2 import llama3_2, lora_llama3_2
 from torchtune.modules import TransformerDecoder
+from torchtune.training import FullModelHFCheckpointer
 
-from mas.assets import ASSETS_DIR, TINY_TOKENIZER_DIR
+from mas.assets import TINY_TOKENIZER_DIR, commonsense_train_rows
+from mas.data.formats import instruction_messages
+from mas.errors import ConfigError
+from mas.models._hf_layout import HF_WEIGHTS_FILE, write_hf_model
 
 __all__ = [
     "TINY_LLAMA3_2",
-    "ASSETS_DIR",
     "lora_tiny_llama3_2",
+    "pretrain_tiny_model",
     "tiny_hf_checkpointer",
     "tiny_llama3_2",
     "tiny_llama3_tokenizer",
     "write_tiny_hf_checkpoint",
 ]
-
 
 #: Dimensions of the tiny model (a Llama 3.2 with GQA, tied embeddings, scaled RoPE).
 TINY_LLAMA3_2: Dict[str, Any] = dict(
@@ -115,41 +121,9 @@ def lora_tiny_llama3_2(
     )
 
 
-def _hf_llama_config(dims: Dict[str, Any]) -> Dict[str, Any]:
-    head_dim = dims["embed_dim"] // dims["num_heads"]
-    return {
-        "architectures": ["LlamaForCausalLM"],
-        "model_type": "llama",
-        "hidden_size": dims["embed_dim"],
-        "intermediate_size": dims["intermediate_dim"],
-        "num_hidden_layers": dims["num_layers"],
-        "num_attention_heads": dims["num_heads"],
-        "num_key_value_heads": dims["num_kv_heads"],
-        "head_dim": head_dim,
-        "vocab_size": dims["vocab_size"],
-        "max_position_embeddings": dims["max_seq_len"],
-        "rms_norm_eps": dims["norm_eps"],
-        "rope_theta": dims["rope_base"],
-        "rope_scaling": {
-            "factor": dims["scale_factor"],
-            "high_freq_factor": 4.0,
-            "low_freq_factor": 1.0,
-            "original_max_position_embeddings": 8192,
-            "rope_type": "llama3",
-        },
-        "tie_word_embeddings": True,
-        "bos_token_id": 992,
-        "eos_token_id": 993,
-        "torch_dtype": "float32",
-    }
-
-
 def _pretraining_sequences(tokenizer: Llama3Tokenizer, max_len: int = 256) -> List[List[int]]:
     # Prompts only (preamble + instruction + response cue), never the answers: the base model
     # knows the language of the task but not the answer format, which fine-tuning then teaches.
-    from mas.data.formats import instruction_messages
-    from mas.tiny_tokenizers import commonsense_train_rows
-
     sequences = []
     for row in commonsense_train_rows():
         text = "".join(m.content[0]["content"] for m in instruction_messages(row["instruction"], row["input"]))
@@ -209,9 +183,6 @@ def write_tiny_hf_checkpoint(
     Returns:
         Path: ``checkpoint_dir``.
     """
-    from safetensors.torch import save_file
-    from torchtune.models.convert_weights import tune_to_hf
-
     dims = {**TINY_LLAMA3_2, **overrides}
     checkpoint_dir = Path(checkpoint_dir)
     checkpoint_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -222,13 +193,12 @@ def write_tiny_hf_checkpoint(
         with torch.no_grad():
             model.tok_embeddings.weight.mul_(0.02)
         losses = pretrain_tiny_model(model, pretrain_steps, seed) if pretrain_steps else []
-    hf_state = tune_to_hf(
-        model.state_dict(), num_heads=dims["num_heads"], num_kv_heads=dims["num_kv_heads"], dim=dims["embed_dim"]
-    )
-    hf_state = {k: v.contiguous() for k, v in hf_state.items() if k != "lm_head.weight"}
     staging = Path(tempfile.mkdtemp(prefix=checkpoint_dir.name + ".", dir=checkpoint_dir.parent))
-    save_file(hf_state, str(staging / "model.safetensors"), metadata={"format": "pt"})
-    (staging / "config.json").write_text(json.dumps(_hf_llama_config(dims), indent=2) + "\n")
+    # The tiny tokenizer's <|begin_of_text|> and <|end_of_text|> follow its 992 BPE tokens.
+    write_hf_model(
+        staging, model.state_dict(), "LLAMA3_2", dims, tie_word_embeddings=True,
+        extra_config={"bos_token_id": 992, "eos_token_id": 993},
+    )
     recipe = _tiny_recipe(seed, pretrain_steps, dims)
     recipe["pretraining_loss"] = {"first": losses[0], "last": losses[-1]} if losses else None
     (staging / TINY_RECIPE_FILE).write_text(json.dumps(recipe, indent=2) + "\n")
@@ -250,7 +220,7 @@ def _tiny_recipe(seed: int, pretrain_steps: int, dims: Dict[str, Any]) -> Dict[s
 
 def _tiny_checkpoint_is_current(checkpoint_dir: Path, seed: int, pretrain_steps: int, dims: Dict[str, Any]) -> bool:
     path = checkpoint_dir / TINY_RECIPE_FILE
-    if not (checkpoint_dir / "model.safetensors").exists() or not path.exists():
+    if not (checkpoint_dir / HF_WEIGHTS_FILE).exists() or not path.exists():
         return False
     recorded = json.loads(path.read_text())
     recorded.pop("pretraining_loss", None)
@@ -283,18 +253,12 @@ def tiny_hf_checkpointer(
         vocab_size, num_layers, ...: dimensions; must match the model builder's.
     """
     overrides = _dims(locals())
-    from torchtune.training import FullModelHFCheckpointer
-
-    import torch.distributed as dist
-
     dims = {**TINY_LLAMA3_2, **overrides}
     # Under torchrun one rank writes the checkpoint and the others wait for it.
     distributed = dist.is_available() and dist.is_initialized()
     folder = Path(checkpoint_dir)
-    if (folder / "model.safetensors").exists() and not (folder / TINY_RECIPE_FILE).exists():
+    if (folder / HF_WEIGHTS_FILE).exists() and not (folder / TINY_RECIPE_FILE).exists():
         # Never replace weights this function did not write (a merged checkpoint, a real model).
-        from mas.config import ConfigError
-
         raise ConfigError(
             f"{folder} holds a checkpoint that is not the embedded tiny model; load it with "
             "checkpointer._component_=torchtune.training.FullModelHFCheckpointer "
@@ -307,7 +271,7 @@ def tiny_hf_checkpointer(
         dist.barrier()
     return FullModelHFCheckpointer(
         checkpoint_dir=checkpoint_dir,
-        checkpoint_files=["model.safetensors"],
+        checkpoint_files=[HF_WEIGHTS_FILE],
         model_type="LLAMA3_2",
         output_dir=output_dir,
     )
