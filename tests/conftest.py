@@ -3,21 +3,13 @@
 from __future__ import annotations
 
 import os
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # tests/support helpers
-
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-
-REPO = Path(__file__).resolve().parents[1]
-ASSETS = REPO / "mas" / "assets"
-TRAIN_SAMPLE = ASSETS / "commonsense" / "train_sample" / "commonsense_train_600.json"
-TEST_SAMPLE_DIR = ASSETS / "commonsense" / "test_sample"
 
 
 @pytest.fixture(scope="session")

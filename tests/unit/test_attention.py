@@ -7,13 +7,14 @@ all-causal layout, the unpatched model with ``mask=None``.
 
 import pytest
 import torch
-from helpers_masks import CAUSAL_ID, PAD_ID, reference_attention
 from torch import nn
 
 from mas.attention import MASAttention, block_mask_to_dense, use_mas_attention
 from mas.block_mask import create_mas_block_mask
 from mas.masks import dense_mas_mask
 from mas.models import TINY_LLAMA3_2, tiny_llama3_2
+
+from support.masks import CAUSAL_ID, PAD_ID, reference_attention
 
 SEQ_LEN = 150  # two 128-token blocks, the second partly filled
 VOCAB = TINY_LLAMA3_2["vocab_size"]

@@ -24,7 +24,14 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers_masks import (
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch.nn.attention.flex_attention import flex_attention
+
+from mas.block_mask import create_mas_block_mask, create_mas_block_mask_reference
+from mas.masks import dense_mas_mask
+
+from support.masks import (
     CAUSAL_ID,
     PAD_ID,
     Layout,
@@ -36,12 +43,6 @@ from helpers_masks import (
     reference_attention,
     true_tiles,
 )
-from hypothesis import given, settings
-from hypothesis import strategies as st
-from torch.nn.attention.flex_attention import flex_attention
-
-from mas.block_mask import create_mas_block_mask, create_mas_block_mask_reference
-from mas.masks import dense_mas_mask
 
 BLOCK_SIZES = st.sampled_from([16, 32, 64, 128])
 

@@ -32,7 +32,7 @@ def _write(tmp_path, rows, name="rows.json"):
 
 
 def test_bundled_commonsense_sample_loads(llama3_tokenizer):
-    from conftest import TRAIN_SAMPLE
+    from mas.assets import COMMONSENSE_TRAIN_SAMPLE as TRAIN_SAMPLE
 
     dataset = commonsense_dataset(llama3_tokenizer, str(TRAIN_SAMPLE), max_seq_len=256)
     assert dataset.stats.rows == 600
@@ -147,7 +147,7 @@ def test_collate_pads_right_with_pad_values(llama3_tokenizer):
 
 
 def test_packing_never_splits_and_isolates_documents(llama3_tokenizer):
-    from conftest import TRAIN_SAMPLE
+    from mas.assets import COMMONSENSE_TRAIN_SAMPLE as TRAIN_SAMPLE
 
     plain = commonsense_dataset(llama3_tokenizer, str(TRAIN_SAMPLE), max_seq_len=256)
     packed = commonsense_dataset(llama3_tokenizer, str(TRAIN_SAMPLE), max_seq_len=256, packed=True)

@@ -5,12 +5,13 @@ import random
 import numpy as np
 import pytest
 import torch
-from helpers_masks import CAUSAL_ID, PAD_ID, Layout, eq14_allowed, eq14_allowed_loops, layouts
 from hypothesis import given, settings
 
+from mas.errors import ConfigError
 from mas.masks import (
     CAUSAL,
     PAD,
+    as_causal,
     causal,
     causal_from,
     dense_mas_mask,
@@ -19,8 +20,11 @@ from mas.masks import (
     materialize_mask_mod,
     same_document,
     same_prompt_segment,
+    validate_attention_mode,
     validate_segment_ids,
 )
+
+from support.masks import CAUSAL_ID, PAD_ID, Layout, eq14_allowed, eq14_allowed_loops, layouts
 
 
 def _dense(mask_mod, batch_size: int, q_len: int, kv_len: int) -> torch.Tensor:
@@ -201,3 +205,22 @@ def test_dense_mas_mask_equals_eq14(layout):
 def test_dense_mas_mask_default_query_len_covers_the_rest():
     segment_ids = torch.tensor([[0, 0, 1, CAUSAL, CAUSAL]])
     assert dense_mas_mask(segment_ids, query_start=2).shape == (1, 3, 5)
+
+
+# ---------------------------------------------------------------------------------------------
+# The attention mode: as_causal and its validation.
+# ---------------------------------------------------------------------------------------------
+
+
+def test_as_causal_keeps_padding_and_drops_segments():
+    seg = torch.tensor([[0, 0, 1, CAUSAL, PAD]])
+    assert as_causal(seg).tolist() == [[CAUSAL, CAUSAL, CAUSAL, CAUSAL, PAD]]
+
+
+def test_validate_attention_mode_names_the_key_in_one_line():
+    assert validate_attention_mode("mas") == "mas"
+    assert validate_attention_mode("causal") == "causal"
+    with pytest.raises(ConfigError, match=r"^attention must be 'mas' or 'causal', got 'both'$"):
+        validate_attention_mode("both")
+    with pytest.raises(ConfigError, match=r"^generation.attention must be"):
+        validate_attention_mode(None, key="generation.attention")

@@ -163,7 +163,7 @@ def _assert_no_label_visible_to_its_predictor(labels: torch.Tensor, segment_ids:
 
 def test_no_counted_label_is_visible_to_its_predictor_on_real_rows(llama3_tokenizer):
     from mas.data import collate_segmented, commonsense_dataset
-    from conftest import TRAIN_SAMPLE
+    from mas.assets import COMMONSENSE_TRAIN_SAMPLE as TRAIN_SAMPLE
 
     dataset = commonsense_dataset(llama3_tokenizer, str(TRAIN_SAMPLE), max_seq_len=256)
     batch = collate_segmented([dataset[i] for i in range(0, 600, 37)])
