@@ -3,7 +3,7 @@
     tune run mas_lora_finetune --config llama3_2_1b_mas.yaml [key=value ...]
 
 ``attention: mas`` trains with Masked Attention by Segment; ``attention: causal`` is the baseline
-on the same data and the same attention path. See ``configs/`` for every option.
+on the same data and the same attention path. ``--help`` lists every key with its default.
 
 This module is installed top-level (torchtune's ``tune run NAME`` runs an unregistered recipe
 with ``runpy.run_module``); the recipe itself lives in :mod:`mas.training.finetune`.
@@ -22,32 +22,36 @@ if getattr(mas, "__file__", None) is None:  # a plain folder named "mas" in the 
 from omegaconf import DictConfig
 
 from mas.checkpointing import latest_checkpoint
-from mas.config import ConfigError, parse
-from mas.data import DataError
+from mas.config import parse, report_user_errors, to_options
 from mas.devices import resolve_device
-from mas.training.finetune import FINETUNE_KEYS, LoRAFinetuneRecipe
+from mas.training.finetune import LoRAFinetuneRecipe
+from mas.training.options import FinetuneOptions
 from mas.training.parallel import SingleDevice
 
-KEYS = FINETUNE_KEYS
+RECIPE = "mas_lora_finetune"
 
 
 class MASLoRAFinetuneRecipe(LoRAFinetuneRecipe):
-    """The fine-tuning recipe on the single device named by ``cfg.device``."""
+    """The fine-tuning recipe on the single device named by ``device``."""
 
     def __init__(self, cfg: DictConfig) -> None:
-        super().__init__(cfg, SingleDevice(resolve_device(cfg.get("device", "auto"))), name=KEYS.recipe)
+        options = to_options(cfg, FinetuneOptions, RECIPE)
+        super().__init__(options, SingleDevice(resolve_device(options.device)), cfg, name=RECIPE)
 
 
-@parse(KEYS)
-def recipe_main(cfg: DictConfig) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        recipe = MASLoRAFinetuneRecipe(cfg)
-        recipe.setup()
-    except (ConfigError, DataError) as e:
-        raise SystemExit(f"{KEYS.recipe}: {type(e).__name__}: {e}") from None
+def run(cfg: DictConfig) -> MASLoRAFinetuneRecipe:
+    """Set up and train; returns the finished recipe."""
+    recipe = MASLoRAFinetuneRecipe(cfg)
+    recipe.setup()
     recipe.train()
     recipe.cleanup()
+    return recipe
+
+
+@parse(RECIPE, FinetuneOptions)
+def recipe_main(cfg: DictConfig) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    recipe = report_user_errors(RECIPE, lambda: run(cfg))
     print(f"adapter written to {latest_checkpoint(recipe.output_dir)}")
     return 0
 

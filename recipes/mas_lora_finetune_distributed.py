@@ -14,6 +14,7 @@ same way (with the same number of ranks).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import sys
@@ -23,65 +24,49 @@ import mas
 if getattr(mas, "__file__", None) is None:  # a plain folder named "mas" in the working directory
     sys.exit(f"a folder named 'mas' in {list(mas.__path__)} shadows the installed mas package; run from another directory")
 
+import torch
 from omegaconf import DictConfig
 
 from mas.checkpointing import latest_checkpoint
-from mas.config import ConfigError, RecipeKeys, parse
-from mas.data import DataError
-from mas.training.finetune import FINETUNE_KEYS, LoRAFinetuneRecipe
+from mas.config import ConfigError, parse, report_user_errors, to_options
+from mas.training.finetune import LoRAFinetuneRecipe
+from mas.training.options import DistributedFinetuneOptions
 from mas.training.parallel import FSDP2
 
-KEYS = RecipeKeys(
-    recipe="mas_lora_finetune_distributed",
-    required=FINETUNE_KEYS.required,
-    optional={
-        **FINETUNE_KEYS.optional,
-        "distributed_backend": "auto | nccl | gloo",
-        "global_batch_size": "examples per optimizer step over all ranks (sets the per-rank batch_size)",
-        "fsdp_cpu_offload": "keep sharded parameters on CPU",
-        "fsdp_reshard_after_forward": "free gathered parameters after forward",
-    },
-)
+RECIPE = "mas_lora_finetune_distributed"
 
 
-def _per_rank_batch(cfg: DictConfig, world_size: int) -> None:
+def _per_rank_batch(options: DistributedFinetuneOptions, world_size: int) -> DistributedFinetuneOptions:
     """Derive ``batch_size`` from ``global_batch_size``, refusing sizes that do not divide."""
-    global_batch = cfg.get("global_batch_size")
-    if global_batch is None:
-        return
-    accum = int(cfg.get("gradient_accumulation_steps", 1))
-    per_step = world_size * accum
-    if int(global_batch) % per_step:
+    if options.global_batch_size is None:
+        return options
+    per_step = world_size * options.gradient_accumulation_steps
+    if options.global_batch_size % per_step:
         raise ConfigError(
-            f"global_batch_size={global_batch} is not divisible by {world_size} ranks x "
-            f"gradient_accumulation_steps={accum}"
+            f"global_batch_size={options.global_batch_size} is not divisible by {world_size} ranks x "
+            f"gradient_accumulation_steps={options.gradient_accumulation_steps}"
         )
-    cfg.batch_size = int(global_batch) // per_step
+    return dataclasses.replace(options, batch_size=options.global_batch_size // per_step)
 
 
 class MASLoRAFinetuneDistributedRecipe(LoRAFinetuneRecipe):
     """The fine-tuning recipe on FSDP2 ranks."""
 
     def __init__(self, cfg: DictConfig) -> None:
-        device_type = str(cfg.get("device", "cuda")).split(":")[0]
+        options = to_options(cfg, DistributedFinetuneOptions, RECIPE)
+        device_type = options.device.split(":")[0]
         if device_type == "auto":
-            import torch
-
             device_type = "cuda" if torch.cuda.is_available() else "cpu"
         parallel = FSDP2(
             device_type,
-            cfg.get("distributed_backend", "auto"),
-            reshard_after_forward=bool(cfg.get("fsdp_reshard_after_forward", True)),
-            cpu_offload=bool(cfg.get("fsdp_cpu_offload", False)),
+            options.distributed_backend,
+            reshard_after_forward=options.fsdp_reshard_after_forward,
+            cpu_offload=options.fsdp_cpu_offload,
         )
-        _per_rank_batch(cfg, parallel.world_size)
-        super().__init__(cfg, parallel, name=KEYS.recipe)
+        super().__init__(_per_rank_batch(options, parallel.world_size), parallel, cfg, name=RECIPE)
 
 
-@parse(KEYS)
-def recipe_main(cfg: DictConfig) -> int:
-    rank = int(os.environ.get("RANK", 0))
-    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, format=f"[rank {rank}] %(levelname)s %(name)s: %(message)s")
+def run(cfg: DictConfig) -> None:
     recipe = None
     try:
         recipe = MASLoRAFinetuneDistributedRecipe(cfg)
@@ -90,11 +75,16 @@ def recipe_main(cfg: DictConfig) -> int:
         recipe.cleanup()
         if recipe.parallel.is_main:
             print(f"adapter written to {latest_checkpoint(recipe.output_dir)}")
-    except (ConfigError, DataError) as e:
-        raise SystemExit(f"{KEYS.recipe}: {type(e).__name__}: {e}") from None
     finally:
         if recipe is not None:
             recipe.parallel.close()
+
+
+@parse(RECIPE, DistributedFinetuneOptions)
+def recipe_main(cfg: DictConfig) -> int:
+    rank = int(os.environ.get("RANK", 0))
+    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, format=f"[rank {rank}] %(levelname)s %(name)s: %(message)s")
+    report_user_errors(RECIPE, lambda: run(cfg))
     return 0
 
 

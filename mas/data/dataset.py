@@ -159,7 +159,7 @@ def _build(
     packed: bool,
     train_on_input: bool,
     rows: Optional[str],
-    **load_dataset_kwargs: Any,
+    hub_args: Optional[Dict[str, Any]],
 ) -> SegmentedDataset:
     if train_on_input:
         log.warning(
@@ -174,7 +174,7 @@ def _build(
         max_seq_len=max_seq_len,
         truncation=truncation,
     )
-    rows = select_rows(load_rows(source, split, **load_dataset_kwargs), rows)
+    rows = select_rows(load_rows(source, split, **dict(hub_args or {})), rows)
     return SegmentedDataset(
         rows, row_format, builder, on_bad_row=on_bad_row, packed=packed, max_seq_len=max_seq_len
     )
@@ -194,7 +194,7 @@ def _dataset_builder(row_format: Any, doc: str):
         packed: bool = False,
         train_on_input: bool = False,
         rows: Optional[str] = None,
-        **load_dataset_kwargs: Any,
+        hub_args: Optional[Dict[str, Any]] = None,
     ) -> SegmentedDataset:
         return _build(
             row_format,
@@ -209,7 +209,7 @@ def _dataset_builder(row_format: Any, doc: str):
             packed=packed,
             train_on_input=train_on_input,
             rows=rows,
-            **load_dataset_kwargs,
+            hub_args=hub_args,
         )
 
     builder.__doc__ = doc + _COMMON_ARGS
@@ -231,7 +231,9 @@ _COMMON_ARGS = """
         packed (bool): pack examples into ``max_seq_len`` sequences with a document mask.
         train_on_input (bool): accepted for torchtune compatibility; prompt labels never count.
         rows (Optional[str]): a ``"start:stop"`` slice of the rows (held-out splits of one file).
-        **load_dataset_kwargs: passed to ``datasets.load_dataset`` for hub ids.
+        hub_args (Optional[Dict[str, Any]]): more arguments of ``datasets.load_dataset`` for hub
+            ids (e.g. ``{name: all}``). Every other argument is named, so a misspelt key is an
+            error, not silently passed on.
 
     Returns:
         SegmentedDataset: items with ``tokens``, ``labels``, ``segment_ids``.

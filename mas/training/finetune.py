@@ -14,14 +14,15 @@ from pathlib import Path
 from typing import Any, Dict, Iterator, Optional
 
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from mas.attention import use_mas_attention
 from mas.checkpointing import CheckpointWriter, hf_info_from_checkpointer, latest_checkpoint
-from mas.config import ConfigError, RecipeKeys, instantiate
+from mas.config import ConfigError, instantiate, resolved_yaml
 from mas.data import collate_segmented, pad_token_id
+from mas.training.options import FinetuneOptions
 from mas.training.metrics import MetricsFile, StepTimer, peak_memory_gib
 from mas.training.model_setup import check_attention_backend, check_vocab, lora_settings
 from mas.training.parallel import Parallelism, initial_adapter_state
@@ -29,81 +30,38 @@ from mas.training.run_state import DataPosition, load_run_checkpoint, mas_settin
 from mas.training.sampler import ResumableSampler
 from mas.training.steps import prepare_batch, summed_token_loss
 
-__all__ = ["FINETUNE_KEYS", "LoRAFinetuneRecipe"]
+__all__ = ["LoRAFinetuneRecipe"]
 
 log = logging.getLogger("mas.finetune")
-
-FINETUNE_KEYS = RecipeKeys(
-    recipe="mas_lora_finetune",
-    required={
-        "output_dir": "where checkpoints and logs go",
-        "model": "a LoRA model builder (_component_)",
-        "tokenizer": "a tokenizer builder (_component_)",
-        "checkpointer": "a torchtune FullModelHFCheckpointer for the base weights",
-        "dataset": "a mas.data dataset builder (_component_)",
-        "attention": "mas | causal",
-        "optimizer": "an optimizer (_component_)",
-        "lr_scheduler": "a schedule (_component_), gets num_training_steps",
-        "loss": "a loss (_component_)",
-        "batch_size": "examples per micro-batch (per rank when distributed)",
-        "epochs": "passes over the data",
-    },
-    optional={
-        "seed": "random seed",
-        "shuffle": "shuffle the training data",
-        "device": "cpu | cuda | cuda:N | auto",
-        "dtype": "bf16 | fp32",
-        "attention_backend": "auto | flex | sdpa",
-        "pad_to_multiple_of": "round padded lengths up (fewer compiled shapes)",
-        "num_workers": "DataLoader workers",
-        "max_steps_per_epoch": "cap optimizer steps per epoch",
-        "gradient_accumulation_steps": "micro-batches per optimizer step",
-        "clip_grad_norm": "max gradient norm (null: no clipping)",
-        "compile": "torch.compile the model and loss",
-        "enable_activation_checkpointing": "recompute activations in backward",
-        "metric_logger": "a torchtune metric logger (_component_)",
-        "log_every_n_steps": "metrics cadence",
-        "log_peak_memory_stats": "log peak memory",
-        "val_dataset": "held-out data (_component_), optional",
-        "val_every_n_steps": "validation cadence (null: epoch ends only)",
-        "max_val_batches": "cap validation batches",
-        "save_every_n_steps": "checkpoint cadence (null: epoch ends only)",
-        "save_merged_weights": "also write merged HF weights at epoch ends",
-        "keep_last_n_checkpoints": "delete older checkpoints (null: keep all)",
-        "resume_from_checkpoint": "continue from output_dir/checkpoints/latest",
-        "progress_bar": "show a tqdm progress bar",
-    },
-)
-
 
 class LoRAFinetuneRecipe:
     """LoRA fine-tuning with a MAS (or causal) attention mask built once per batch.
 
     Args:
-        cfg (DictConfig): a validated fine-tuning config.
+        options (FinetuneOptions): the typed, checked keys of the recipe.
+        config (DictConfig): the config they came from (saved, resolved, with the run).
         parallel (Parallelism): where it runs.
         name (str): recipe name for the progress bar and messages.
     """
 
-    def __init__(self, cfg: DictConfig, parallel: Parallelism, name: str = "mas_lora_finetune") -> None:
+    def __init__(
+        self, options: FinetuneOptions, parallel: Parallelism, config: DictConfig, name: str = "mas_lora_finetune"
+    ) -> None:
         from torchtune import training
 
-        self.cfg = cfg
+        self.opts = options
+        self.config = config
         self.parallel = parallel
         self.name = name
         self.device = parallel.device
-        self.dtype = training.get_dtype(cfg.get("dtype", "fp32"), device=self.device)
-        if cfg.attention not in ("mas", "causal"):
-            raise ConfigError(f"attention must be 'mas' or 'causal', got {cfg.attention!r}")
-        self.attention = cfg.attention
-        self.backend = cfg.get("attention_backend", "auto")
+        self.dtype = training.get_dtype(options.dtype, device=self.device)
+        self.attention = options.attention
+        self.backend = options.attention_backend
         check_attention_backend(self.backend, self.device)
-        self.grad_accum = int(cfg.get("gradient_accumulation_steps", 1))
-        if self.grad_accum < 1 or int(cfg.batch_size) < 1:
-            raise ConfigError("batch_size and gradient_accumulation_steps must be >= 1")
-        self.output_dir = Path(cfg.output_dir)
+        self.grad_accum = options.gradient_accumulation_steps
+        self.output_dir = Path(options.output_dir)
         self.position = DataPosition()
-        self.seed = int(cfg.get("seed", 0))
+        self.seed = options.seed
         # Same seed on every rank: LoRA dropout differs by rank only through the data it sees.
         training.set_seed(self.seed + parallel.rank)
 
@@ -120,37 +78,37 @@ class LoRAFinetuneRecipe:
         self._setup_resume()
 
     def _setup_output(self) -> None:
-        self.resuming = bool(self.cfg.get("resume_from_checkpoint", False))
+        self.resuming = self.opts.resume_from_checkpoint
         self.metric_logger = self.metrics_file = None
         if self.parallel.is_main:
             self.output_dir.mkdir(parents=True, exist_ok=True)
-            OmegaConf.save(self.cfg, self.output_dir / "config.yaml")
-            self.metric_logger = instantiate(self.cfg.get("metric_logger"))
+            (self.output_dir / "config.yaml").write_text(resolved_yaml(self.config, type(self.opts)))
+            self.metric_logger = instantiate(self.opts.metric_logger)
             if self.metric_logger is not None:
-                self.metric_logger.log_config(self.cfg)
+                self.metric_logger.log_config(self.config)
             self.metrics_file = MetricsFile(self.output_dir / "metrics.jsonl", resume=self.resuming)
-        self.writer = CheckpointWriter(self.output_dir, self.cfg.get("keep_last_n_checkpoints"))
+        self.writer = CheckpointWriter(self.output_dir, self.opts.keep_last_n_checkpoints)
 
     def _setup_base_weights(self) -> None:
-        checkpointer = instantiate(self.cfg.checkpointer)
+        checkpointer = instantiate(self.opts.checkpointer)
         self.hf_info = hf_info_from_checkpointer(checkpointer)
         self.base_checkpoint_dir = str(checkpointer._checkpoint_dir)
         self.base_state = checkpointer.load_checkpoint()["model"]
 
     def _setup_tokenizer(self) -> None:
-        self.tokenizer = instantiate(self.cfg.tokenizer)
+        self.tokenizer = instantiate(self.opts.tokenizer)
 
     def _setup_model(self) -> None:
         from torchtune import training
         from torchtune.modules import TransformerSelfAttentionLayer
         from torchtune.modules.peft import get_adapter_params, set_trainable_params
 
-        self.lora = lora_settings(self.cfg.model)
+        self.lora = lora_settings(self.opts.model)
         build_device = torch.device("meta") if self.parallel.builds_on_meta else self.device
         with training.set_default_dtype(self.dtype), build_device:
-            model = instantiate(self.cfg.model)
+            model = instantiate(self.opts.model)
         set_trainable_params(model, get_adapter_params(model))
-        if self.cfg.get("enable_activation_checkpointing", False):
+        if self.opts.enable_activation_checkpointing:
             training.set_activation_checkpointing(model, auto_wrap_policy={TransformerSelfAttentionLayer})
         # A resumed run starts from the checkpoint's adapter, a fresh one from the seeded init.
         # Loading it here, before the optimizer exists, keeps the optimizer's parameters the
@@ -162,7 +120,7 @@ class LoRAFinetuneRecipe:
         del self.base_state
         use_mas_attention(self.model, self.backend)
         check_vocab(self.tokenizer, self.model)
-        if self.cfg.get("compile", False):
+        if self.opts.compile:
             training.compile_model(self.model)
         self.trainable = [p for p in self.model.parameters() if p.requires_grad]
         if self.parallel.is_main:
@@ -170,14 +128,14 @@ class LoRAFinetuneRecipe:
             log.info("LoRA: %.3fM trainable parameters", n_train / 1e6)
 
     def _setup_optimizer(self) -> None:
-        self.optimizer = instantiate(self.cfg.optimizer, self.trainable)
+        self.optimizer = instantiate(self.opts.optimizer, self.trainable)
 
     def _setup_loss(self) -> None:
-        self.loss_fn = instantiate(self.cfg.loss)
+        self.loss_fn = instantiate(self.opts.loss)
         chunks = getattr(self.loss_fn, "num_output_chunks", 0)
         if chunks:
             self.model.set_num_output_chunks(chunks)
-        if self.cfg.get("compile", False):
+        if self.opts.compile:
             from torchtune import training
 
             self.loss_fn = training.compile_loss(self.loss_fn)
@@ -187,13 +145,13 @@ class LoRAFinetuneRecipe:
             len(dataset), shuffle=shuffle, seed=self.seed, rank=self.parallel.rank, world_size=self.parallel.world_size
         )
         pad_id = pad_token_id(self.tokenizer)
-        multiple = self.cfg.get("pad_to_multiple_of")
+        multiple = self.opts.pad_to_multiple_of
         loader = DataLoader(
             dataset,
-            batch_size=int(self.cfg.batch_size),
+            batch_size=self.opts.batch_size,
             sampler=sampler,
             drop_last=True,  # a constant batch shape: no recompiles, equal-weight steps
-            num_workers=int(self.cfg.get("num_workers", 0)),
+            num_workers=self.opts.num_workers,
             collate_fn=lambda items: collate_segmented(items, pad_id=pad_id, pad_to_multiple_of=multiple),
             # Its own generator: creating an iterator must not draw from the global RNG, or a
             # resumed run's dropout masks would differ from an uninterrupted run's.
@@ -202,35 +160,35 @@ class LoRAFinetuneRecipe:
         return loader, sampler
 
     def _setup_data(self) -> None:
-        self.dataset = instantiate(self.cfg.dataset, self.tokenizer)
+        self.dataset = instantiate(self.opts.dataset, self.tokenizer)
         if self.parallel.is_main:
             log.info("train data: %s", self.dataset.stats.summary())
-        per_step = int(self.cfg.batch_size) * self.parallel.world_size
+        per_step = self.opts.batch_size * self.parallel.world_size
         if len(self.dataset) < per_step:
             raise ConfigError(
-                f"batch_size={self.cfg.batch_size} x {self.parallel.world_size} rank(s) exceeds the "
+                f"batch_size={self.opts.batch_size} x {self.parallel.world_size} rank(s) exceeds the "
                 f"{len(self.dataset)} training examples"
             )
-        self.loader, self.sampler = self._dataloader(self.dataset, shuffle=self.cfg.get("shuffle", True))
+        self.loader, self.sampler = self._dataloader(self.dataset, shuffle=self.opts.shuffle)
         self.val_loader = None
-        if self.cfg.get("val_dataset") is not None:
-            val_dataset = instantiate(self.cfg.val_dataset, self.tokenizer)
+        if self.opts.val_dataset is not None:
+            val_dataset = instantiate(self.opts.val_dataset, self.tokenizer)
             if self.parallel.is_main:
                 log.info("validation data: %s", val_dataset.stats.summary())
             self.val_loader, _ = self._dataloader(val_dataset, shuffle=False)
         batches = len(self.loader)
         self.steps_per_epoch = batches // self.grad_accum
-        cap = self.cfg.get("max_steps_per_epoch")
+        cap = self.opts.max_steps_per_epoch
         if cap is not None:
             self.steps_per_epoch = min(self.steps_per_epoch, int(cap))
         if self.steps_per_epoch < 1:
             raise ConfigError(
                 f"{batches} batches per epoch < gradient_accumulation_steps={self.grad_accum}: no optimizer step possible"
             )
-        self.total_steps = self.steps_per_epoch * int(self.cfg.epochs)
+        self.total_steps = self.steps_per_epoch * self.opts.epochs
 
     def _setup_lr_scheduler(self) -> None:
-        self.lr_scheduler = instantiate(self.cfg.lr_scheduler, self.optimizer, num_training_steps=self.total_steps)
+        self.lr_scheduler = instantiate(self.opts.lr_scheduler, self.optimizer, num_training_steps=self.total_steps)
 
     def _resume_checkpoint(self) -> Optional[tuple]:
         """(adapter, adapter config, recipe state) of the checkpoint to resume from, or None."""
@@ -270,7 +228,7 @@ class LoRAFinetuneRecipe:
 
     # ----------------------------------------------------------------------------- training
     def _micro_batches(self, epoch: int, start_step: int) -> Iterator[Dict[str, torch.Tensor]]:
-        self.sampler.set_epoch(epoch, start=start_step * self.grad_accum * int(self.cfg.batch_size))
+        self.sampler.set_epoch(epoch, start=start_step * self.grad_accum * self.opts.batch_size)
         return iter(self.loader)
 
     def _optimizer_step(self, batches: Iterator[Dict[str, torch.Tensor]]) -> Dict[str, float]:
@@ -293,7 +251,7 @@ class LoRAFinetuneRecipe:
             raise RuntimeError("a whole optimizer step had no target token; check the data")
         # Gradients of summed losses scaled to the gradient of the mean over all targets.
         training.scale_grads(self.model, torch.tensor(self.parallel.gradient_scale(num_targets)))
-        max_norm = self.cfg.get("clip_grad_norm")
+        max_norm = self.opts.clip_grad_norm
         grad_norm = torch.nn.utils.clip_grad_norm_(self.trainable, max_norm=float(max_norm) if max_norm else math.inf)
         if hasattr(grad_norm, "full_tensor"):
             grad_norm = grad_norm.full_tensor()
@@ -313,7 +271,7 @@ class LoRAFinetuneRecipe:
             return None
         self.model.eval()
         totals = torch.zeros(2, device=self.device, dtype=torch.float64)  # [loss sum, targets]
-        limit = self.cfg.get("max_val_batches")
+        limit = self.opts.max_val_batches
         for i, batch in enumerate(self.val_loader):
             if limit is not None and i >= int(limit):
                 break
@@ -333,19 +291,19 @@ class LoRAFinetuneRecipe:
             self.metric_logger.log_dict(payload, step=record["step"])
 
     def train(self) -> None:
-        cfg = self.cfg
-        log_every = int(cfg.get("log_every_n_steps", 1))
-        save_every = cfg.get("save_every_n_steps")
-        val_every = cfg.get("val_every_n_steps")
+        opts = self.opts
+        log_every = opts.log_every_n_steps
+        save_every = opts.save_every_n_steps
+        val_every = opts.val_every_n_steps
         progress = tqdm(
             total=self.total_steps,
             initial=self.position.global_step,
             desc=f"{self.name} [{self.attention}]",
-            disable=not (cfg.get("progress_bar", True) and self.parallel.is_main),
+            disable=not (opts.progress_bar and self.parallel.is_main),
             dynamic_ncols=True,
         )
         timer = StepTimer(self.device)
-        for epoch in range(self.position.epoch, int(cfg.epochs)):
+        for epoch in range(self.position.epoch, opts.epochs):
             self.position.epoch = epoch
             batches = self._micro_batches(epoch, self.position.steps_in_epoch)
             while self.position.steps_in_epoch < self.steps_per_epoch:
@@ -370,7 +328,7 @@ class LoRAFinetuneRecipe:
                         "step_seconds": seconds,
                         "world_size": self.parallel.world_size,
                     }
-                    if cfg.get("log_peak_memory_stats", True):
+                    if opts.log_peak_memory_stats:
                         record.update(peak_memory_gib(self.device))
                     self._log(record)
                 if val_every and step % int(val_every) == 0:
@@ -397,7 +355,7 @@ class LoRAFinetuneRecipe:
         """Gather full states (every rank takes part); the main rank writes them atomically."""
         from mas.training.run_state import capture_rng
 
-        merged = epoch_end and self.cfg.get("save_merged_weights", False)
+        merged = epoch_end and self.opts.save_merged_weights
         model_state = self.parallel.full_state_dict(self.model, adapter_only=not merged)
         optimizer_state = self.parallel.full_optimizer_state(self.model, self.optimizer)
         rng = _gather_objects(capture_rng(), self.parallel)
