@@ -1,0 +1,479 @@
+"""The serving engine: one thread owns the model and runs continuous batching over slot rows.
+
+Loop (one iteration)::
+
+    admit   : while a row is free and a sequence waits: copy its longest cached prefix into the
+              row, prefill the rest with ``mas.generation.prefill`` (MAS mask), sample its first
+              token
+    decode  : one ``mas.generation.forward_one_token`` over every busy row (each row at its own
+              length; a generated token attends to its row's written slots), sample per row
+    finish  : stop token, stop string, max_tokens, or a cancelled client frees the row; the
+              row's keys and values go to the prefix cache
+
+So a request that arrives while others decode joins at the next step. The HTTP layer never
+touches the model: it submits :class:`SequenceHandle` objects and receives :class:`Event` objects
+through a callback (thread-safe on its side). A sequence that fails inside the model fails
+alone: a failing batched step is retried row by row, and only rows that fail alone are dropped.
+
+Greedy tokens equal ``mas.generate``'s for the same prompt (tests/unit/test_serving_engine.py):
+the same prefill function and mask, positions equal to slots, every unwritten slot masked.
+"""
+
+from __future__ import annotations
+
+import collections
+import itertools
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Deque, Hashable, List, Optional, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from mas.attention import AttentionBackend, use_mas_attention
+from mas.generation import forward_one_token, layout_prompts, prefill, sample_next_token
+from mas.masks import CAUSAL, AttentionMode
+from mas.segments import SegmentedSequence
+from mas.serving._prefix_cache import PrefixCache
+from mas.serving._slot_cache import SlotCaches, install_slot_caches
+from mas.serving._text import TextStream
+
+__all__ = [
+    "Engine",
+    "EngineStoppedError",
+    "Event",
+    "PromptTooLongError",
+    "QueueFullError",
+    "SamplingParams",
+    "SequenceHandle",
+]
+
+log = logging.getLogger("mas_serve.engine")
+
+
+class QueueFullError(RuntimeError):
+    """Every row is busy and the waiting queue is full (HTTP 429)."""
+
+
+class EngineStoppedError(RuntimeError):
+    """The engine is shutting down or has stopped (HTTP 503)."""
+
+
+class PromptTooLongError(ValueError):
+    """The prompt plus ``max_tokens`` does not fit a row (HTTP 400)."""
+
+
+@dataclass
+class SamplingParams:
+    """How one sequence is decoded.
+
+    Attributes:
+        max_tokens (int): tokens to generate at most (a stop token is not counted).
+        temperature (float): 0: greedy.
+        top_p (Optional[float]), top_k (Optional[int]): sampling filters.
+        seed (Optional[int]): seeds this sequence's own generator (reproducible sampling).
+        stop (Sequence[str]): strings that end the text (not included).
+    """
+
+    max_tokens: int
+    temperature: float = 0.0
+    top_p: Optional[float] = None
+    top_k: Optional[int] = None
+    seed: Optional[int] = None
+    stop: Sequence[str] = ()
+
+
+@dataclass
+class Event:
+    """What the engine tells the HTTP layer about a sequence.
+
+    Attributes:
+        kind (str): ``"token"`` (a new token and its text), ``"finish"`` or ``"error"``.
+        text (str): text to append (may be empty while a stop string or character is pending).
+        token (Optional[int]): the generated id (``"token"`` events).
+        finish_reason (Optional[str]): ``"stop"``, ``"length"`` or ``"cancelled"``.
+        message (str), status (int): for ``"error"`` events.
+    """
+
+    kind: str
+    text: str = ""
+    token: Optional[int] = None
+    finish_reason: Optional[str] = None
+    message: str = ""
+    status: int = 500
+
+
+_ids = itertools.count()
+
+
+@dataclass
+class SequenceHandle:
+    """One choice of one request, from submission to its last event.
+
+    Args:
+        prompt (SegmentedSequence): the segmented prompt (``for_generation=True``).
+        params (SamplingParams): decoding.
+        on_event (Callable[[Event], None]): called from the engine thread.
+    """
+
+    prompt: SegmentedSequence
+    params: SamplingParams
+    on_event: Callable[[Event], None]
+    id: int = field(default_factory=lambda: next(_ids))
+    submitted_at: float = field(default_factory=time.perf_counter)
+    first_token_at: Optional[float] = None
+    finished_at: Optional[float] = None
+    cached_tokens: int = 0
+    tokens: List[int] = field(default_factory=list)
+    finish_reason: Optional[str] = None
+    _cancelled: threading.Event = field(default_factory=threading.Event, repr=False)
+
+    def cancel(self) -> None:
+        """Stop generating (a client that went away); the engine frees the row at its next step."""
+        self._cancelled.set()
+
+    @property
+    def cancelled(self) -> bool:
+        return self._cancelled.is_set()
+
+
+@dataclass
+class _Row:
+    """A busy row: its sequence and what the cache holds."""
+
+    handle: SequenceHandle
+    tokens: List[int]  # what slots [0, length) hold
+    segment_ids: List[int]
+    next_token: int  # sampled, not yet written to the cache
+    text: TextStream
+    generator: Optional[torch.Generator]
+    last_token_at: float
+
+    @property
+    def length(self) -> int:
+        return len(self.tokens)
+
+
+class Engine:
+    """Continuous batching over a slot KV cache, in one thread.
+
+    Args:
+        model (nn.Module): a torchtune decoder in eval mode (MAS attention is installed).
+        tokenizer: decodes generated ids (``decode``); its ``stop_tokens`` end a sequence.
+        attention (AttentionMode): prefill mask of every request.
+        attention_backend (AttentionBackend): mask form and kernel.
+        rows (int): sequences decoded together (KV-cache rows).
+        max_len (int): slots per row (prompt + generated tokens).
+        max_queue (int): sequences that may wait for a row; beyond: :class:`QueueFullError`.
+        prefix_cache (Optional[PrefixCache]): reuse prompt prefixes (None: off).
+        namespace (Hashable): the prefix-cache namespace (adapter identity).
+        stop_tokens (Optional[Sequence[int]]): ids that end a sequence (default the tokenizer's).
+        pad_id (int): id in padding slots.
+        metrics: optional :class:`mas.serving._metrics.ServeMetrics`.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        tokenizer: Any,
+        *,
+        attention: AttentionMode,
+        attention_backend: AttentionBackend = "auto",
+        rows: int = 8,
+        max_len: Optional[int] = None,
+        max_queue: int = 64,
+        prefix_cache: Optional[PrefixCache] = None,
+        namespace: Hashable = "",
+        stop_tokens: Optional[Sequence[int]] = None,
+        pad_id: int = 0,
+        metrics: Any = None,
+    ) -> None:
+        self.model = model.eval()
+        use_mas_attention(model, attention_backend)
+        self.tokenizer = tokenizer
+        self.attention = attention
+        self.backend = attention_backend
+        self.max_len = max_len or model.max_seq_len
+        self.max_queue = max_queue
+        self.prefix_cache = prefix_cache
+        self.namespace = (namespace, attention)
+        self.stop_tokens = set(stop_tokens if stop_tokens is not None else getattr(tokenizer, "stop_tokens", [tokenizer.eos_id]))
+        self.pad_id = pad_id
+        self.metrics = metrics
+        self.device = model.tok_embeddings.weight.device
+        dtype = model.tok_embeddings.weight.dtype
+        self.caches: SlotCaches = install_slot_caches(model, rows, self.max_len, dtype)
+        self._rows: List[Optional[_Row]] = [None] * rows
+        self._waiting: Deque[SequenceHandle] = collections.deque()
+        self._wake = threading.Condition()
+        self._accepting = True
+        self._stop = False
+        self._thread: Optional[threading.Thread] = None
+        self.steps = 0  # decode steps run (tests read it)
+
+    # -- the HTTP side ------------------------------------------------------------------
+    @property
+    def num_rows(self) -> int:
+        return len(self._rows)
+
+    def active_slots(self) -> int:
+        return sum(r is not None for r in self._rows)
+
+    def queue_depth(self) -> int:
+        return len(self._waiting)
+
+    def check_fits(self, prompt_len: int, max_tokens: int) -> None:
+        """Raise :class:`PromptTooLongError` unless a row holds the prompt and ``max_tokens``."""
+        if prompt_len + max_tokens > self.max_len:
+            raise PromptTooLongError(
+                f"the prompt ({prompt_len} tokens) + max_tokens ({max_tokens}) = {prompt_len + max_tokens} "
+                f"> the {self.max_len}-token context of this server"
+            )
+
+    def submit(self, handles: Sequence[SequenceHandle]) -> None:
+        """Queue sequences (all of a request's choices, or none).
+
+        Raises:
+            EngineStoppedError: the engine is shutting down.
+            QueueFullError: the queue cannot take them all.
+            PromptTooLongError: a prompt does not fit a row.
+        """
+        for h in handles:
+            if len(h.prompt) == 0:
+                raise PromptTooLongError("the prompt is empty")
+            self.check_fits(len(h.prompt), h.params.max_tokens)
+        with self._wake:
+            if not self._accepting:
+                raise EngineStoppedError("the server is shutting down")
+            free_rows = sum(r is None for r in self._rows)
+            if len(self._waiting) + len(handles) > self.max_queue + max(free_rows - len(self._waiting), 0):
+                raise QueueFullError(
+                    f"the server is at capacity ({self.num_rows} sequences decoding, {len(self._waiting)} waiting, "
+                    f"queue limit {self.max_queue}); retry later"
+                )
+            self._waiting.extend(handles)
+            self._wake.notify()
+
+    def start(self) -> "Engine":
+        self._thread = threading.Thread(target=self._run, name="mas-serve-engine", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self, drain_timeout_s: float = 0.0) -> None:
+        """Stop taking requests, let in-flight ones finish for up to ``drain_timeout_s``, then
+        cancel the rest (each gets an ``error`` event, status 503) and end the thread."""
+        with self._wake:
+            self._accepting = False
+        deadline = time.monotonic() + drain_timeout_s
+        while time.monotonic() < deadline and (self._waiting or self.active_slots()):
+            time.sleep(0.01)
+        with self._wake:
+            self._stop = True
+            self._wake.notify()
+        if self._thread is not None:
+            self._thread.join(timeout=60)
+
+    def is_alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    # -- the engine thread ----------------------------------------------------------------
+    def _run(self) -> None:
+        with torch.inference_mode():
+            while True:
+                with self._wake:
+                    while not self._stop and not self._waiting and not self.active_slots():
+                        self._wake.wait(timeout=0.5)
+                    if self._stop:
+                        break
+                try:
+                    self._drop_cancelled()
+                    self._admit()
+                    if self.active_slots():
+                        self._decode_step()
+                except Exception:  # a bug in the loop itself: fail what is running, keep serving
+                    log.exception("engine step failed")
+                    for i, row in enumerate(self._rows):
+                        if row is not None:
+                            self._fail(i, "internal error in the serving engine")
+        self._cancel_all("the server is shutting down")
+
+    def _emit(self, handle: SequenceHandle, event: Event) -> None:
+        try:
+            handle.on_event(event)
+        except Exception:  # a consumer that went away must not stop the engine
+            log.debug("event consumer failed", exc_info=True)
+
+    def _drop_cancelled(self) -> None:
+        with self._wake:
+            kept = [h for h in self._waiting if not h.cancelled]
+            dropped = len(self._waiting) - len(kept)
+            self._waiting = collections.deque(kept)
+        for _ in range(dropped):
+            if self.metrics is not None:
+                self.metrics.cancelled_sequences.inc()
+        for i, row in enumerate(self._rows):
+            if row is not None and row.handle.cancelled:
+                self._finish(i, "cancelled")
+
+    def _cancel_all(self, message: str) -> None:
+        with self._wake:
+            waiting, self._waiting = list(self._waiting), collections.deque()
+        for h in waiting:
+            self._emit(h, Event("error", message=message, status=503))
+        for i, row in enumerate(self._rows):
+            if row is not None:
+                self._rows[i] = None
+                if self.metrics is not None:
+                    self.metrics.cancelled_sequences.inc()
+                self._emit(row.handle, Event("error", message=message, status=503))
+
+    def _admit(self) -> None:
+        while True:
+            free = next((i for i, r in enumerate(self._rows) if r is None), None)
+            if free is None:
+                return
+            with self._wake:
+                if not self._waiting:
+                    return
+                handle = self._waiting.popleft()
+            if handle.cancelled:
+                continue
+            try:
+                self._prefill(free, handle)
+            except Exception as e:  # this request alone fails
+                log.exception("prefill failed for sequence %d", handle.id)
+                self._rows[free] = None
+                if self.metrics is not None:
+                    self.metrics.failed_sequences.inc()
+                self._emit(handle, Event("error", message=f"the model failed on this request: {type(e).__name__}: {e}", status=500))
+
+    def _prefill(self, row_index: int, handle: SequenceHandle) -> None:
+        prompt = handle.prompt
+        cached, kv = 0, None
+        if self.prefix_cache is not None:
+            cached, kv = self.prefix_cache.lookup(self.namespace, prompt.tokens, prompt.segment_ids, self.attention)
+        if kv is not None:
+            self.caches.write(row_index, kv, cached)
+        handle.cached_tokens = cached
+        batch = layout_prompts([prompt], self.pad_id, prefix_len=cached).to(self.device)
+        self.caches.plan_prefill(row_index, cached, len(prompt))
+        logits = prefill(self.model, batch, attention=self.attention, backend=self.backend)[:, -1]
+        if self.prefix_cache is not None and cached < len(prompt):
+            self.prefix_cache.insert(self.namespace, prompt.tokens, prompt.segment_ids, self.caches.read(row_index, len(prompt)))
+        generator = None
+        if handle.params.seed is not None:
+            generator = torch.Generator(device=self.device).manual_seed(handle.params.seed)
+        row = _Row(
+            handle=handle,
+            tokens=list(prompt.tokens),
+            segment_ids=list(prompt.segment_ids),
+            next_token=-1,
+            text=TextStream(self.tokenizer, handle.params.stop),
+            generator=generator,
+            last_token_at=time.perf_counter(),
+        )
+        self._rows[row_index] = row
+        if self.metrics is not None:
+            self.metrics.prompt_tokens.inc(len(prompt))
+        self._accept(row_index, self._sample(row, logits))
+
+    def _sample(self, row: _Row, logits: Tensor) -> int:
+        """``logits``: ``[1, vocab]``."""
+        p = row.handle.params
+        token = sample_next_token(logits, temperature=p.temperature, top_k=p.top_k, top_p=p.top_p, generator=row.generator)
+        return int(token[0])
+
+    def _accept(self, row_index: int, token: int) -> None:
+        """A sampled token: stop, or hand it out and keep it for the next decode step."""
+        row = self._rows[row_index]
+        handle = row.handle
+        now = time.perf_counter()
+        if token in self.stop_tokens:
+            self._finish(row_index, "stop")
+            return
+        handle.tokens.append(token)
+        if handle.first_token_at is None:
+            handle.first_token_at = now
+            if self.metrics is not None:
+                self.metrics.time_to_first_token.observe(now - handle.submitted_at)
+        elif self.metrics is not None:
+            self.metrics.inter_token_latency.observe(now - row.last_token_at)
+        row.last_token_at = now
+        if self.metrics is not None:
+            self.metrics.completion_tokens.inc()
+        text, hit_stop_string = row.text.add(token)
+        self._emit(handle, Event("token", text=text, token=token))
+        if hit_stop_string:
+            self._finish(row_index, "stop")
+        elif len(handle.tokens) >= handle.params.max_tokens:
+            self._finish(row_index, "length")
+        else:
+            row.next_token = token
+
+    def _finish(self, row_index: int, reason: str) -> None:
+        row = self._rows[row_index]
+        self._rows[row_index] = None
+        handle = row.handle
+        handle.finish_reason = reason
+        handle.finished_at = time.perf_counter()
+        if reason == "cancelled":
+            if self.metrics is not None:
+                self.metrics.cancelled_sequences.inc()
+        elif self.prefix_cache is not None and row.length > len(handle.prompt):
+            # Prompt + answer (the conversation so far): a chat's next turn starts with it.
+            self.prefix_cache.insert(self.namespace, row.tokens, row.segment_ids, self.caches.read(row_index, row.length))
+        self._emit(handle, Event("finish", text=row.text.finish(), finish_reason=reason))
+
+    def _fail(self, row_index: int, message: str) -> None:
+        row = self._rows[row_index]
+        self._rows[row_index] = None
+        if self.metrics is not None:
+            self.metrics.failed_sequences.inc()
+        self._emit(row.handle, Event("error", message=message, status=500))
+
+    def _forward_rows(self, first: int, last: int) -> Tensor:
+        """One decode forward over rows ``[first, last)``; free rows in between attend nothing.
+
+        Returns:
+            Tensor: ``[last - first, vocab]`` next-token logits.
+        """
+        rows = self._rows[first:last]
+        lengths = [r.length if r is not None else 0 for r in rows]
+        width = max(lengths) + 1
+        slots = torch.tensor(lengths, dtype=torch.long)
+        tokens = torch.tensor([r.next_token if r is not None else self.pad_id for r in rows], dtype=torch.long)
+        busy = torch.tensor([r is not None for r in rows])
+        # [b, 1, width]: a generated token sees its row's written slots and itself.
+        mask = (torch.arange(width)[None, :] <= slots[:, None]) & busy[:, None]
+        slots, tokens, mask = slots.to(self.device), tokens.to(self.device), mask[:, None].to(self.device)
+        self.caches.plan_decode(slots, width, first_row=first)
+        return forward_one_token(self.model, tokens[:, None], mask, slots[:, None])
+
+    def _decode_step(self) -> None:
+        busy = [i for i, r in enumerate(self._rows) if r is not None]
+        last = busy[-1] + 1
+        try:
+            logits = self._forward_rows(0, last)
+            per_row = {i: logits[i : i + 1] for i in busy}
+        except Exception:
+            log.exception("batched decode step failed; retrying its rows one by one")
+            per_row = {}
+            for i in busy:
+                try:
+                    per_row[i] = self._forward_rows(i, i + 1)
+                except Exception as e:
+                    log.exception("decode failed for sequence %d", self._rows[i].handle.id)
+                    self._fail(i, f"the model failed on this request: {type(e).__name__}: {e}")
+        self.steps += 1
+        for i, logits_i in per_row.items():
+            row = self._rows[i]
+            row.tokens.append(row.next_token)  # the forward wrote it at slot `length`
+            row.segment_ids.append(CAUSAL)
+            try:
+                token = self._sample(row, logits_i)
+            except Exception as e:
+                self._fail(i, f"sampling failed: {type(e).__name__}: {e}")
+                continue
+            self._accept(i, token)

@@ -1,0 +1,195 @@
+"""An exact cache of keys and values of prompt prefixes that end at a segment boundary.
+
+Why it is exact: under MAS a prompt token attends to earlier tokens and to its own segment, an
+answer (``CAUSAL``) token to every earlier token. So the keys and values of the first ``n``
+tokens depend only on those ``n`` tokens and their segment ids, as long as no token before ``n``
+shares a prompt segment with token ``n`` (:func:`is_cut_point`). Such a prefix (a system prompt;
+a whole earlier conversation of a chat) computes to the same numbers in every request that
+starts with it, and a new request can copy them instead of prefilling them. Under causal
+attention every position is a cut point. With ``merge_system_and_user`` the system prompt and
+the user turn are one segment: nothing before the end of the user turn is reusable.
+
+Entries are whole rows (a prompt, or a prompt plus its answer) with the token ids and segment
+ids they were computed from. An entry is indexed at its *reusable ends*: the end of each prompt
+segment and its own end. A lookup walks the new prompt's positions with a chained hash of
+``(token, segment id)`` pairs and takes the longest indexed position that is also a cut point of
+the new prompt, then checks the tokens themselves (a hash collision is never trusted). Keys
+carry a namespace (adapter identity and attention mode), so one cache never mixes models or
+masks. The cache is a least-recently-used store bounded by tokens and by bytes.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Dict, Hashable, List, Optional, Sequence, Tuple
+
+from torch import Tensor
+
+from mas.masks import CAUSAL, AttentionMode
+
+__all__ = ["CachedPrefix", "PrefixCache", "PrefixCacheStats", "is_cut_point", "reusable_ends"]
+
+KV = List[Tuple[Tensor, Tensor]]
+
+
+def is_cut_point(segment_ids: Sequence[int], n: int, attention: AttentionMode) -> bool:
+    """Whether tokens ``[0, n)`` never attend to token ``n`` or later.
+
+    Args:
+        segment_ids (Sequence[int]): the sequence's segment ids.
+        n (int): prefix length, ``1 <= n <= len(segment_ids)``.
+        attention (AttentionMode): ``"causal"``: every position is a cut point.
+    """
+    if attention == "causal" or n >= len(segment_ids):
+        return True
+    before = segment_ids[n - 1]
+    return before == CAUSAL or before != segment_ids[n]
+
+
+def reusable_ends(segment_ids: Sequence[int]) -> List[int]:
+    """Prefix lengths an entry is indexed at: each prompt segment's end, and the whole length."""
+    ends = [n for n in range(1, len(segment_ids)) if segment_ids[n - 1] >= 0 and segment_ids[n] != segment_ids[n - 1]]
+    return ends + [len(segment_ids)]
+
+
+def _chained_hashes(namespace: Hashable, tokens: Sequence[int], segment_ids: Sequence[int]) -> List[int]:
+    """``h[n]`` identifies the prefix of length ``n`` (``h[0]`` the namespace)."""
+    h = [hash(namespace)]
+    for token, segment in zip(tokens, segment_ids):
+        h.append(hash((h[-1], token, segment)))
+    return h
+
+
+@dataclass
+class CachedPrefix:
+    """One stored row.
+
+    Attributes:
+        tokens (List[int]), segment_ids (List[int]): what the keys and values were computed from.
+        kv (KV): per layer ``(k, v)``, each ``[n_kv, len, d]``.
+        nbytes (int): memory of ``kv``.
+        keys (List[int]): the index keys pointing at this entry.
+    """
+
+    tokens: List[int]
+    segment_ids: List[int]
+    kv: KV
+    nbytes: int
+    keys: List[int] = field(default_factory=list)
+
+
+@dataclass
+class PrefixCacheStats:
+    """Counters since start-up (read by the metrics)."""
+
+    hits: int = 0
+    misses: int = 0
+    saved_tokens: int = 0
+    evictions: int = 0
+
+
+class PrefixCache:
+    """Bounded LRU of :class:`CachedPrefix` rows.
+
+    Args:
+        max_tokens (int): most tokens stored over all entries.
+        max_bytes (int): most bytes of keys and values stored.
+        min_tokens (int): a hit shorter than this is ignored (copying it would not pay).
+    """
+
+    def __init__(self, max_tokens: int, max_bytes: int, min_tokens: int = 1) -> None:
+        self.max_tokens = max_tokens
+        self.max_bytes = max_bytes
+        self.min_tokens = min_tokens
+        self._entries: "OrderedDict[int, CachedPrefix]" = OrderedDict()
+        self._index: Dict[int, Tuple[int, int]] = {}  # key -> (entry id, prefix length)
+        self._next_id = 0
+        self._lock = threading.Lock()  # the engine writes, the metrics endpoint reads
+        self.tokens = 0
+        self.bytes = 0
+        self.stats = PrefixCacheStats()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def lookup(self, namespace: Hashable, tokens: Sequence[int], segment_ids: Sequence[int], attention: AttentionMode) -> Tuple[int, Optional[KV]]:
+        """The longest stored prefix of a prompt that can be reused, leaving one token to prefill.
+
+        Args:
+            namespace (Hashable): adapter identity and attention mode.
+            tokens (Sequence[int]), segment_ids (Sequence[int]): the new prompt.
+            attention (AttentionMode): the mode its prefill will use.
+
+        Returns:
+            Tuple[int, Optional[KV]]: ``(n, kv)``: slots ``[0, n)`` of ``kv`` are the prompt's
+            first ``n`` tokens; ``(0, None)`` on a miss.
+        """
+        hashes = _chained_hashes(namespace, tokens, segment_ids)
+        with self._lock:
+            for n in range(len(tokens) - 1, self.min_tokens - 1, -1):
+                found = self._index.get(hashes[n])
+                if found is None or not is_cut_point(segment_ids, n, attention):
+                    continue
+                entry_id, length = found
+                entry = self._entries[entry_id]
+                if length != n or entry.tokens[:n] != list(tokens[:n]) or entry.segment_ids[:n] != list(segment_ids[:n]):
+                    continue  # a hash collision
+                self._entries.move_to_end(entry_id)
+                self.stats.hits += 1
+                self.stats.saved_tokens += n
+                return n, entry.kv
+            self.stats.misses += 1
+            return 0, None
+
+    def insert(self, namespace: Hashable, tokens: Sequence[int], segment_ids: Sequence[int], kv: KV) -> bool:
+        """Store a row (its keys and values are final: nothing later changes them).
+
+        Index keys it shares with older entries move to it; an older entry left without keys
+        (a prefix of this one) is dropped. Least recently used entries go when over budget.
+
+        Returns:
+            bool: whether the row was stored (False: it alone exceeds the budget).
+        """
+        nbytes = sum(k.numel() * k.element_size() + v.numel() * v.element_size() for k, v in kv)
+        if len(tokens) > self.max_tokens or nbytes > self.max_bytes or len(tokens) < self.min_tokens:
+            return False
+        hashes = _chained_hashes(namespace, tokens, segment_ids)
+        entry = CachedPrefix(list(tokens), list(segment_ids), kv, nbytes)
+        with self._lock:
+            entry_id = self._next_id
+            self._next_id += 1
+            for n in reusable_ends(segment_ids):
+                if n < self.min_tokens:
+                    continue
+                key = hashes[n]
+                previous = self._index.get(key)
+                if previous is not None and previous[0] in self._entries:
+                    older = self._entries[previous[0]]
+                    older.keys.remove(key)
+                    if not older.keys:
+                        self._drop(previous[0])
+                self._index[key] = (entry_id, n)
+                entry.keys.append(key)
+            self._entries[entry_id] = entry
+            self.tokens += len(tokens)
+            self.bytes += nbytes
+            while self.tokens > self.max_tokens or self.bytes > self.max_bytes:
+                oldest = next(iter(self._entries))
+                self._drop(oldest)
+                self.stats.evictions += 1
+        return True
+
+    def _drop(self, entry_id: int) -> None:
+        entry = self._entries.pop(entry_id)
+        for key in entry.keys:
+            if self._index.get(key, (None,))[0] == entry_id:
+                del self._index[key]
+        self.tokens -= len(entry.tokens)
+        self.bytes -= entry.nbytes
+
+    def clear(self) -> None:
+        with self._lock:
+            for entry_id in list(self._entries):
+                self._drop(entry_id)
