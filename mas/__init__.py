@@ -1,5 +1,6 @@
 """MAS: Masked Attention by Segment for torchtune models (Katz et al., arXiv 2412.18487)."""
 
+from mas._version import __version__
 from mas.attention import MASAttention, use_mas_attention
 from mas.block_mask import create_mas_block_mask
 from mas.generation import GenerationResult, GenerationSettings, generate
@@ -22,4 +23,3 @@ __all__ = [
     "use_mas_attention",
 ]
 
-__version__ = "0.1.0"

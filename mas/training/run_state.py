@@ -10,7 +10,7 @@ from typing import Any, Dict, Optional
 import torch
 from torch import Tensor
 
-from mas import __version__
+from mas._version import __version__
 from mas.checkpointing import (
     RECIPE_STATE_FILE,
     CheckpointWriter,
