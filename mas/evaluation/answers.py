@@ -21,22 +21,47 @@ from __future__ import annotations
 
 import re
 from functools import lru_cache
-from typing import Optional, Union
+from typing import Optional, Sequence, Tuple, Union
 
 from mas.evaluation.tasks import CommonsenseTask, get_task
 
-__all__ = ["answer_pattern", "extract_answer", "is_correct"]
+__all__ = ["answer_pattern", "extract_answer", "extract_label", "is_correct", "labels_pattern"]
 
 
 @lru_cache(maxsize=None)
-def answer_pattern(task_name: str) -> "re.Pattern[str]":
-    """The compiled search pattern for a task: one capture group per vocabulary item, in order.
+def labels_pattern(labels: Tuple[str, ...]) -> "re.Pattern[str]":
+    """The compiled search pattern for an answer vocabulary: one capture group per label, in order.
 
     ``[^\\W_]`` is "a letter or a digit" (``\\w`` without the underscore), in any script.
     """
-    labels = get_task(task_name).answer_labels
     alternatives = "|".join(f"({re.escape(label)})" for label in labels)
     return re.compile(rf"(?<![^\W_])(?:{alternatives})(?![^\W_])", re.IGNORECASE)
+
+
+def answer_pattern(task_name: str) -> "re.Pattern[str]":
+    """:func:`labels_pattern` of a commonsense task's vocabulary."""
+    return labels_pattern(get_task(task_name).answer_labels)
+
+
+def extract_label(labels: Sequence[str], generated_text: Optional[str]) -> Optional[str]:
+    """The first label of ``labels`` found in ``generated_text`` (the rule above), or None.
+
+    Every benchmark with an answer vocabulary (commonsense, MMLU, a user's task) reads its
+    generations with this one function.
+
+    Args:
+        labels (Sequence[str]): the answer vocabulary, lower case.
+        generated_text (Optional[str]): the response (not the prompt); non-strings give None.
+    """
+    if not isinstance(generated_text, str) or not generated_text or not labels:
+        return None
+    labels = tuple(labels)
+    found = labels_pattern(labels).search(generated_text)
+    if found is None:
+        return None
+    # lastindex is the (1-based) group that matched, i.e. the vocabulary position: this maps
+    # case-folded matches ("ſolution1" matches under IGNORECASE) back to the canonical label.
+    return labels[found.lastindex - 1]
 
 
 def extract_answer(task_name: Union[str, CommonsenseTask], generated_text: Optional[str]) -> Optional[str]:
@@ -59,15 +84,7 @@ def extract_answer(task_name: Union[str, CommonsenseTask], generated_text: Optio
         >>> extract_answer("boolq", "untrue") is None
         True
     """
-    task = get_task(task_name)
-    if not isinstance(generated_text, str) or not generated_text:
-        return None
-    found = answer_pattern(task.name).search(generated_text)
-    if found is None:
-        return None
-    # lastindex is the (1-based) group that matched, i.e. the vocabulary position: this maps
-    # case-folded matches ("ſolution1" matches under IGNORECASE) back to the canonical label.
-    return task.answer_labels[found.lastindex - 1]
+    return extract_label(get_task(task_name).answer_labels, generated_text)
 
 
 def is_correct(task: Union[str, CommonsenseTask], prediction: Optional[str], gold: str) -> bool:

@@ -1,10 +1,4 @@
-"""The benchmarks ``mas_eval`` can run, by name.
-
-A benchmark is a function ``(BenchmarkContext) -> EvalResults``: it reads its data and options
-from the context's config, prompts through the shared segment builder, writes per-example
-predictions to ``context.predictions_path`` (appending, so reruns resume), and returns the
-scored records. :func:`run_resumable` is that loop for any benchmark: skip what the predictions
-file already holds, score the rest in batches, append after every batch.
+"""The one registry of benchmarks ``mas_eval`` can run, by name.
 
 ==================  ===========================================  ==========================
 name                module                                       modes
@@ -12,134 +6,88 @@ name                module                                       modes
 ``commonsense``     :mod:`mas.evaluation.commonsense` (Table 1)  generate, loglik
 ``mmlu``            :mod:`mas.evaluation.mmlu` (Table 4)         generate, loglik
 ``summarization``   :mod:`mas.evaluation.summarization` (Tab. 5) generate
+a user's own        :mod:`mas.evaluation.user_tasks`             generate, loglik, exact
 ==================  ===========================================  ==========================
+
+Each module registers its :class:`~mas.evaluation.spec.Benchmark` when it is imported; the
+package ``mas.evaluation`` imports them all, so the registry is complete once it is imported.
+User tasks are registered by ``mas_eval`` from the config or a task file.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, Callable, Dict, Hashable, List, Sequence, Tuple, TypeVar
+from typing import Dict, List, Optional
 
-from omegaconf import DictConfig
-from torch import nn
-from tqdm import tqdm
+from mas.config import ConfigError, suggest
+from mas.evaluation.spec import Benchmark
+from mas.evaluation.suites import DEFAULT_BENCHMARK, TaskSuite
 
-from mas.evaluation.commonsense import ANSWER_TEMPLATE, CommonsenseRun, evaluate_commonsense
-from mas.evaluation.results import EvalResults, PredictionRecord, append_predictions, load_done
-from mas.evaluation.tasks import SAMPLE_SOURCE, TASK_NAMES
-from mas.generation import GenerationSettings
-from mas.segments import SegmentBuilder
+__all__ = ["BENCHMARKS", "MODE_CHOICES", "benchmark_modes", "get_benchmark", "get_suite", "register_benchmark"]
 
-__all__ = ["BENCHMARKS", "BenchmarkContext", "register_benchmark", "run_resumable"]
-
-Item = TypeVar("Item")
-
-
-@dataclass
-class BenchmarkContext:
-    """Everything a benchmark needs."""
-
-    model: nn.Module
-    tokenizer: Any
-    builder: SegmentBuilder
-    settings: GenerationSettings
-    cfg: DictConfig
-    mode: str
-    predictions_path: Path
-    progress: bool = True
-
-
-Benchmark = Callable[[BenchmarkContext], EvalResults]
 BENCHMARKS: Dict[str, Benchmark] = {}
 
-
-def register_benchmark(name: str) -> Callable[[Benchmark], Benchmark]:
-    def register(fn: Benchmark) -> Benchmark:
-        BENCHMARKS[name] = fn
-        return fn
-
-    return register
+#: ``mode`` values of ``mas_eval``: one mode, both of the paper's, or every mode of the benchmark.
+MODE_CHOICES = ("generate", "loglik", "exact", "both", "all")
 
 
-@register_benchmark("commonsense")
-def commonsense(context: BenchmarkContext) -> EvalResults:
-    cfg = context.cfg
-    run = CommonsenseRun(
-        tasks=list(cfg.get("tasks") or TASK_NAMES),
-        source=str(cfg.get("data_dir") or SAMPLE_SOURCE),
-        mode=context.mode,
-        limit=cfg.get("limit"),
-        batch_size=int(cfg.get("batch_size", 16)),
-        answer_template=cfg.get("answer_template", ANSWER_TEMPLATE),
-    )
-    return evaluate_commonsense(
-        context.model,
-        context.tokenizer,
-        context.builder,
-        context.settings,
-        run,
-        context.predictions_path,
-        progress=context.progress,
-    )
-
-
-def run_resumable(
-    context: BenchmarkContext,
-    benchmark: str,
-    items: Sequence[Item],
-    key: Callable[[Item], Tuple[str, int]],
-    score: Callable[[List[Item]], List[PredictionRecord]],
-    batch_size: int,
-) -> EvalResults:
-    """Score ``items`` in batches, appending records to ``context.predictions_path``.
-
-    Records of this benchmark and mode already in the file are reused (not rescored) for the
-    items whose ``key`` they match; records of other items (say, a larger ``limit`` earlier) are
-    left in the file but not reported.
+def register_benchmark(benchmark: Benchmark, *, replace: bool = False) -> Benchmark:
+    """Add ``benchmark`` to the registry.
 
     Args:
-        context (BenchmarkContext): model, mode, predictions file, progress bar switch.
-        benchmark (str): the records' benchmark (its :class:`~mas.evaluation.suites.TaskSuite`).
-        items: the examples, in evaluation order.
-        key: ``(task, index)`` of an item, as its record will have it.
-        score: records for a batch of items, in any order.
-        batch_size (int): items per ``score`` call.
+        benchmark (Benchmark): the spec.
+        replace (bool): allow replacing a benchmark of the same name (user tasks, re-declared).
 
-    Returns:
-        EvalResults: every item's record, resumed ones included.
+    Raises:
+        ConfigError: the name is taken (a user task named like a built-in benchmark).
     """
-    wanted = {key(item) for item in items}
-    done: Dict[Hashable, PredictionRecord] = {
-        k: r for k, r in load_done(context.predictions_path).items()
-        if r.mode == context.mode and r.benchmark == benchmark and k in wanted
-    }
-    results = EvalResults(benchmark=benchmark)
-    results.extend(done.values())
-    todo = [item for item in items if key(item) not in done]
-    desc = f"{benchmark} [{context.mode}, {context.settings.attention}]"
-    bar = tqdm(total=len(items), initial=len(items) - len(todo), desc=desc, disable=not context.progress, dynamic_ncols=True)
-    metric = results.suite.metric
-    for start in range(0, len(todo), batch_size):
-        records = score(todo[start : start + batch_size])
-        append_predictions(context.predictions_path, records)
-        results.extend(records)
-        bar.update(len(records))
-        average = results.average()
-        bar.set_postfix({f"avg_{metric}": f"{100 * average:.1f}" if average is not None else "-"})
-    bar.close()
-    return results
+    if benchmark.name in BENCHMARKS and not replace:
+        raise ConfigError(f"a benchmark named '{benchmark.name}' already exists; give your tasks another benchmark name")
+    BENCHMARKS[benchmark.name] = benchmark
+    return benchmark
 
 
-@register_benchmark("mmlu")
-def mmlu(context: BenchmarkContext) -> EvalResults:
-    from mas.evaluation.mmlu import evaluate_mmlu
+def get_benchmark(name: str) -> Benchmark:
+    """The registered benchmark ``name``.
 
-    return evaluate_mmlu(context)
+    Raises:
+        ConfigError: an unknown name, with the closest one and the known ones.
+    """
+    if name not in BENCHMARKS:
+        raise ConfigError(
+            f"benchmark must be one of {sorted(BENCHMARKS)}, got {name!r}{suggest(name, BENCHMARKS)}; "
+            "your own tasks: task_file=<tasks.yaml> or user_tasks (docs/own_task.md)"
+        )
+    return BENCHMARKS[name]
 
 
-@register_benchmark("summarization")
-def summarization(context: BenchmarkContext) -> EvalResults:
-    from mas.evaluation.summarization import evaluate_summarization
+def get_suite(name: Optional[str]) -> TaskSuite:
+    """The suite of benchmark ``name`` (None: commonsense).
 
-    return evaluate_summarization(context)
+    Raises:
+        ValueError: an unknown benchmark.
+    """
+    name = name or DEFAULT_BENCHMARK
+    if name not in BENCHMARKS:
+        raise ValueError(f"unknown benchmark {name!r}; known: {sorted(BENCHMARKS)}")
+    return BENCHMARKS[name].suite
+
+
+def benchmark_modes(benchmark: Benchmark, mode: str) -> List[str]:
+    """The modes a ``mode`` value asks of ``benchmark`` (``both``: generate and loglik; ``all``:
+    every mode it has).
+
+    Raises:
+        ConfigError: a mode the benchmark does not have, naming the ones it has.
+    """
+    if mode not in MODE_CHOICES:
+        raise ConfigError(f"mode must be one of {', '.join(MODE_CHOICES)}, got {mode!r}")
+    wanted = list(benchmark.modes) if mode == "all" else ["generate", "loglik"] if mode == "both" else [mode]
+    missing = [m for m in wanted if m not in benchmark.modes]
+    if missing:
+        has = list(benchmark.modes)
+        note = f" ({benchmark.mode_note})" if benchmark.mode_note else ""
+        raise ConfigError(
+            f"benchmark {benchmark.name} has no {'/'.join(missing)} mode{note}; "
+            f"set mode={has[0] if len(has) == 1 else 'all'} (its modes: {', '.join(has)})"
+        )
+    return wanted

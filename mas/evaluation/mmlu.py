@@ -35,17 +35,15 @@ from typing import Any, Dict, List, Mapping, Sequence
 from torchtune.data import Message
 
 from mas.data.formats import instruction_messages
-from mas.data.rows import DataError
-from mas.evaluation.answers import extract_answer
-from mas.evaluation.benchmarks import BenchmarkContext, run_resumable
-from mas.evaluation.commonsense import ANSWER_TEMPLATE
-from mas.evaluation.loglik import answer_logprobs, drop_final_eos
+from mas.errors import DataError
+from mas.evaluation.benchmarks import register_benchmark
 from mas.evaluation.mmlu_data import CATEGORIES, CATEGORY_OF, SAMPLE_SOURCE, SUBJECTS, MMLUExample, load_mmlu
-from mas.evaluation.results import EvalResults, PredictionRecord
-from mas.evaluation.suites import MISSING_CELL, TaskSuite, escape_cell, percent, register_suite, table_row
-from mas.generation import generate
+from mas.evaluation.records import extraction_records, loglik_records
+from mas.evaluation.spec import ANSWER_TEMPLATE, Benchmark, BenchmarkContext, EvalItem
+from mas.evaluation.suites import MISSING_CELL, TaskSuite, escape_cell, percent, table_row
+from mas.evaluation.tasks import get_task
 
-__all__ = ["EXTRACTION_TASK", "MMLUSuite", "evaluate_mmlu", "mmlu_instruction", "mmlu_messages"]
+__all__ = ["EXTRACTION_TASK", "MMLU", "MMLUSuite", "mmlu_instruction", "mmlu_items", "mmlu_messages"]
 
 #: The commonsense task whose answer vocabulary (answer1..answer5) extraction uses: MMLU rows are
 #: worded like ARC's, so they are read the same way.
@@ -127,10 +125,7 @@ class MMLUSuite(TaskSuite):
         return "\n".join(lines)
 
 
-register_suite(MMLUSuite())
-
-
-def _check_lengths(context: BenchmarkContext, examples: Sequence[MMLUExample], answer_template: str) -> None:
+def _check_lengths(context: BenchmarkContext, items: Sequence[EvalItem]) -> None:
     """Fail before any work if a question cannot fit: truncating a question would change it."""
     builder, settings = context.builder, context.settings
     if context.mode == "generate":
@@ -138,99 +133,55 @@ def _check_lengths(context: BenchmarkContext, examples: Sequence[MMLUExample], a
         what = f"the {limit + settings.max_new_tokens}-slot KV cache minus max_new_tokens {settings.max_new_tokens}"
     else:
         limit, what = context.model.max_seq_len, f"the model's max_seq_len {context.model.max_seq_len}"
-    longest = f"the longest answer '{answer_template.format(label='answer4')}'"
+    longest_answer = items[0].answer_template.format(label="answer4") if items else ""
     too_long = []
-    for example in examples:
-        messages = mmlu_messages(example)
+    for item in items:
+        messages = list(item.messages)
         if context.mode == "loglik":
-            messages.append(Message("assistant", answer_template.format(label="answer4")))
+            messages.append(Message("assistant", longest_answer))
         length = len(builder(messages, for_generation=context.mode == "generate"))
         if length > limit:
-            too_long.append(f"{example.where} ({length} tokens)")
+            too_long.append(f"{item.where} ({length} tokens)")
     if too_long:
-        extra = f" with {longest}" if context.mode == "loglik" else ""
+        extra = f" with the longest answer '{longest_answer}'" if context.mode == "loglik" else ""
         raise DataError(
             f"{len(too_long)} MMLU prompt(s){extra} exceed {what} ({limit} tokens): {', '.join(too_long[:5])}"
             + (" ..." if len(too_long) > 5 else "") + "; raise max_cache_len or lower max_new_tokens"
         )
 
 
-def _generate_records(context: BenchmarkContext, chunk: List[MMLUExample]) -> List[PredictionRecord]:
-    builder = context.builder
-    out = generate(
-        context.model,
-        context.tokenizer,
-        [mmlu_messages(e) for e in chunk],
-        settings=context.settings,
-        prompt_format=builder.prompt_format,
-        merge_system_and_user=builder.merge_system_and_user,
-    )
-    records = []
-    for example, text in zip(chunk, out.texts):
-        prediction = extract_answer(EXTRACTION_TASK, text)
-        records.append(PredictionRecord(
-            example.subject, example.index, example.gold, prediction, prediction == example.gold, "generate",
-            generation=text, benchmark="mmlu",
-        ))  # fmt: skip
-    return records
-
-
-def _loglik_records(context: BenchmarkContext, chunk: List[MMLUExample], template: str, batch_size: int) -> List[PredictionRecord]:
-    builder, settings = context.builder, context.settings
-    eos = getattr(builder.tokenizer, "eos_id", None)
-    candidates, owners = [], []
-    for example in chunk:
-        for k in range(1, len(example.choices) + 1):
-            label = f"answer{k}"
-            messages = mmlu_messages(example) + [Message("assistant", template.format(label=label))]
-            candidates.append(drop_final_eos(builder(messages), eos))
-            owners.append((example, label))
-    scores = answer_logprobs(
-        context.model, candidates, attention=settings.attention, backend=settings.attention_backend, batch_size=batch_size
-    )
-    by_example: Dict[int, Dict[str, float]] = {}
-    for (example, label), score in zip(owners, scores):
-        by_example.setdefault(id(example), {})[label] = score
-    records = []
-    for example in chunk:
-        option_scores = by_example[id(example)]
-        prediction = max(option_scores, key=option_scores.get)
-        records.append(PredictionRecord(
-            example.subject, example.index, example.gold, prediction, prediction == example.gold, "loglik",
-            option_scores=option_scores, benchmark="mmlu",
-        ))  # fmt: skip
-    return records
-
-
-def evaluate_mmlu(context: BenchmarkContext) -> EvalResults:
-    """The ``mmlu`` benchmark of ``mas_eval``.
-
-    Config keys read: ``data_dir`` (default: the bundled synthetic sample), ``tasks`` (subjects;
-    null: every subject in the data), ``limit`` (first N questions per subject), ``split``
-    (default ``test``), ``data_config`` (hub config, default ``all``), ``batch_size``,
-    ``answer_template`` (loglik).
+def mmlu_items(context: BenchmarkContext) -> List[EvalItem]:
+    """The items of the ``mmlu`` benchmark: the configured subjects (default: every subject in
+    the data; data default: the bundled synthetic sample), ``split`` default ``test``, hub
+    config default ``all``.
 
     Raises:
         DataError: bad data (the message names file and row) or a question too long for the model.
-        ValueError: an unknown subject or mode.
+        ValueError: an unknown subject.
     """
-    cfg = context.cfg
-    if context.mode not in ("generate", "loglik"):
-        raise ValueError(f"mode must be generate or loglik, got {context.mode!r}")
-    subjects = cfg.get("tasks")
-    data = load_mmlu(
-        str(cfg.get("data_dir") or SAMPLE_SOURCE),
-        subjects=[MMLUSuite().canonical(s) for s in subjects] if subjects else None,
-        limit=cfg.get("limit"),
-        split=str(cfg.get("split") or "test"),
-        hub_config=cfg.get("data_config") or "all",
+    data = context.data
+    questions = load_mmlu(
+        data.source or str(SAMPLE_SOURCE),
+        subjects=[MMLUSuite().canonical(s) for s in data.tasks] if data.tasks else None,
+        limit=data.limit,
+        split=data.split or "test",
+        hub_config=data.data_config or "all",
     )
-    examples = [example for rows in data.values() for example in rows]
-    template = str(cfg.get("answer_template") or ANSWER_TEMPLATE)
-    batch_size = int(cfg.get("batch_size", 16))
-    _check_lengths(context, examples, template)
-    if context.mode == "generate":
-        score = lambda chunk: _generate_records(context, chunk)  # noqa: E731
-    else:
-        score = lambda chunk: _loglik_records(context, chunk, template, batch_size)  # noqa: E731
-    return run_resumable(context, "mmlu", examples, key=lambda e: (e.subject, e.index), score=score, batch_size=batch_size)
+    template = data.answer_template or ANSWER_TEMPLATE
+    vocabulary = get_task(EXTRACTION_TASK).answer_labels
+    items = [
+        EvalItem(
+            example.subject, example.index, tuple(mmlu_messages(example)), example.gold, labels=vocabulary,
+            options=tuple(f"answer{k}" for k in range(1, len(example.choices) + 1)), answer_template=template,
+            where=example.where,
+        )
+        for rows in questions.values()
+        for example in rows
+    ]
+    _check_lengths(context, items)
+    return items
+
+
+MMLU = register_benchmark(
+    Benchmark(name="mmlu", suite=MMLUSuite(), items=mmlu_items, modes={"generate": extraction_records, "loglik": loglik_records})
+)

@@ -22,33 +22,32 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
-from mas.data.rows import DataError
+from mas.errors import DataError
+from mas.evaluation.benchmarks import BENCHMARKS, get_suite
 from mas.evaluation.suites import (
     DEFAULT_BENCHMARK,
     MISSING_CELL,
+    USER_RESULTS_FORMAT,
+    NamedTaskSuite,
     TaskSuite,
-    get_suite,
-    register_suite,
     table_row,
 )
-from mas.evaluation.tasks import TASK_NAMES
 
 __all__ = [
-    "MISSING_CELL",
     "MODES",
     "EvalResults",
     "PredictionRecord",
-    "TaskSuite",
     "append_predictions",
-    "get_suite",
     "load_done",
     "load_results",
     "markdown_table",
-    "register_suite",
+    "suite_of",
     "win_rate_row",
 ]
 
-MODES = ("generate", "loglik")
+#: Modes a record can be scored in (generate: answer read from a generation, or the generated
+#: text scored by ROUGE; loglik: best-scoring option; exact: generated text vs the reference).
+MODES = ("generate", "loglik", "exact")
 PathLike = Union[str, Path]
 Runs = Sequence[Tuple[str, Mapping[str, Any]]]
 
@@ -65,7 +64,8 @@ class PredictionRecord:
         prediction (Optional[str]): the predicted label (or generated summary); None is "no answer".
         correct (Optional[bool]): prediction == gold; None where no answer is right or wrong
             (summarization: see ``scores``).
-        mode (str): "generate" (label read from a generation) or "loglik" (best-scoring option).
+        mode (str): "generate" (label read from a generation), "loglik" (best-scoring option) or
+            "exact" (the generated text matched against the reference).
         generation (str): the raw generated text ('' in loglik mode).
         option_scores (Optional[Dict[str, float]]): loglik mode's score per option label.
         scores (Optional[Dict[str, float]]): per-example metrics (summarization: ROUGE F1s).
@@ -250,7 +250,7 @@ def load_results(path: PathLike) -> Dict[str, Any]:
     if not isinstance(data, dict) or not isinstance(data.get("tasks"), dict):
         raise DataError(f"{path}: not a results file (no 'tasks' object)")
     try:
-        suite = get_suite(data.get("benchmark"))
+        suite = suite_of(data)
     except ValueError as e:
         raise DataError(f"{path}: {e}") from None
     for name, entry in data["tasks"].items():
@@ -277,10 +277,33 @@ def markdown_table(runs: Runs) -> str:
     Raises:
         ValueError: runs of different benchmarks.
     """
-    benchmarks = {results.get("benchmark") or DEFAULT_BENCHMARK for _, results in runs}
+    return _common_suite([results for _, results in runs]).markdown_table(runs)
+
+
+def suite_of(results: Mapping[str, Any]) -> TaskSuite:
+    """The suite of a results object: its registered benchmark's, or, for a user's own tasks
+    read in another process, one rebuilt from the task names the file lists.
+
+    Raises:
+        ValueError: an unknown benchmark that is not a user-task results file.
+    """
+    name = results.get("benchmark") or DEFAULT_BENCHMARK
+    if name not in BENCHMARKS and results.get("format") == USER_RESULTS_FORMAT:
+        return NamedTaskSuite(name, list(results.get("tasks", {})))
+    return get_suite(name)
+
+
+def _common_suite(results: Sequence[Mapping[str, Any]]) -> TaskSuite:
+    benchmarks = {r.get("benchmark") or DEFAULT_BENCHMARK for r in results}
     if len(benchmarks) > 1:
         raise ValueError(f"cannot tabulate runs of different benchmarks together: {sorted(benchmarks)}")
-    return get_suite(benchmarks.pop() if benchmarks else None).markdown_table(runs)
+    if not results:
+        return get_suite(None)
+    suite = suite_of(results[0])
+    if isinstance(suite, NamedTaskSuite) and suite.name not in BENCHMARKS:
+        names = [n for r in results for n in r.get("tasks", {})]
+        suite = NamedTaskSuite(suite.name, list(dict.fromkeys(names)))
+    return suite
 
 
 def _win_cell(wins: int, compared: int) -> str:
@@ -290,8 +313,7 @@ def _win_cell(wins: int, compared: int) -> str:
 def win_rate_row(
     pairs: Sequence[Tuple[Mapping[str, Any], Mapping[str, Any]]], label: str = "MAS win rate"
 ) -> str:
-    """The win-rate row under the commonsense :func:`markdown_table`: how often the challenger
-    beats the baseline.
+    """The win-rate row under :func:`markdown_table`: how often the challenger beats the baseline.
 
     Each pair is ``(baseline, challenger)`` results of the *same model* (e.g. causal and MAS
     fine-tunes of Llama-3.2-3B). A *win* is a strictly higher accuracy (a tie is not a win).
@@ -306,16 +328,18 @@ def win_rate_row(
         pairs: ``(baseline_results, challenger_results)``, one per model.
         label (str): the first cell.
     """
+    suite = _common_suite([r for pair in pairs for r in pair])
+    names = suite.columns(n for pair in pairs for r in pair for n in r.get("tasks", {}))
     cells: List[str] = []
     total_wins = total_compared = 0
-    for name in TASK_NAMES:
+    for name in names:
         wins = compared = 0
         for baseline, challenger in pairs:
             b, c = baseline.get("tasks", {}).get(name), challenger.get("tasks", {}).get(name)
             if b is None or c is None:
                 continue
             compared += 1
-            wins += c["accuracy"] > b["accuracy"]
+            wins += c[suite.metric] > b[suite.metric]
         cells.append(_win_cell(wins, compared))
         total_wins, total_compared = total_wins + wins, total_compared + compared
     return table_row([label] + cells + [_win_cell(total_wins, total_compared)])

@@ -1,31 +1,29 @@
 """Task suites: how each benchmark names, orders, scores and tabulates its tasks.
 
 A results file, a predictions line and a table all need to know a benchmark's task names (the
-eight commonsense tasks, the 57 MMLU subjects, any summarization data set), the per-task metric
-(accuracy, ROUGE-L) and the table layout. A :class:`TaskSuite` answers those questions for one
-benchmark, and :func:`get_suite` finds it by name. The commonsense suite (the paper's Table 1) is
-the base class itself; MMLU's and summarization's are defined next to their benchmarks and
-imported on first use.
+eight commonsense tasks, the 57 MMLU subjects, any summarization data set, a user's own tasks),
+the per-task metric (accuracy, ROUGE-L) and the table layout. A :class:`TaskSuite` answers those
+questions for one benchmark; each benchmark of :mod:`mas.evaluation.benchmarks` carries its
+suite. The commonsense suite (the paper's Table 1) is the base class itself.
 """
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Any, Dict, Iterable, List, Mapping, Sequence, Tuple
 
 from mas.evaluation.tasks import TASK_NAMES, TASKS, get_task
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # annotations only: results imports this module
     from mas.evaluation.results import PredictionRecord
 
 __all__ = [
     "DEFAULT_BENCHMARK",
     "MISSING_CELL",
+    "NamedTaskSuite",
     "TaskSuite",
+    "USER_RESULTS_FORMAT",
     "escape_cell",
-    "get_suite",
     "percent",
-    "register_suite",
     "score_cells",
     "table_row",
 ]
@@ -58,6 +56,15 @@ class TaskSuite:
         present = set(tasks)
         return [n for n in TASK_NAMES if n in present]
 
+    def columns(self, present: Iterable[str]) -> List[str]:
+        """The task columns of a table of runs that evaluated ``present`` (the paper's eight
+        for commonsense, whatever was run; suites of a variable task list show only those)."""
+        return list(TASK_NAMES)
+
+    def header(self, task: str) -> str:
+        """A task's column header."""
+        return TASKS[task].column
+
     def task_entry(self, records: Sequence[PredictionRecord]) -> Dict[str, Any]:
         """The results entry of one task from its records."""
         correct = sum(bool(r.correct) for r in records)
@@ -76,42 +83,15 @@ class TaskSuite:
         }
 
     def markdown_table(self, runs: Runs) -> str:
-        """Runs as the paper's Table 1: see :func:`markdown_table`."""
-        header = ["Run"] + [TASKS[n].column for n in TASK_NAMES] + ["Avg."]
+        """One row per run, one column per task of :meth:`columns`, then the average (the
+        paper's Table 1 for commonsense)."""
+        names = self.columns(name for _, results in runs for name in results.get("tasks", {}))
+        header = ["Run"] + [self.header(n) for n in names] + ["Avg."]
         lines = [table_row(header), table_row(["---"] + ["---:"] * (len(header) - 1))]
         for label, results in runs:
             tasks = results.get("tasks", {})
-            lines.append(table_row([escape_cell(label)] + score_cells(tasks, TASK_NAMES, "accuracy")))
+            lines.append(table_row([escape_cell(label)] + score_cells(tasks, names, self.metric)))
         return "\n".join(lines)
-
-
-_SUITES: Dict[str, TaskSuite] = {}
-# Suites defined next to their benchmark, imported on first use.
-_SUITE_MODULES = {"mmlu": "mas.evaluation.mmlu", "summarization": "mas.evaluation.summarization"}
-
-
-def register_suite(suite: TaskSuite) -> TaskSuite:
-    """Make ``suite`` known to :func:`get_suite` under ``suite.name``."""
-    _SUITES[suite.name] = suite
-    return suite
-
-
-def get_suite(name: Optional[str]) -> TaskSuite:
-    """The suite of benchmark ``name`` (None: commonsense).
-
-    Raises:
-        ValueError: an unknown benchmark.
-    """
-    name = name or DEFAULT_BENCHMARK
-    if name not in _SUITES and name in _SUITE_MODULES:
-        importlib.import_module(_SUITE_MODULES[name])
-    if name not in _SUITES:
-        raise ValueError(f"unknown benchmark {name!r}; known: {sorted(set(_SUITES) | set(_SUITE_MODULES))}")
-    return _SUITES[name]
-
-
-register_suite(TaskSuite())
-
 
 
 # -- table helpers, shared by the suites -------------------------------------------------------
@@ -139,3 +119,73 @@ def score_cells(tasks: Mapping[str, Mapping[str, Any]], names: Sequence[str], me
         if len(values) < len(names):
             average += f" ({len(values)}/{len(names)})"
     return cells + [average]
+
+
+#: ``format`` of the results JSON of a user's own tasks (its task list travels in the file).
+USER_RESULTS_FORMAT = "mas-user-results/1"
+
+
+class NamedTaskSuite(TaskSuite):
+    """A benchmark of named tasks (a user's own): tasks in declared order, accuracy, and the
+    accuracy per group of rows (``group_by``) when the rows have groups.
+
+    Tables show only the tasks that were run, under the user's names.
+
+    Args:
+        name (str): the benchmark's name.
+        tasks (Sequence[str]): the task names, in table order.
+    """
+
+    metric = "accuracy"
+    results_format = USER_RESULTS_FORMAT
+
+    def __init__(self, name: str, tasks: Sequence[str]) -> None:
+        self.name = name
+        self.tasks = tuple(tasks)
+
+    def canonical(self, task: str) -> str:
+        if task not in self.tasks:
+            raise ValueError(f"unknown task '{task}' of benchmark {self.name}; its tasks: {', '.join(self.tasks)}")
+        return task
+
+    def order(self, tasks: Iterable[str]) -> List[str]:
+        present = set(tasks)
+        return [n for n in self.tasks if n in present]
+
+    def columns(self, present: Iterable[str]) -> List[str]:
+        return self.order(present)
+
+    def header(self, task: str) -> str:
+        return task
+
+    def task_entry(self, records: Sequence[PredictionRecord]) -> Dict[str, Any]:
+        entry = super().task_entry(records)
+        groups: Dict[str, List[PredictionRecord]] = {}
+        for record in records:
+            group = (record.info or {}).get("group")
+            if group is not None:
+                groups.setdefault(str(group), []).append(record)
+        if groups:
+            entry["groups"] = {
+                g: {"accuracy": sum(bool(r.correct) for r in rs) / len(rs), "correct": sum(bool(r.correct) for r in rs), "total": len(rs)}
+                for g, rs in sorted(groups.items())
+            }
+        return entry
+
+    def markdown_table(self, runs: Runs) -> str:
+        """The task table, then per task with groups: one row per group, one column per run."""
+        lines = [super().markdown_table(runs)]
+        names = self.columns(name for _, results in runs for name in results.get("tasks", {}))
+        for task in names:
+            groups = sorted({g for _, r in runs for g in r.get("tasks", {}).get(task, {}).get("groups", {})})
+            if not groups:
+                continue
+            lines += ["", table_row([f"{escape_cell(task)}: group"] + [escape_cell(label) for label, _ in runs])]
+            lines.append(table_row(["---"] + ["---:"] * len(runs)))
+            for group in groups:
+                cells = []
+                for _, results in runs:
+                    entry = results.get("tasks", {}).get(task, {}).get("groups", {}).get(group)
+                    cells.append(MISSING_CELL if entry is None else f"{percent(entry['accuracy'])} ({entry['total']})")
+                lines.append(table_row([escape_cell(group)] + cells))
+        return "\n".join(lines)

@@ -33,15 +33,17 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
+from rouge_score import rouge_scorer
 from torchtune.data import Message
 
-from mas.config import ConfigError
 from mas.data.formats import instruction_messages
-from mas.data.rows import DataError, first_present, load_rows, require_text
-from mas.evaluation.benchmarks import BenchmarkContext, run_resumable
-from mas.evaluation.results import EvalResults, PredictionRecord
-from mas.evaluation.suites import TaskSuite, escape_cell, percent, register_suite, table_row
-from mas.generation import generate
+from mas.data.rows import first_present, load_rows, require_text
+from mas.errors import DataError
+from mas.evaluation.benchmarks import register_benchmark
+from mas.evaluation.records import text_records
+from mas.evaluation.results import PredictionRecord
+from mas.evaluation.spec import Benchmark, BenchmarkContext, EvalItem
+from mas.evaluation.suites import TaskSuite, escape_cell, percent, table_row
 from mas.segments import SegmentBuilder
 
 __all__ = [
@@ -49,13 +51,15 @@ __all__ = [
     "INSTRUCTION",
     "ROUGE_TYPES",
     "SAMPLE_SOURCE",
+    "SUMMARIZATION",
     "SUMMARY_FIELDS",
     "SummarizationExample",
     "SummarizationSuite",
-    "evaluate_summarization",
     "fit_document",
     "load_summarization",
+    "rouge_match",
     "rouge_scores",
+    "summarization_items",
     "summary_messages",
 ]
 
@@ -180,9 +184,7 @@ def fit_document(builder: SegmentBuilder, document: str, budget: int) -> Tuple[L
 
 
 @lru_cache(maxsize=1)
-def _scorer():
-    from rouge_score import rouge_scorer
-
+def _scorer() -> rouge_scorer.RougeScorer:
     return rouge_scorer.RougeScorer(list(ROUGE_TYPES), use_stemmer=True)
 
 
@@ -233,71 +235,56 @@ class SummarizationSuite(TaskSuite):
         return "\n".join(lines)
 
 
-register_suite(SummarizationSuite())
+def rouge_match(prediction: str, reference: str) -> Tuple[Optional[bool], Dict[str, float]]:
+    """A summary's ROUGE F1s (no right or wrong: ``correct`` is None)."""
+    return None, rouge_scores(prediction, reference)
 
 
-def _records(context: BenchmarkContext, chunk: List[SummarizationExample], budget: int) -> List[PredictionRecord]:
-    builder = context.builder
-    fitted = [fit_document(builder, example.document, budget) for example in chunk]
-    out = generate(
-        context.model,
-        context.tokenizer,
-        [messages for messages, _ in fitted],
-        settings=context.settings,
-        prompt_format=builder.prompt_format,
-        merge_system_and_user=builder.merge_system_and_user,
-    )
-    records = []
-    for example, (_, cut), text in zip(chunk, fitted, out.texts):
-        summary = text.strip()
-        records.append(PredictionRecord(
-            example.task, example.index, example.summary, summary or None, None, "generate", generation=text,
-            scores=rouge_scores(summary, example.summary), info={"truncated_tokens": cut} if cut else None,
-            benchmark="summarization",
-        ))  # fmt: skip
-    return records
+def summarization_items(context: BenchmarkContext) -> List[EvalItem]:
+    """The items of the ``summarization`` benchmark: each document fitted to the KV cache.
 
-
-def evaluate_summarization(context: BenchmarkContext) -> EvalResults:
-    """The ``summarization`` benchmark of ``mas_eval`` (generate mode only).
-
-    Config keys read: ``data_dir`` (default: the bundled synthetic sample), ``tasks`` (data set
-    names; null: every file of a folder), ``limit`` (first N documents per data set), ``split``
-    (default ``test``), ``data_config`` (hub config, e.g. ``3.0.0`` for ``cnn_dailymail``),
-    ``batch_size``, ``max_new_tokens``, ``max_cache_len``.
+    Data: ``source`` (default: the bundled synthetic sample), ``tasks`` (data set names; None:
+    every file of a folder), ``limit``, ``split`` (default ``test``), ``data_config`` (hub
+    config, e.g. ``3.0.0`` for ``cnn_dailymail``). A document too long for the cache minus
+    ``max_new_tokens`` loses its end (``info.truncated_tokens``); one warning gives the count.
 
     Raises:
-        ConfigError: ``mode`` is ``loglik`` or ``both``.
         DataError: bad data (naming file and row).
     """
-    cfg = context.cfg
-    if context.mode != "generate" or cfg.get("mode", "generate") != "generate":
-        raise ConfigError(
-            f"benchmark summarization is scored by ROUGE on generated summaries: set mode=generate "
-            f"(got mode={cfg.get('mode', context.mode)}); loglik mode has no candidate answers to score"
-        )
-    tasks = cfg.get("tasks")
-    data = load_summarization(
-        str(cfg.get("data_dir") or SAMPLE_SOURCE),
-        tasks=[str(t) for t in tasks] if tasks else None,
-        limit=cfg.get("limit"),
-        split=str(cfg.get("split") or "test"),
-        hub_config=cfg.get("data_config"),
+    data = context.data
+    documents = load_summarization(
+        data.source or str(SAMPLE_SOURCE),
+        tasks=list(data.tasks) if data.tasks else None,
+        limit=data.limit,
+        split=data.split or "test",
+        hub_config=data.data_config,
     )
     settings = context.settings
     cache_len = settings.max_cache_len or context.model.max_seq_len
     budget = cache_len - settings.max_new_tokens
-    examples = [example for rows in data.values() for example in rows]
-    results = run_resumable(
-        context, "summarization", examples, key=lambda e: (e.task, e.index),
-        score=lambda chunk: _records(context, chunk, budget), batch_size=int(cfg.get("batch_size", 16)),
-    )  # fmt: skip
-    truncated = [r for r in results.records.values() if (r.info or {}).get("truncated_tokens")]
+    items = []
+    for example in (e for rows in documents.values() for e in rows):
+        messages, cut = fit_document(context.builder, example.document, budget)
+        items.append(EvalItem(
+            example.task, example.index, tuple(messages), example.summary, where=example.where,
+            info={"truncated_tokens": cut} if cut else None,
+        ))  # fmt: skip
+    truncated = [item.info["truncated_tokens"] for item in items if item.info]
     if truncated:
         log.warning(
             "%d of %d documents were cut at the end to fit the %d-slot KV cache with max_new_tokens %d "
             "(%d document tokens dropped in all); raise max_cache_len to keep them whole",
-            len(truncated), len(results.records), cache_len, settings.max_new_tokens,
-            sum(r.info["truncated_tokens"] for r in truncated),
+            len(truncated), len(items), cache_len, settings.max_new_tokens, sum(truncated),
         )  # fmt: skip
-    return results
+    return items
+
+
+SUMMARIZATION = register_benchmark(
+    Benchmark(
+        name="summarization",
+        suite=SummarizationSuite(),
+        items=summarization_items,
+        modes={"generate": text_records(rouge_match, "generate")},
+        mode_note="it is scored by ROUGE on generated summaries; loglik mode has no candidate answers to score",
+    )
+)

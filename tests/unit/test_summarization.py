@@ -11,21 +11,22 @@ import json
 from pathlib import Path
 
 import pytest
-from omegaconf import OmegaConf
 
 from mas.config import ConfigError
 from mas.data.rows import DataError
-from mas.evaluation.benchmarks import BenchmarkContext
+from mas.evaluation.benchmarks import benchmark_modes
+from mas.evaluation.loop import evaluate_benchmark
 from mas.evaluation.results import EvalResults, PredictionRecord, load_results, markdown_table
 from mas.evaluation.summarization import (
     INSTRUCTION,
     SAMPLE_SOURCE,
-    evaluate_summarization,
+    SUMMARIZATION,
     fit_document,
     load_summarization,
     rouge_scores,
     summary_messages,
 )
+from mas.evaluation.spec import BenchmarkContext, BenchmarkData
 from mas.generation import GenerationSettings
 from mas.segments import SegmentBuilder
 
@@ -151,10 +152,13 @@ def test_results_average_rouge_l_over_data_sets(tmp_path):
 def test_loglik_mode_is_a_config_error(mode, cfg_mode, tmp_path):
     context = BenchmarkContext(
         model=None, tokenizer=None, builder=None, settings=GenerationSettings(), mode=mode,
-        cfg=OmegaConf.create({"mode": cfg_mode}), predictions_path=Path(tmp_path / "p.jsonl"),
+        data=BenchmarkData(), predictions_path=Path(tmp_path / "p.jsonl"),
     )  # fmt: skip
     with pytest.raises(ConfigError, match="set mode=generate"):
-        evaluate_summarization(context)
+        benchmark_modes(SUMMARIZATION, cfg_mode)
+    if mode == "loglik":  # the loop refuses the mode too, before writing anything
+        with pytest.raises(ConfigError, match="set mode=generate"):
+            evaluate_benchmark(SUMMARIZATION, context)
     assert not (tmp_path / "p.jsonl").exists()
 
 
