@@ -15,7 +15,7 @@ import json
 import logging
 import sys
 from pathlib import Path
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Optional, TextIO
 
 import mas
 
@@ -24,34 +24,17 @@ if getattr(mas, "__file__", None) is None:  # a plain folder named "mas" in the 
 
 from omegaconf import DictConfig, OmegaConf
 
-from mas.config import ConfigError, RecipeKeys, instantiate, parse, run_reporting_user_errors
+from mas.config import ConfigError, instantiate, parse, run_reporting_user_errors, to_options
 from mas.data import DataError, instruction_messages, load_rows
 from mas.devices import resolve_device
 from mas.generation import GenerationSettings, generate, prompt_messages
-from mas.generation.loading import (
-    INFERENCE_KEYS_OPTIONAL,
-    INFERENCE_KEYS_REQUIRED,
-    load_inference_model,
-    prompt_mismatch_warnings,
-)
+from mas.generation.loading import load_inference_model, prompt_mismatch_warnings
+from mas.generation.options import GenerateOptions
+from mas.training.model_setup import check_vocab
 
 log = logging.getLogger("mas_generate")
 
-KEYS = RecipeKeys(
-    recipe="mas_generate",
-    required=INFERENCE_KEYS_REQUIRED,
-    optional={
-        **INFERENCE_KEYS_OPTIONAL,
-        "output_dir": "where output_file defaults to",
-        "prompt": "{system, user} or a string",
-        "prompts_file": "JSONL of prompts",
-        "output_file": "JSONL of completions (null: print only)",
-        "temperature": "0 = greedy",
-        "top_k": "top-k filter",
-        "top_p": "nucleus filter",
-        "stop_tokens": "ids that end generation (null: the tokenizer's)",
-    },
-)
+RECIPE = "mas_generate"
 
 
 def _prompts_from_file(path: str) -> List[Any]:
@@ -70,54 +53,64 @@ def _prompts_from_file(path: str) -> List[Any]:
     return prompts
 
 
-def load_prompts(cfg: DictConfig) -> List[Any]:
+def load_prompts(options: GenerateOptions) -> List[Any]:
     """The prompts of a generate config (``prompts_file`` wins over ``prompt``)."""
-    if cfg.get("prompts_file"):
-        return _prompts_from_file(cfg.prompts_file)
-    prompt = cfg.get("prompt")
+    if options.prompts_file:
+        return _prompts_from_file(options.prompts_file)
+    prompt = options.prompt
     if prompt is None:
         raise ConfigError("give prompt: {system: ..., user: ...} or prompts_file: path.jsonl")
-    return [OmegaConf.to_container(prompt) if isinstance(prompt, DictConfig) else str(prompt)]
+    return [OmegaConf.to_container(prompt) if isinstance(prompt, DictConfig) else prompt if isinstance(prompt, dict) else str(prompt)]
 
 
-def settings_from(cfg: DictConfig) -> GenerationSettings:
-    stop = cfg.get("stop_tokens")
+def settings_from(options: GenerateOptions) -> GenerationSettings:
     return GenerationSettings(
-        attention=cfg.attention,
-        max_new_tokens=int(cfg.get("max_new_tokens", 64)),
-        temperature=float(cfg.get("temperature", 0.0)),
-        top_k=cfg.get("top_k"),
-        top_p=cfg.get("top_p"),
-        stop_tokens=list(stop) if stop is not None else None,
-        seed=cfg.get("seed"),
-        batch_size=int(cfg.get("batch_size", 8)),
-        reuse_system_cache=bool(cfg.get("reuse_system_cache", False)),
-        compile_decode=bool(cfg.get("compile_decode", False)),
-        max_cache_len=cfg.get("max_cache_len"),
-        attention_backend=cfg.get("attention_backend", "auto"),
+        attention=options.attention,
+        max_new_tokens=options.max_new_tokens,
+        temperature=options.temperature,
+        top_k=options.top_k,
+        top_p=options.top_p,
+        stop_tokens=options.stop_tokens,
+        seed=options.seed,
+        batch_size=options.batch_size,
+        reuse_system_cache=options.reuse_system_cache,
+        compile_decode=options.compile_decode,
+        max_cache_len=options.max_cache_len,
+        attention_backend=options.attention_backend,
     )
+
+
+def _open_output(options: GenerateOptions) -> Optional[TextIO]:
+    """Open ``output_file`` before any work, so an unwritable path fails before generating."""
+    if not options.output_file:
+        return None
+    path = Path(options.output_file)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return open(path, "w")
 
 
 def run(cfg: DictConfig) -> Dict[str, Any]:
     from torchtune import training
 
-    device = resolve_device(cfg.get("device", "auto"))
-    dtype = training.get_dtype(cfg.get("dtype", "fp32"), device=device)
-    settings = settings_from(cfg)
-    prompts = load_prompts(cfg)
+    options = to_options(cfg, GenerateOptions, RECIPE)
+    device = resolve_device(options.device)
+    dtype = training.get_dtype(options.dtype, device=device)
+    settings = settings_from(options)
+    prompts = load_prompts(options)
     for i, p in enumerate(prompts):
         prompt_messages(p, i)  # validate before loading weights
-    tokenizer = instantiate(cfg.tokenizer)
+    out = _open_output(options)
+    tokenizer = instantiate(options.tokenizer)
     loaded = load_inference_model(
-        cfg.model,
-        cfg.checkpointer,
-        adapter_checkpoint=cfg.get("adapter_checkpoint"),
+        options.model,
+        options.checkpointer,
+        adapter_checkpoint=options.adapter_checkpoint,
         device=device,
         dtype=dtype,
         attention_backend=settings.attention_backend,
     )
-    prompt_format = cfg.get("prompt_format", "text")
-    merge = bool(cfg.get("merge_system_and_user", False))
+    check_vocab(tokenizer, loaded.model)
+    prompt_format, merge = options.prompt_format, options.merge_system_and_user
     for note in prompt_mismatch_warnings(loaded, settings.attention, prompt_format, merge):
         log.warning(note)
     result = generate(loaded.model, tokenizer, prompts, settings=settings, prompt_format=prompt_format, merge_system_and_user=merge)
@@ -127,20 +120,17 @@ def run(cfg: DictConfig) -> Dict[str, Any]:
         f"time to first token: {result.time_to_first_token_s * 1e3:.1f} ms (mean per batch), "
         f"decode: {result.decode_tokens_per_s:.1f} tokens/s, prompts: {len(prompts)}"
     )
-    output_file = cfg.get("output_file")
-    if output_file:
-        path = Path(output_file)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with open(path, "w") as f:
+    if out is not None:
+        with out:
             for i, (seq, ids, text) in enumerate(zip(result.prompts, result.tokens, result.texts)):
-                f.write(json.dumps({"index": i, "prompt": tokenizer.decode(seq.tokens), "completion": text, "completion_ids": ids}) + "\n")
-        print(f"completions written to {path}")
+                out.write(json.dumps({"index": i, "prompt": tokenizer.decode(seq.tokens), "completion": text, "completion_ids": ids}) + "\n")
+        print(f"completions written to {options.output_file}")
     return {"texts": result.texts, "tokens": result.tokens}
 
 
-@parse(KEYS)
+@parse(RECIPE, GenerateOptions)
 def recipe_main(cfg: DictConfig) -> int:
-    return run_reporting_user_errors(KEYS.recipe, run, cfg)
+    return run_reporting_user_errors(RECIPE, run, cfg)
 
 
 if __name__ == "__main__":
