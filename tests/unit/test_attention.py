@@ -5,16 +5,23 @@ twin), BlockMask with ``backend="flex"`` (compiled FlexAttention forward), and, 
 all-causal layout, the unpatched model with ``mask=None``.
 """
 
+import dataclasses
+
+import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch import nn
+from torch.nn.attention.flex_attention import BlockMask
 
-from mas.attention import MASAttention, block_mask_to_dense, use_mas_attention
+from mas.attention import MASAttention, block_mask_to_dense, build_attention_mask, use_mas_attention, uses_flex
 from mas.block_mask import create_mas_block_mask
+from mas.errors import ConfigError
 from mas.masks import dense_mas_mask
 from mas.models import TINY_LLAMA3_2, tiny_llama3_2
 
-from support.masks import CAUSAL_ID, PAD_ID, reference_attention
+from support.masks import CAUSAL_ID, PAD_ID, block_mask_token_view, eq14_allowed, layouts, reference_attention
 
 SEQ_LEN = 150  # two 128-token blocks, the second partly filled
 VOCAB = TINY_LLAMA3_2["vocab_size"]
@@ -260,3 +267,105 @@ def test_model_flex_on_cuda_equals_dense_forward_and_backward():
     torch.testing.assert_close(logits_flex, logits_dense, atol=1e-4, rtol=1e-4)
     for name, grad in grads_flex.items():
         torch.testing.assert_close(grad, grads_dense[name], atol=1e-4, rtol=1e-3, msg=name)
+
+
+# ---------------------------------------------------------------------------------------------
+# build_attention_mask: the one entry point, against the Eq. 14 twin.
+# ---------------------------------------------------------------------------------------------
+
+
+def _eq14_for(layout, attention: str) -> np.ndarray:
+    """Eq. 14 for ``attention="mas"``; for ``"causal"`` the same rule on the layout with every
+    prompt segment made causal (written here from the convention, not with ``mas.as_causal``)."""
+    if attention == "causal":
+        causal_ids = np.where(layout.segment_ids >= 0, CAUSAL_ID, layout.segment_ids)
+        layout = dataclasses.replace(layout, segment_ids=causal_ids)
+    return eq14_allowed(layout)
+
+
+@settings(max_examples=60, deadline=None)
+@given(layout=layouts(contiguous=True) | layouts(contiguous=False), attention=st.sampled_from(["mas", "causal"]))
+def test_build_attention_mask_dense_equals_eq14(layout, attention):
+    """CPU (``auto``) and ``sdpa`` give the dense mask of Eq. 14, documents and windows included."""
+    segment_ids, document_ids = layout.torch_ids()
+    expected = _eq14_for(layout, attention)
+    for backend in ("auto", "sdpa"):
+        mask = build_attention_mask(
+            segment_ids,
+            document_ids,
+            attention=attention,
+            backend=backend,
+            query_start=layout.query_start,
+            query_len=layout.query_len,
+        )
+        assert isinstance(mask, torch.Tensor) and mask.dtype == torch.bool
+        np.testing.assert_array_equal(mask.numpy(), expected)
+
+
+@settings(max_examples=30, deadline=None)
+@given(layout=layouts(max_len=300), attention=st.sampled_from(["mas", "causal"]))
+def test_build_attention_mask_block_mask_equals_eq14(layout, attention):
+    """``backend="flex"`` gives a BlockMask; what FlexAttention computes with it is Eq. 14."""
+    segment_ids, document_ids = layout.torch_ids()
+    block_mask = build_attention_mask(
+        segment_ids,
+        document_ids,
+        attention=attention,
+        backend="flex",
+        query_start=layout.query_start,
+        query_len=layout.query_len,
+    )
+    assert isinstance(block_mask, BlockMask)
+    assert block_mask.seq_lengths == (layout.query_len, layout.seq_len)
+    np.testing.assert_array_equal(block_mask_token_view(block_mask), _eq14_for(layout, attention))
+
+
+def test_build_attention_mask_causal_mode_on_a_drawn_layout():
+    """The docstring's picture: MAS vs the causal baseline on one small layout."""
+    segment_ids = torch.tensor([[0, 0, 1, 1, CAUSAL_ID, PAD_ID]])
+    mas_rows = [[1, 1, 0, 0, 0, 0], [1, 1, 0, 0, 0, 0], [1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 0], [1, 1, 1, 1, 1, 0]]
+    causal_rows = [[1, 0, 0, 0, 0, 0], [1, 1, 0, 0, 0, 0], [1, 1, 1, 0, 0, 0], [1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 0], [1, 1, 1, 1, 1, 0]]
+    assert build_attention_mask(segment_ids, attention="mas")[0].int().tolist() == mas_rows
+    assert build_attention_mask(segment_ids, attention="causal")[0].int().tolist() == causal_rows
+    window = build_attention_mask(segment_ids, attention="mas", query_start=2, query_len=2)
+    assert window[0].int().tolist() == mas_rows[2:4]
+
+
+def test_build_attention_mask_rejects_unknown_mode_and_backend():
+    segment_ids = torch.tensor([[0, CAUSAL_ID]])
+    with pytest.raises(ConfigError, match=r"^attention must be 'mas' or 'causal', got 'bidirectional'$"):
+        build_attention_mask(segment_ids, attention="bidirectional")
+    with pytest.raises(ConfigError, match=r"^attention_backend must be auto, flex or sdpa, got 'xla'$"):
+        build_attention_mask(segment_ids, attention="mas", backend="xla")
+
+
+def test_mask_form_and_kernel_choice_agree():
+    """The mask builder and MASAttention ask the same question (uses_flex)."""
+    cpu = torch.device("cpu")
+    assert [uses_flex(b, cpu) for b in ("auto", "flex", "sdpa")] == [False, True, False]
+    for backend in ("auto", "flex", "sdpa"):
+        mask = build_attention_mask(_segment_ids(), attention="mas", backend=backend)
+        assert isinstance(mask, BlockMask) == uses_flex(backend, cpu)
+        q, k, v = _qkv()
+        assert MASAttention(backend)._use_flex(q, k, v) == uses_flex(backend, cpu)
+
+
+def test_prepare_batch_mask_is_the_entry_points_mask():
+    """Training asks build_attention_mask: same mask for both modes, with packed documents."""
+    from mas.training import prepare_batch
+
+    segment_ids = _segment_ids()
+    document_ids = torch.zeros_like(segment_ids)
+    document_ids[:, 60:] = 1
+    batch = {
+        "tokens": _tokens(*segment_ids.shape),
+        "labels": _tokens(*segment_ids.shape, seed=2),
+        "segment_ids": segment_ids,
+        "document_ids": document_ids,
+    }
+    for attention in ("mas", "causal"):
+        prepared = prepare_batch(batch, attention=attention, device=torch.device("cpu"))
+        expected = build_attention_mask(segment_ids, document_ids, attention=attention)
+        assert torch.equal(prepared.mask, expected)
+    with pytest.raises(ConfigError, match="attention must be 'mas' or 'causal'"):
+        prepare_batch(batch, attention="both", device=torch.device("cpu"))

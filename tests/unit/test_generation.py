@@ -13,7 +13,7 @@ from mas.data import collate_segmented, instruction_messages
 from mas.generation import DecodeState, GenerationSettings, decode_one_token, prefill, sample_next_token
 from mas.generation.kv_cache import clear_kv_caches, setup_kv_caches
 from mas.generation.layout import layout_prompts
-from mas.segments import SegmentBuilder, SegmentedSequence
+from mas.segments import IGNORE_INDEX, SegmentBuilder, SegmentedSequence
 from mas.training import prepare_batch
 
 PROMPTS = [
@@ -197,3 +197,92 @@ def test_compiled_decode_equals_eager_decode(model, llama3_tokenizer):
     eager = mas.generate(model, llama3_tokenizer, PROMPTS, max_new_tokens=10, max_cache_len=128)
     compiled = mas.generate(model, llama3_tokenizer, PROMPTS, max_new_tokens=10, max_cache_len=128, compile_decode=True)
     assert compiled.tokens == eager.tokens
+
+
+# ---------------------------------------------------------------------------------------------
+# The system prefix comes from the builder's spans; masks come from the one entry point.
+# ---------------------------------------------------------------------------------------------
+
+
+def _scan_system_prefix(seq: SegmentedSequence):
+    """The old definition, kept as the twin: the leading run of segment 0, if tokens follow."""
+    n = 0
+    while n < len(seq) and seq.segment_ids[n] == 0:
+        n += 1
+    if n == 0 or n == len(seq):
+        return None
+    return seq.tokens[:n], seq.labels[:n], seq.segment_ids[:n]
+
+
+SYSTEM_PROMPTS = [p for p in PROMPTS if "system" in p] + [
+    {"system": "S " * 40, "user": "short"},
+    {"messages": [{"role": "system", "content": "Two turns."}, {"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}, {"role": "user", "content": "Again?"}]},
+]
+
+
+@pytest.mark.parametrize("prompt_format", ["text", "chat"])
+def test_system_prefix_from_spans_equals_the_scan(llama3_tokenizer, prompt_format):
+    from mas.generation import system_prefix
+
+    builder = SegmentBuilder(llama3_tokenizer, prompt_format=prompt_format)
+    for i, prompt in enumerate(SYSTEM_PROMPTS):
+        seq = builder(mas.generation.prompt_messages(prompt, i), for_generation=True)
+        prefix = system_prefix(seq)
+        assert prefix is not None
+        assert (prefix.tokens, prefix.labels, prefix.segment_ids) == _scan_system_prefix(seq)
+        assert [(s.role, s.start, s.end) for s in prefix.spans] == [("system", 0, len(prefix))]
+
+
+def test_system_prefix_needs_a_system_message_of_its_own(llama3_tokenizer):
+    from mas.generation import system_prefix
+
+    messages = mas.generation.prompt_messages({"system": "Be brief.", "user": "Hi"})
+    merged = SegmentBuilder(llama3_tokenizer, prompt_format="chat", merge_system_and_user=True)(messages, for_generation=True)
+    assert system_prefix(merged) is None  # the system tokens see the user turn: not cacheable alone
+    for prompt_format in ("text", "chat"):
+        user_only = SegmentBuilder(llama3_tokenizer, prompt_format=prompt_format)(mas.generation.prompt_messages("Hi"), for_generation=True)
+        assert system_prefix(user_only) is None
+    # The old scan took a chat prompt's user turn for a "system prefix" (a cache entry that no
+    # other prompt shares); the spans know it is not one.
+    assert _scan_system_prefix(user_only) is not None
+    hand_built = SegmentedSequence([1, 2, 3], [IGNORE_INDEX] * 3, [0, 0, 1])
+    assert system_prefix(hand_built) is None  # roles not recorded
+
+
+@pytest.mark.parametrize("attention", ["mas", "causal"])
+def test_prefill_and_decode_masks_are_the_entry_points(llama3_tokenizer, monkeypatch, attention):
+    """prefill asks build_attention_mask for its window; each decode step's mask is the row of
+    build_attention_mask for that query over the cache (generated tokens are CAUSAL)."""
+    import mas.generation._decoding as decoding
+    from mas.attention import build_attention_mask
+
+    builder = SegmentBuilder(llama3_tokenizer)
+    seqs = [builder(mas.generation.prompt_messages(p, i), for_generation=True) for i, p in enumerate(PROMPTS[:3])]
+    batch = layout_prompts(seqs, pad_id=0)
+    calls, vocab = [], 7
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs)
+        return build_attention_mask(*args, **kwargs)
+
+    class FakeModel(torch.nn.Module):
+        def forward(self, tokens, mask, input_pos=None):
+            self.mask = mask
+            return torch.zeros(tokens.shape[0], tokens.shape[1], vocab)
+
+    monkeypatch.setattr(decoding, "build_attention_mask", spy)
+    model = FakeModel()
+    prefill(model, batch, attention=attention, backend="sdpa")
+    assert calls == [dict(attention=attention, backend="sdpa", query_start=0, query_len=batch.num_slots, compile_block_tables=False)]
+    assert torch.equal(model.mask, build_attention_mask(batch.segment_ids, attention=attention, backend="sdpa"))
+
+    cache_len = batch.num_slots + 5
+    state = DecodeState.after_prefill(batch, cache_len)
+    cache_segments = torch.full((len(seqs), cache_len), mas.PAD)
+    cache_segments[:, : batch.num_slots] = batch.segment_ids
+    for step in range(5):
+        slot = batch.num_slots + step
+        decode_one_token(model, torch.zeros(len(seqs), dtype=torch.long), state)
+        cache_segments[:, slot] = CAUSAL
+        expected = build_attention_mask(cache_segments[:, : slot + 1], attention=attention, backend="sdpa", query_start=slot, query_len=1)
+        assert torch.equal(model.mask, expected)

@@ -10,7 +10,16 @@ from torchtune.data import Message
 
 from mas import CAUSAL, PAD, dense_mas_mask
 from mas.data import instruction_messages
-from mas.segments import IGNORE_INDEX, SegmentBuilder, TooLongError, ignore_leaking_labels
+from mas.errors import ConfigError
+from mas.segments import (
+    IGNORE_INDEX,
+    SegmentBuilder,
+    SegmentedSequence,
+    SegmentSettings,
+    TooLongError,
+    counts_as_target,
+    ignore_leaking_labels,
+)
 
 
 def _runs(segment_ids):
@@ -198,3 +207,158 @@ def test_leakage_guard_on_arbitrary_labels(layout, pad):
     answer = segment_ids == CAUSAL
     assert torch.equal(guarded[answer], labels[answer])
 
+
+
+# ---------------------------------------------------------------------------------------------
+# What the builder records: settings, spans and roles; the one "which tokens count".
+# ---------------------------------------------------------------------------------------------
+
+CONVERSATIONS = {
+    "instruction": instruction_messages("Is the sky blue?\n\nAnswer format: true/false", "", "the correct answer is true"),
+    "multi_turn": [
+        Message("system", "You are terse.", masked=True),
+        Message("user", "Hi there", masked=True),
+        Message("assistant", "Hello"),
+        Message("user", "Is water wet?", masked=True),
+        Message("assistant", "Yes"),
+    ],
+    "no_system": [Message("user", "Name a colour.", masked=True), Message("assistant", "Blue.")],
+    "tool_result": [
+        Message("system", "Use tools.", masked=True),
+        Message("user", "What is 2+2?", masked=True),
+        Message("ipython", "4", masked=True),
+        Message("assistant", "Four."),
+    ],
+}
+
+
+def _assert_spans_describe(seq, messages):
+    """The spans tile the sequence, carry its segment ids, and follow the message roles."""
+    spans = seq.spans
+    assert spans[0].start == 0 and spans[-1].end == len(seq)
+    for before, after in zip(spans, spans[1:]):
+        assert before.end == after.start
+    for span in spans:
+        assert len(span) > 0
+        assert set(seq.segment_ids[span.start : span.end]) == {span.segment_id}
+    # Every message has one span in order (truncation never empties one here); the chat
+    # format's generation header is one more "assistant" span.
+    roles = [span.role for span in spans]
+    assert roles[: len(messages)] == [m.role for m in messages]
+    assert all(role == "assistant" for role in roles[len(messages) :])
+    # Prompt roles have prompt segments, answers are causal.
+    for span in spans:
+        assert (span.segment_id >= 0) == (span.role in ("system", "user", "ipython"))
+
+
+@pytest.mark.parametrize("name", sorted(CONVERSATIONS))
+@pytest.mark.parametrize("merge", [False, True], ids=["split", "merged"])
+@pytest.mark.parametrize("prompt_format", ["text", "chat"])
+@pytest.mark.parametrize("for_generation", [False, True], ids=["train", "generate"])
+def test_spans_match_segment_ids_and_roles(llama3_tokenizer, name, merge, prompt_format, for_generation):
+    messages = CONVERSATIONS[name]
+    if for_generation:
+        messages = messages[:-1]
+    builder = SegmentBuilder(llama3_tokenizer, prompt_format=prompt_format, merge_system_and_user=merge)
+    seq = builder(messages, for_generation=for_generation)
+    _assert_spans_describe(seq, messages)
+    prompt_spans = [s for s in seq.spans if s.segment_id >= 0]
+    if merge:
+        # A run of consecutive prompt messages shares one segment id.
+        for before, after in zip(seq.spans, seq.spans[1:]):
+            if before.segment_id >= 0 and after.segment_id >= 0:
+                assert before.segment_id == after.segment_id
+    else:
+        assert [s.segment_id for s in prompt_spans] == list(range(len(prompt_spans)))
+
+
+def test_spans_after_truncation(llama3_tokenizer):
+    messages = instruction_messages("word " * 300, "", "the correct answer is true")
+    full = SegmentBuilder(llama3_tokenizer)(messages)
+    fitted = SegmentBuilder(llama3_tokenizer, max_seq_len=64)(messages)
+    _assert_spans_describe(fitted, messages)
+    system, user, answer = fitted.spans
+    assert len(system) == len(full.spans[0]) and len(answer) == len(full.spans[2])
+    assert len(user) == len(full.spans[1]) - fitted.num_truncated
+
+
+def test_spans_after_truncation_of_a_merged_segment(llama3_tokenizer):
+    """Merged into one segment, the system message is the segment's start: it is cut first,
+    down to the BOS token (which always stays); emptied spans would be dropped."""
+    messages = instruction_messages("word " * 300, "", "yes")
+    full = SegmentBuilder(llama3_tokenizer, merge_system_and_user=True)(messages)
+    fitted = SegmentBuilder(llama3_tokenizer, max_seq_len=24, merge_system_and_user=True)(messages)
+    _assert_spans_describe(fitted, messages)
+    system, user, answer = fitted.spans
+    assert (system.segment_id, user.segment_id) == (0, 0)
+    assert len(system) == 1 and fitted.tokens[0] == llama3_tokenizer.bos_id
+    assert len(answer) == len(full.spans[2])
+    assert fitted.tokens[user.start : user.end] == full.tokens[full.spans[1].end - len(user) : full.spans[1].end]
+
+
+def test_hand_built_sequence_has_runs_as_spans_and_head_cuts_them():
+    seq = SegmentedSequence([5, 6, 7, 8, 9], [IGNORE_INDEX] * 3 + [8, 9], [0, 0, 1, CAUSAL, CAUSAL])
+    assert [(s.segment_id, s.role, s.start, s.end) for s in seq.spans] == [(0, None, 0, 2), (1, None, 2, 3), (CAUSAL, None, 3, 5)]
+    head = seq.head(4)
+    assert head.tokens == [5, 6, 7, 8] and head.segment_ids == [0, 0, 1, CAUSAL]
+    assert [(s.start, s.end) for s in head.spans] == [(0, 2), (2, 3), (3, 4)]
+    assert seq.prompt_len == 3
+
+
+@pytest.mark.parametrize("name", sorted(CONVERSATIONS))
+@pytest.mark.parametrize("prompt_format", ["text", "chat"])
+def test_counted_targets_agree_with_builder_labels(llama3_tokenizer, name, prompt_format):
+    """A label is written exactly where counts_as_target allows it and the message is learned."""
+    messages = CONVERSATIONS[name]
+    seq = SegmentBuilder(llama3_tokenizer, prompt_format=prompt_format)(messages)
+    assert len(seq.spans) == len(messages)  # one span per message (EOS joins the last)
+    for span, message in zip(seq.spans, messages):
+        for i in range(span.start, span.end):
+            expected = not message.masked and counts_as_target(seq.segment_ids[i])
+            assert (seq.labels[i] != IGNORE_INDEX) == expected, (span, i)
+            assert seq.labels[i] in (IGNORE_INDEX, seq.tokens[i])
+    # The tensor form is the same predicate, and the guard keeps exactly those labels.
+    segment_ids, labels = torch.tensor([seq.segment_ids]), torch.tensor([seq.labels])
+    assert torch.equal(counts_as_target(segment_ids)[0], torch.tensor([counts_as_target(s) for s in seq.segment_ids]))
+    assert torch.equal(ignore_leaking_labels(labels, segment_ids), labels)
+    everything = torch.tensor([seq.tokens])
+    assert torch.equal(ignore_leaking_labels(everything, segment_ids) != IGNORE_INDEX, counts_as_target(segment_ids))
+
+
+def test_builder_settings_are_one_record(llama3_tokenizer):
+    builder = SegmentBuilder(llama3_tokenizer, prompt_format="chat", merge_system_and_user=True, max_seq_len=99, truncation="drop")
+    assert builder.settings == SegmentSettings("chat", True, 99, "drop")
+    assert (builder.prompt_format, builder.merge_system_and_user, builder.max_seq_len, builder.truncation) == ("chat", True, 99, "drop")
+    assert SegmentBuilder(llama3_tokenizer).settings == SegmentSettings()
+    again = SegmentBuilder.from_settings(llama3_tokenizer, builder.settings)
+    messages = CONVERSATIONS["multi_turn"]
+    assert again(messages) == builder(messages)
+    with pytest.raises(ConfigError, match=r"^prompt_format must be 'text' or 'chat', got 'html'$"):
+        SegmentSettings(prompt_format="html")
+    with pytest.raises(ConfigError, match=r"^truncation must be 'prompt' or 'drop', got 'left'$"):
+        SegmentBuilder(llama3_tokenizer, truncation="left")
+
+
+def test_checkpoint_metadata_is_written_from_the_builders_settings(llama3_tokenizer, tmp_path):
+    """mas_settings records the dataset's builder settings as built, not config defaults."""
+    import json
+
+    from mas.data import chat_dataset
+    from mas.training import mas_settings
+
+    rows = [{"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]}]
+    path = tmp_path / "chat.json"
+    path.write_text(json.dumps(rows))
+    dataset = chat_dataset(llama3_tokenizer, str(path), prompt_format="chat", merge_system_and_user=True, max_seq_len=128)
+    assert dataset.segment_settings == dataset.builder.settings == SegmentSettings("chat", True, 128, "prompt")
+    recorded = mas_settings("causal", dataset.segment_settings)
+    assert recorded["attention"] == "causal"
+    assert {k: recorded[k] for k in ("prompt_format", "merge_system_and_user", "max_seq_len", "truncation")} == {
+        "prompt_format": "chat",
+        "merge_system_and_user": True,
+        "max_seq_len": 128,
+        "truncation": "prompt",
+    }
+    json.dumps(recorded)  # it goes into adapter_config.json
+    with pytest.raises(ConfigError, match="attention must be"):
+        mas_settings("bidirectional", dataset.segment_settings)

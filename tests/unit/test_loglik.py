@@ -1,0 +1,59 @@
+"""Tests for mas/evaluation/loglik.py: scores against a forward pass written out by hand."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mas.attention import build_attention_mask, use_mas_attention
+from mas.data import instruction_messages
+from mas.evaluation.loglik import answer_logprobs, drop_final_eos
+from mas.masks import CAUSAL
+from mas.models import tiny_llama3_2
+from mas.segments import SegmentBuilder, SegmentedSequence
+
+
+@pytest.fixture(scope="module")
+def model():
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        m = tiny_llama3_2()
+    return use_mas_attention(m).eval()
+
+
+def _by_hand(model, seq: SegmentedSequence, attention: str) -> float:
+    """One unpadded sequence: sum of log p(token) over the answer (CAUSAL) tokens."""
+    tokens, segment_ids = torch.tensor([seq.tokens]), torch.tensor([seq.segment_ids])
+    with torch.no_grad():
+        logits = model(tokens, mask=build_attention_mask(segment_ids, attention=attention))[0]
+    logprobs = torch.log_softmax(logits.float(), dim=-1)
+    return sum(float(logprobs[i - 1, seq.tokens[i]]) for i in range(1, len(seq)) if seq.segment_ids[i] == CAUSAL)
+
+
+@pytest.mark.parametrize("attention", ["mas", "causal"])
+def test_scores_equal_the_hand_written_forward(model, llama3_tokenizer, attention):
+    builder = SegmentBuilder(llama3_tokenizer)
+    eos = llama3_tokenizer.eos_id
+    sequences = [
+        drop_final_eos(builder(instruction_messages(question, "", answer)), eos)
+        for question, answer in [("Is ice cold?", "true"), ("Which is heavier, a stone or a feather?", "a stone"), ("Hi", "hello there")]
+    ]
+    # Padding in a batch changes nothing: batch size 2 pads the shorter rows.
+    scores = answer_logprobs(model, sequences, attention=attention, batch_size=2)
+    expected = [_by_hand(model, seq, attention) for seq in sequences]
+    assert scores == pytest.approx(expected, abs=1e-4)
+    if attention == "mas":
+        assert scores != pytest.approx(answer_logprobs(model, sequences, attention="causal"), abs=1e-4)
+
+
+def test_drop_final_eos_keeps_the_spans(llama3_tokenizer):
+    seq = SegmentBuilder(llama3_tokenizer)(instruction_messages("Is ice cold?", "", "true"))
+    dropped = drop_final_eos(seq, llama3_tokenizer.eos_id)
+    assert dropped.tokens == seq.tokens[:-1] and dropped.segment_ids == seq.segment_ids[:-1]
+    assert [s.role for s in dropped.spans] == [s.role for s in seq.spans]
+    assert dropped.spans[-1].end == len(dropped)
+
+
+def test_a_sequence_without_answer_tokens_is_refused(model):
+    with pytest.raises(ValueError, match="sequence 1 has no answer tokens"):
+        answer_logprobs(model, [SegmentedSequence([1, 2], [-100, 2], [0, CAUSAL]), SegmentedSequence([1, 2], [-100] * 2, [0, 0])])
