@@ -1,18 +1,24 @@
-"""Print the paper's Table 1 for several evaluation runs, with a MAS-vs-causal win-rate row.
+"""Print a results table for several evaluation runs, with a MAS-vs-causal win-rate row.
 
 Usage::
 
-    python tools/compare_results.py runs/llama1b_causal/results.json runs/llama1b_mas/results.json \\
-        runs/llama3b_causal/results.json runs/llama3b_mas/results.json --out table.md
+    python tools/compare_results.py runs/eval_causal/results_generate.json runs/eval_mas/results_generate.json \\
+        runs/llama3b_causal/results_generate.json runs/llama3b_mas/results_generate.json --out table.md
 
-Each argument is a ``results.json`` written by :meth:`mas.evaluation.EvalResults.write_json`.
-Rows follow the argument order; ``--labels`` names them (default: ``"<model> (<attention>)"``).
+Each argument is a ``results_<mode>.json`` written by ``mas_eval`` (any benchmark, your own tasks
+included). Rows follow the argument order; ``--labels`` names them (default: the ``run_name``
+the run recorded, e.g. ``tiny_mas step 36 (trained mas, eval mas)``).
 
-How runs are paired for the win-rate row: runs are grouped by the ``model`` and ``mode`` fields
-they record; in a group, the run whose ``attention`` is ``--baseline`` (default ``causal``) is
-paired with the run whose ``attention`` is ``--challenger`` (default ``mas``). A group with two
-runs of the same attention is ambiguous and is an error; a run without a partner is listed under
-the table and left out of the win rate. See :func:`mas.evaluation.win_rate_row` for the rate.
+How runs are paired for the win-rate row: runs are grouped by the *experiment* they record (the
+fine-tuning run's folder name without its ``mas``/``causal`` words, so ``tiny_mas`` and
+``tiny_causal`` are experiment ``tiny``), benchmark and mode; files written before experiments
+were recorded are grouped by their ``model`` field. In a group, the run trained and evaluated
+with ``--baseline`` attention (default ``causal``) is paired with the one trained and evaluated
+with ``--challenger`` (default ``mas``); with several runs per side (checkpoints), runs of the
+same step are paired. Cross-evaluations (trained one way, evaluated the other) and runs without
+a partner are listed under the table and left out of the win rate; two runs of one side and step
+in a group that has both sides are ambiguous and an error. See
+:func:`mas.evaluation.win_rate_row` for the rate.
 """
 
 from __future__ import annotations
@@ -20,50 +26,81 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-from mas.data.rows import DataError
+from mas.errors import DataError
 from mas.evaluation.results import load_results, markdown_table, win_rate_row
 
-Results = Mapping[str, Any]
+Results = Dict[str, Any]
+Run = Tuple[str, Results]
 
 
 def default_label(path: Path, results: Results, show_mode: bool) -> str:
-    """``"<model> (<attention>)"``, plus the mode when runs of several modes are compared."""
-    model = results.get("model") or path.stem
-    label = f"{model} ({results.get('attention', '?')})"
+    """The recorded ``run_name`` (older files: ``"<model> (<attention>)"``), plus the mode when
+    runs of several modes are compared."""
+    if results.get("run_name"):
+        label = str(results["run_name"])
+    else:
+        label = f"{results.get('model') or path.stem} ({results.get('attention', '?')})"
     return f"{label} [{results.get('mode')}]" if show_mode else label
 
 
-def pair_runs(
-    runs: Sequence[Tuple[str, Results]], baseline: str, challenger: str
-) -> Tuple[List[Tuple[Results, Results]], List[str]]:
-    """``(baseline, challenger)`` results per ``(model, mode)``, and the labels of unpaired runs.
+def side_of(results: Results) -> Optional[str]:
+    """The attention a run was trained *and* evaluated with; None for a cross-evaluation."""
+    trained, evaluated = results.get("trained_attention"), results.get("attention")
+    return evaluated if trained in (None, evaluated) else None
+
+
+def _group_key(results: Results) -> Tuple[str, Any, Any, Any]:
+    if results.get("experiment"):
+        return ("experiment", results["experiment"], results.get("benchmark"), results.get("mode"))
+    return ("model", results.get("model"), results.get("benchmark"), results.get("mode"))
+
+
+def pair_runs(runs: Sequence[Run], baseline: str, challenger: str) -> Tuple[List[Tuple[Results, Results]], List[str], List[str]]:
+    """``(baseline, challenger)`` results per experiment (and step), the labels of unpaired runs,
+    and the labels of cross-evaluations.
 
     Raises:
-        ValueError: two runs share model, mode and attention.
+        ValueError: two runs of one side and step in a group that has both sides.
     """
-    groups: Dict[Tuple[Any, Any], Dict[str, Tuple[str, Results]]] = {}
+    groups: Dict[Tuple[str, Any, Any, Any], Dict[str, List[Run]]] = {}
     unpaired: List[str] = []
+    crossed: List[str] = []
     for label, results in runs:
-        attention = results.get("attention")
-        if attention not in (baseline, challenger) or not results.get("model"):
+        side = side_of(results)
+        if side is None:
+            crossed.append(label)
+            continue
+        key = _group_key(results)
+        if side not in (baseline, challenger) or not key[1]:
             unpaired.append(label)
             continue
-        group = groups.setdefault((results["model"], results.get("mode")), {})
-        if attention in group:
-            raise ValueError(
-                f"runs '{group[attention][0]}' and '{label}' are both {attention} runs of model "
-                f"{results['model']!r} in mode {results.get('mode')!r}; compare them in separate calls"
-            )
-        group[attention] = (label, results)
+        groups.setdefault(key, {baseline: [], challenger: []})[side].append((label, results))
     pairs = []
-    for group in groups.values():
-        if baseline in group and challenger in group:
-            pairs.append((group[baseline][1], group[challenger][1]))
-        else:
-            unpaired.extend(label for label, _ in group.values())
-    return pairs, unpaired
+    for (kind, name, _, mode), group in groups.items():
+        base_runs, challenger_runs = group[baseline], group[challenger]
+        if len(base_runs) == 1 and len(challenger_runs) == 1:
+            pairs.append((base_runs[0][1], challenger_runs[0][1]))
+            continue
+        by_step: Dict[Any, Dict[str, List[Run]]] = {}
+        for side, members in group.items():
+            for run in members:
+                by_step.setdefault(run[1].get("step"), {baseline: [], challenger: []})[side].append(run)
+        for step_runs in by_step.values():
+            b, c = step_runs[baseline], step_runs[challenger]
+            if b and c and (len(b) > 1 or len(c) > 1):
+                side = baseline if len(b) > 1 else challenger
+                first, second = (b if len(b) > 1 else c)[:2]
+                raise ValueError(
+                    f"runs '{first[0]}' and '{second[0]}' are both {side} runs of {kind} {name!r} in mode {mode!r}; "
+                    "compare them in separate calls"
+                )
+            if b and c:
+                pairs.append((b[0][1], c[0][1]))
+            else:
+                unpaired.extend(label for label, _ in b + c)
+    return pairs, unpaired, crossed
 
 
 def build_report(paths: Sequence[Path], labels: Optional[Sequence[str]], baseline: str, challenger: str) -> str:
@@ -72,17 +109,19 @@ def build_report(paths: Sequence[Path], labels: Optional[Sequence[str]], baselin
     show_mode = len({results.get("mode") for _, results in loaded}) > 1
     names = list(labels) if labels else [default_label(p, r, show_mode) for p, r in loaded]
     runs = [(name, results) for name, (_, results) in zip(names, loaded)]
-    pairs, unpaired = pair_runs(runs, baseline, challenger)
+    pairs, unpaired, crossed = pair_runs(runs, baseline, challenger)
     lines = [markdown_table(runs)]
     if pairs:
         lines.append(win_rate_row(pairs, label=f"{challenger} > {baseline} (win rate)"))
     lines.append("")
     lines.append(
-        f"Win rate: {len(pairs)} {baseline}/{challenger} pair(s) matched by model and mode; "
+        f"Win rate: {len(pairs)} {baseline}/{challenger} pair(s) matched by experiment and mode; "
         "task cells count models where the challenger is strictly better, Avg. counts all (model, task) cells."
     )
     if unpaired:
         lines.append(f"Not in the win rate (no partner run): {', '.join(unpaired)}.")
+    if crossed:
+        lines.append(f"Not in the win rate (cross-evaluations, trained and evaluated differently): {', '.join(crossed)}.")
     return "\n".join(lines) + "\n"
 
 
@@ -99,7 +138,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         report = build_report(args.results, args.labels, args.baseline, args.challenger)
     except (DataError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"compare_results: {e}", file=sys.stderr)
         return 2
     print(report, end="")
     if args.out:
