@@ -7,6 +7,7 @@
 - :class:`ServeOptions`: the recipe's keys.
 """
 
+from mas.serving._app import ServerState, create_app
 from mas.serving._engine import (
     Engine,
     EngineStoppedError,
@@ -18,7 +19,9 @@ from mas.serving._engine import (
 )
 from mas.serving._prefix_cache import CachedPrefix, PrefixCache, PrefixCacheStats, is_cut_point, reusable_ends
 from mas.serving._slot_cache import SlotCaches, SlotKVCache, SlotPlan, install_slot_caches
+from mas.serving._setup import PromptSettings, build_server, prompt_settings, run_server
 from mas.serving._text import TextStream
+from mas.serving.options import ServeOptions
 
 __all__ = [
     "CachedPrefix",
@@ -27,15 +30,22 @@ __all__ = [
     "Event",
     "PrefixCache",
     "PrefixCacheStats",
+    "PromptSettings",
     "PromptTooLongError",
     "QueueFullError",
     "SamplingParams",
     "SequenceHandle",
+    "ServeOptions",
+    "ServerState",
     "SlotCaches",
     "SlotKVCache",
     "SlotPlan",
     "TextStream",
+    "build_server",
+    "create_app",
     "install_slot_caches",
     "is_cut_point",
+    "prompt_settings",
     "reusable_ends",
+    "run_server",
 ]

@@ -1,0 +1,352 @@
+"""The HTTP layer: FastAPI routes in front of the engine (which alone touches the model).
+
+FastAPI + uvicorn: a widely used, maintained ASGI stack with native ``async`` streaming (server-
+sent events through ``StreamingResponse``), request-disconnect detection and graceful shutdown,
+and the stack vLLM's and SGLang's OpenAI servers use, so clients see familiar behaviour.
+
+Each choice of a request is one engine sequence; its events cross from the engine thread to the
+event loop with ``call_soon_threadsafe``. A streaming client that disconnects closes the
+generator, which cancels its sequences; a non-streaming one is watched for disconnects.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+import uuid
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import Any, AsyncIterator, Dict, List, Optional
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from mas.masks import AttentionMode
+from mas.segments import SegmentBuilder
+from mas.serving._engine import Engine, EngineStoppedError, Event, PromptTooLongError, QueueFullError, SamplingParams, SequenceHandle
+from mas.serving._metrics import CONTENT_TYPE_LATEST, ServeMetrics
+from mas.serving._protocol import ChatCompletionRequest, CompletionRequest, RequestError, error_body, parse_request, prompt_messages_of
+
+__all__ = ["ServerState", "create_app"]
+
+access_log = logging.getLogger("mas_serve.requests")
+
+
+@dataclass
+class ServerState:
+    """What the routes need.
+
+    Attributes:
+        engine (Engine): the running engine.
+        builder (SegmentBuilder): messages -> segments, with the training settings.
+        metrics (ServeMetrics): the server's metrics.
+        model_name (str): the id clients send as ``model``.
+        attention (AttentionMode): the prefill mode every request gets.
+        default_max_tokens (int): ``max_tokens`` of a request that sets none.
+        max_n (int): largest ``n``.
+        warnings (List[str]): notes every response carries (a config that asked for another mode).
+        notes (List[str]): start-up notes shown by ``/health``.
+    """
+
+    engine: Engine
+    builder: SegmentBuilder
+    metrics: ServeMetrics
+    model_name: str
+    attention: AttentionMode
+    default_max_tokens: int
+    max_n: int = 8
+    warnings: List[str] = field(default_factory=list)
+    notes: List[str] = field(default_factory=list)
+    created: int = field(default_factory=lambda: int(time.time()))
+    shutting_down: bool = False
+
+
+def _error(e: RequestError) -> JSONResponse:
+    return JSONResponse(error_body(e.message, param=e.param, code=e.code, type=e.type), status_code=e.status)
+
+
+class _Choices:
+    """The engine sequences of one request and the queue their events arrive on."""
+
+    def __init__(self, handles_of: Any) -> None:
+        self.loop = asyncio.get_running_loop()
+        self.queue: "asyncio.Queue[tuple[int, Event]]" = asyncio.Queue()
+        self.handles: List[SequenceHandle] = handles_of(self._callback)
+
+    def _callback(self, index: int):
+        def push(event: Event) -> None:
+            self.loop.call_soon_threadsafe(self.queue.put_nowait, (index, event))
+
+        return push
+
+    def cancel(self) -> None:
+        for h in self.handles:
+            if h.finish_reason is None:
+                h.cancel()
+
+
+def create_app(state: ServerState) -> FastAPI:
+    """The FastAPI app serving ``state`` (see the module docstring for the routes)."""
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        yield
+        # uvicorn has already let in-flight requests finish (or cancelled them past its timeout).
+        state.shutting_down = True
+        await asyncio.get_running_loop().run_in_executor(None, state.engine.stop, 0.0)
+
+    app = FastAPI(title="mas_serve", lifespan=lifespan)
+    app.state.mas = state
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        code = "not_found" if exc.status_code == 404 else None
+        return JSONResponse(error_body(f"{request.method} {request.url.path}: {exc.detail}", code=code), status_code=exc.status_code)
+
+    @app.get("/health")
+    async def health() -> JSONResponse:
+        engine = state.engine
+        cache = engine.prefix_cache
+        ok = engine.is_alive() and not state.shutting_down
+        body = {
+            "status": "ok" if ok else "unavailable",
+            "model": state.model_name,
+            "attention": state.attention,
+            "active_slots": engine.active_slots(),
+            "rows": engine.num_rows,
+            "queue_depth": engine.queue_depth(),
+            "max_queue": engine.max_queue,
+            "context_length": engine.max_len,
+            "prefix_cache": None
+            if cache is None
+            else {"entries": len(cache), "tokens": cache.tokens, "bytes": cache.bytes, "hits": cache.stats.hits, "misses": cache.stats.misses, "saved_tokens": cache.stats.saved_tokens},
+            "notes": state.notes,
+        }
+        return JSONResponse(body, status_code=200 if ok else 503)
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        return Response(state.metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/v1/models")
+    async def models() -> JSONResponse:
+        card = {"id": state.model_name, "object": "model", "created": state.created, "owned_by": "mas", "max_model_len": state.engine.max_len, "attention": state.attention}
+        return JSONResponse({"object": "list", "data": [card]})
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request) -> Response:
+        return await _complete(request, ChatCompletionRequest, "chat")
+
+    @app.post("/v1/completions")
+    async def completions(request: Request) -> Response:
+        return await _complete(request, CompletionRequest, "completion")
+
+    async def _complete(request: Request, kind: type, endpoint: str) -> Response:
+        started = time.perf_counter()
+        record: Dict[str, Any] = {"endpoint": endpoint, "id": f"{'chatcmpl' if endpoint == 'chat' else 'cmpl'}-{uuid.uuid4().hex[:24]}"}
+        try:
+            raw = await request.body()
+            try:
+                data = json.loads(raw)
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                raise RequestError(f"the request body is not valid JSON: {e}") from None
+            body = parse_request(kind, data)
+            plan = _plan(body, endpoint)
+        except RequestError as e:
+            return _finish_record(record, started, e.status, error=e.message, response=_error(e))
+        record.update(stream=body.stream, n=body.n, warnings=plan["warnings"])
+        try:
+            choices = _Choices(lambda cb: [SequenceHandle(p, plan["params"][i], cb(i)) for i, p in enumerate(plan["prompts"])])
+            state.engine.submit(choices.handles)
+        except QueueFullError as e:
+            return _finish_record(record, started, 429, error=str(e), response=_error(RequestError(str(e), status=429, code="rate_limit_exceeded", type="rate_limit_error")))
+        except EngineStoppedError as e:
+            return _finish_record(record, started, 503, error=str(e), response=_error(RequestError(str(e), status=503, type="server_error")))
+        except PromptTooLongError as e:
+            return _finish_record(record, started, 400, error=str(e), response=_error(RequestError(str(e), code="context_length_exceeded")))
+        if body.stream:
+            return StreamingResponse(_stream(choices, body, endpoint, plan, record, started), media_type="text/event-stream")
+        return await _collect(request, choices, body, endpoint, plan, record, started)
+
+    def _plan(body: Any, endpoint: str) -> Dict[str, Any]:
+        if body.model != state.model_name:
+            raise RequestError(f"model: the model `{body.model}` does not exist; this server serves `{state.model_name}`", "model", status=404, code="model_not_found")
+        if body.n > state.max_n:
+            raise RequestError(f"n: at most {state.max_n} choices per request, got {body.n}", "n")
+        warnings = list(state.warnings)
+        if body.attention is not None and body.attention != state.attention:
+            note = f"attention={body.attention} was requested, but this model is served with attention={state.attention} (how its adapter was trained)"
+            warnings.append(note)
+            access_log.warning(note)
+        stops = body.stop_strings()
+        prompts = []
+        for p_index, messages in enumerate(prompt_messages_of(body)):
+            try:
+                prompts.append(state.builder(messages, for_generation=True))
+            except ValueError as e:
+                raise RequestError(f"{'messages' if endpoint == 'chat' else 'prompt'}: {e}", "messages" if endpoint == "chat" else "prompt") from None
+        context = state.engine.max_len
+        field_name = "messages" if endpoint == "chat" else "prompt"
+        max_tokens_field = "max_completion_tokens" if getattr(body, "max_completion_tokens", None) is not None else "max_tokens"
+        asked = getattr(body, "max_completion_tokens", None) or body.max_tokens
+        params, sequences = [], []
+        for prompt in prompts:
+            if len(prompt) >= context:
+                raise RequestError(
+                    f"{field_name}: the prompt has {len(prompt)} tokens; this server's context is {context} tokens (prompt + answer)",
+                    field_name,
+                    code="context_length_exceeded",
+                )
+            if asked is not None and len(prompt) + asked > context:
+                raise RequestError(
+                    f"{max_tokens_field}: {asked} tokens do not fit after the {len(prompt)}-token prompt in the {context}-token context; "
+                    f"ask for at most {context - len(prompt)}",
+                    max_tokens_field,
+                    code="context_length_exceeded",
+                )
+            max_tokens = asked if asked is not None else min(state.default_max_tokens, context - len(prompt))
+            for j in range(body.n):
+                params.append(
+                    SamplingParams(
+                        max_tokens=max_tokens,
+                        temperature=body.temperature if body.temperature is not None else 1.0,
+                        top_p=body.top_p,
+                        top_k=body.top_k if body.top_k not in (None, -1, 0) else None,
+                        seed=None if body.seed is None else body.seed + j,  # choice j of a seeded request: seed + j
+                        stop=stops,
+                    )
+                )
+                sequences.append(prompt)
+        return {"prompts": sequences, "params": params, "warnings": warnings}
+
+    def _usage(choices: _Choices) -> Dict[str, Any]:
+        prompt_tokens = sum(len(h.prompt) for h in choices.handles)
+        completion = sum(len(h.tokens) for h in choices.handles)
+        cached = sum(h.cached_tokens for h in choices.handles)
+        return {"prompt_tokens": prompt_tokens, "completion_tokens": completion, "total_tokens": prompt_tokens + completion, "prompt_tokens_details": {"cached_tokens": cached}}
+
+    def _meta(choices: _Choices, body: Any, plan: Dict[str, Any]) -> Dict[str, Any]:
+        meta: Dict[str, Any] = {"attention": state.attention, "cached_prompt_tokens": [h.cached_tokens for h in choices.handles], "warnings": plan["warnings"]}
+        if body.return_token_ids:
+            meta["token_ids"] = [list(h.tokens) for h in choices.handles]
+        return meta
+
+    async def _collect(request: Request, choices: _Choices, body: Any, endpoint: str, plan: Dict[str, Any], record: Dict[str, Any], started: float) -> Response:
+        texts = [""] * len(choices.handles)
+        reasons: List[Optional[str]] = [None] * len(choices.handles)
+        pending = len(choices.handles)
+        failure: Optional[Event] = None
+        watcher = asyncio.create_task(_wait_disconnect(request))
+        try:
+            while pending:
+                getter = asyncio.ensure_future(choices.queue.get())
+                done, _ = await asyncio.wait({getter, watcher}, return_when=asyncio.FIRST_COMPLETED)
+                if getter not in done:
+                    getter.cancel()
+                    choices.cancel()
+                    return _finish_record(record, started, 499, error="client disconnected", choices=choices, response=Response(status_code=499))
+                index, event = getter.result()
+                texts[index] += event.text
+                if event.kind == "finish":
+                    reasons[index] = event.finish_reason
+                    pending -= 1
+                elif event.kind == "error":
+                    failure = event
+                    break
+        finally:
+            watcher.cancel()
+        if failure is not None:
+            choices.cancel()
+            kind = "server_error"
+            return _finish_record(record, started, failure.status, error=failure.message, choices=choices, response=_error(RequestError(failure.message, status=failure.status, type=kind)))
+        created = int(time.time())
+        if endpoint == "chat":
+            out_choices = [{"index": i, "message": {"role": "assistant", "content": t}, "finish_reason": r, "logprobs": None} for i, (t, r) in enumerate(zip(texts, reasons))]
+            obj = "chat.completion"
+        else:
+            out_choices = [{"index": i, "text": t, "finish_reason": r, "logprobs": None} for i, (t, r) in enumerate(zip(texts, reasons))]
+            obj = "text_completion"
+        response = {"id": record["id"], "object": obj, "created": created, "model": state.model_name, "choices": out_choices, "usage": _usage(choices), "mas": _meta(choices, body, plan)}
+        return _finish_record(record, started, 200, choices=choices, response=JSONResponse(response))
+
+    async def _stream(choices: _Choices, body: Any, endpoint: str, plan: Dict[str, Any], record: Dict[str, Any], started: float) -> AsyncIterator[str]:
+        created = int(time.time())
+        obj = "chat.completion.chunk" if endpoint == "chat" else "text_completion"
+        status = 200
+
+        def chunk(index: int, text: Optional[str], reason: Optional[str], *, role: bool = False, token: Optional[int] = None) -> str:
+            if endpoint == "chat":
+                delta: Dict[str, Any] = {"role": "assistant", "content": ""} if role else ({"content": text} if text is not None else {})
+                choice: Dict[str, Any] = {"index": index, "delta": delta, "finish_reason": reason, "logprobs": None}
+            else:
+                choice = {"index": index, "text": text or "", "finish_reason": reason, "logprobs": None}
+            if token is not None and body.return_token_ids:
+                choice["token_ids"] = [token]
+            return "data: " + json.dumps({"id": record["id"], "object": obj, "created": created, "model": state.model_name, "choices": [choice]}) + "\n\n"
+
+        try:
+            if endpoint == "chat":
+                for i in range(len(choices.handles)):
+                    yield chunk(i, None, None, role=True)
+            pending = len(choices.handles)
+            while pending:
+                index, event = await choices.queue.get()
+                if event.kind == "token":
+                    if event.text or body.return_token_ids:
+                        yield chunk(index, event.text, None, token=event.token)
+                elif event.kind == "finish":
+                    pending -= 1
+                    if event.text:
+                        yield chunk(index, event.text, None)
+                    yield chunk(index, None if endpoint == "chat" else "", event.finish_reason)
+                else:
+                    status = event.status
+                    choices.cancel()
+                    record["error"] = event.message
+                    yield "data: " + json.dumps(error_body(event.message, type="server_error")) + "\n\n"
+                    break
+            if status == 200:
+                final: Dict[str, Any] = {"id": record["id"], "object": obj, "created": created, "model": state.model_name, "choices": [], "mas": _meta(choices, body, plan)}
+                if body.stream_options is not None and body.stream_options.include_usage:
+                    final["usage"] = _usage(choices)
+                yield "data: " + json.dumps(final) + "\n\n"
+            yield "data: [DONE]\n\n"
+        except BaseException:  # the client went away (cancelled generator): free its rows
+            status = 499
+            record["error"] = "client disconnected"
+            choices.cancel()
+            raise
+        finally:
+            _finish_record(record, started, status, choices=choices)
+
+    def _finish_record(record: Dict[str, Any], started: float, status: int, *, error: Optional[str] = None, choices: Optional[_Choices] = None, response: Optional[Response] = None) -> Optional[Response]:
+        """Count the request, observe its latency and write its one log line."""
+        latency = time.perf_counter() - started
+        state.metrics.requests.labels(endpoint=record["endpoint"], status=str(status)).inc()
+        state.metrics.request_latency.observe(latency)
+        record["status"] = status
+        record["latency_ms"] = round(latency * 1e3, 2)
+        if error is not None:
+            record.setdefault("error", error)
+        if choices is not None:
+            handles = choices.handles
+            record["prompt_tokens"] = sum(len(h.prompt) for h in handles)
+            record["cached_tokens"] = sum(h.cached_tokens for h in handles)
+            record["completion_tokens"] = sum(len(h.tokens) for h in handles)
+            record["finish_reasons"] = [h.finish_reason for h in handles]
+            first = [h.first_token_at for h in handles if h.first_token_at is not None]
+            if first:
+                record["ttft_ms"] = round((min(first) - min(h.submitted_at for h in handles)) * 1e3, 2)
+        access_log.info(json.dumps(record, sort_keys=True))
+        return response
+
+    return app
+
+
+async def _wait_disconnect(request: Request) -> None:
+    """Return when the client of a non-streaming request has gone."""
+    while not await request.is_disconnected():
+        await asyncio.sleep(0.25)
