@@ -1,0 +1,218 @@
+"""A small causal base model pre-trained on your own rows: the fastest way to try MAS on a new task.
+
+MAS adapts *causally pre-trained* models. The embedded tiny model is pre-trained on the bundled
+commonsense prompts; for a task of your own, :func:`write_tiny_base` pre-trains the same tiny
+Llama-3.2 architecture (any size) on your rows instead, with a plain causal language-modelling
+loss, and writes it in the Hugging Face layout that torchtune's ``FullModelHFCheckpointer``
+loads (so every recipe loads it: see :data:`CHECKPOINTER_OVERRIDES`). On a CPU, a few hundred
+steps take a minute or two. ``tools/pretrain_tiny_base.py`` is its command line and
+``docs/own_task.md`` the worked example.
+
+Which text it learns from each row (``.json``/``.jsonl`` rows or a ``.txt`` file):
+
+- ``text`` rows (or a ``.txt`` file, one paragraph per blank-line-separated block): the text;
+- commonsense/Alpaca rows (``instruction``, optional ``input``, ``output``): the prompt in the
+  fine-tuning template, without the answer unless ``include_answers`` (as the embedded model:
+  the base knows the language of the task, fine-tuning teaches the answer);
+- chat rows (``messages``): the system and user turns (and the assistant's with
+  ``include_answers``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Dict, List, Mapping, Optional, Sequence
+
+import torch
+from torchtune.models.llama3 import Llama3Tokenizer
+
+from mas.data.formats import instruction_messages
+from mas.data.rows import load_rows
+from mas.errors import DataError
+from mas.models._hf_layout import HF_WEIGHTS_FILE, write_hf_model
+from mas.models._tiny import TINY_LLAMA3_2, tiny_llama3_2, tiny_llama3_tokenizer
+
+__all__ = ["BASE_RECIPE_FILE", "CHECKPOINTER_OVERRIDES", "pretrain_causal_lm", "row_texts", "write_tiny_base"]
+
+#: What :func:`write_tiny_base` records beside the weights (data, steps, seed, dims, losses).
+BASE_RECIPE_FILE = "base_recipe.json"
+#: Overrides that make a recipe load a base written here (``{dir}``: its folder).
+CHECKPOINTER_OVERRIDES = (
+    "checkpointer._component_=torchtune.training.FullModelHFCheckpointer",
+    "checkpointer.checkpoint_dir={dir}",
+    f"checkpointer.checkpoint_files=[{HF_WEIGHTS_FILE}]",
+    "checkpointer.model_type=LLAMA3_2",
+    "~checkpointer.pretrain_steps",
+)
+
+
+def _message_text(messages: Sequence[Any]) -> str:
+    return "".join(m.text_content for m in messages)
+
+
+def row_texts(source: str | os.PathLike, include_answers: bool = False) -> List[str]:
+    """The texts to pre-train on, one per row (see the module docstring for each row kind).
+
+    Raises:
+        DataError: a missing file, or a row that is none of the known kinds (naming the row).
+    """
+    path = Path(source).expanduser()
+    if path.suffix == ".txt":
+        if not path.is_file():
+            raise DataError(f"text file not found: {path}")
+        blocks = [b.strip() for b in path.read_text(encoding="utf-8").split("\n\n")]
+        return [b for b in blocks if b]
+    rows = load_rows(str(path))
+    texts = []
+    for i, row in enumerate(rows.rows):
+        texts.append(_row_text(row, rows.where(i), include_answers))
+    if not texts:
+        raise DataError(f"{rows.name}: no rows to pre-train on")
+    return texts
+
+
+def _row_text(row: Mapping[str, Any], where: str, include_answers: bool) -> str:
+    if isinstance(row.get("text"), str):
+        return row["text"]
+    if isinstance(row.get("instruction"), str):
+        output = row.get("output") if include_answers and isinstance(row.get("output"), str) else None
+        return _message_text(instruction_messages(row["instruction"], row.get("input") or "", output))
+    if isinstance(row.get("messages"), list):
+        turns = [m for m in row["messages"] if isinstance(m, dict) and (include_answers or m.get("role") != "assistant")]
+        return "".join(str(m.get("content", "")) for m in turns)
+    raise DataError(f"{where}: no 'text', 'instruction' or 'messages' field to pre-train on (row has {sorted(row)})")
+
+
+def pretrain_causal_lm(
+    model: torch.nn.Module,
+    sequences: Sequence[Sequence[int]],
+    *,
+    steps: int,
+    seed: int,
+    pad_id: int,
+    batch_size: int = 16,
+    lr: float = 3e-3,
+) -> List[float]:
+    """Causal-LM pre-training on token sequences (deterministic: seeded picks, one thread).
+
+    Args:
+        model (nn.Module): a torchtune decoder; ``model(tokens)`` gives ``[b, s, vocab]`` logits.
+        sequences: token ids per example (each starting with BOS).
+        steps (int): optimizer steps.
+        seed (int): the seed of the batch picks.
+        pad_id (int): padding id (never a target).
+        batch_size (int): sequences per step.
+        lr (float): AdamW learning rate.
+
+    Returns:
+        List[float]: the loss of every step.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # float sums in one fixed order: the same weights on every run
+    losses = []
+    try:
+        for _ in range(steps):
+            picks = torch.randint(len(sequences), (batch_size,), generator=generator).tolist()
+            length = max(len(sequences[i]) for i in picks)
+            tokens = torch.full((batch_size, length), pad_id)  # [b, s]
+            targets = torch.full((batch_size, length), -100)  # [b, s]: position i predicts token i + 1
+            for row, i in enumerate(picks):
+                seq = torch.tensor(sequences[i])
+                tokens[row, : len(seq)] = seq
+                targets[row, : len(seq) - 1] = seq[1:]
+            logits = model(tokens)  # [b, s, vocab]
+            loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten())
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            losses.append(loss.item())
+    finally:
+        torch.set_num_threads(threads)
+    return losses
+
+
+def _sequences(texts: Sequence[str], tokenizer: Llama3Tokenizer, max_len: int) -> List[List[int]]:
+    return [[tokenizer.bos_id] + tokenizer.encode(t, add_bos=False, add_eos=False)[: max_len - 1] for t in texts]
+
+
+def write_tiny_base(
+    source: str | os.PathLike,
+    checkpoint_dir: str | os.PathLike,
+    *,
+    steps: int = 300,
+    seed: int = 0,
+    include_answers: bool = False,
+    max_len: int = 256,
+    batch_size: int = 16,
+    lr: float = 3e-3,
+    dims: Optional[Mapping[str, int]] = None,
+) -> Path:
+    """Pre-train a tiny Llama 3.2 on the rows of ``source`` and write it as an HF checkpoint.
+
+    Args:
+        source: a ``.json``/``.jsonl`` file of rows or a ``.txt`` file (module docstring).
+        checkpoint_dir: the folder to write (``config.json``, ``model.safetensors``,
+            :data:`BASE_RECIPE_FILE`); replaced if it holds an earlier base written here.
+        steps (int): pre-training steps.
+        seed (int): init and batch-order seed.
+        include_answers (bool): learn the answers of prompt/answer rows too.
+        max_len (int): tokens kept per row.
+        batch_size (int): rows per step.
+        lr (float): learning rate.
+        dims: model size overrides of :data:`~mas.models.TINY_LLAMA3_2` (``embed_dim``,
+            ``num_layers``, ``num_heads``, ``num_kv_heads``, ``intermediate_dim``); pass the same
+            values to the recipes' ``model`` node.
+
+    Returns:
+        Path: ``checkpoint_dir``.
+
+    Raises:
+        DataError: unusable rows. ValueError: an unknown dimension or a folder holding other weights.
+    """
+    dims = dict(dims or {})
+    unknown = sorted(set(dims) - set(TINY_LLAMA3_2))
+    if unknown:
+        raise ValueError(f"unknown model dimension {unknown[0]!r}; known: {', '.join(TINY_LLAMA3_2)}")
+    checkpoint_dir = Path(checkpoint_dir).expanduser()
+    if (checkpoint_dir / HF_WEIGHTS_FILE).exists() and not (checkpoint_dir / BASE_RECIPE_FILE).exists():
+        raise ValueError(f"{checkpoint_dir} holds weights this tool did not write; choose another folder")
+    tokenizer = tiny_llama3_tokenizer()
+    texts = row_texts(source, include_answers)
+    sequences = _sequences(texts, tokenizer, max_len)
+    full_dims = {**TINY_LLAMA3_2, **dims}
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = tiny_llama3_2(**dims)
+        # Embeddings come out of torchtune's builder as N(0, 1), which saturates a small model.
+        with torch.no_grad():
+            model.tok_embeddings.weight.mul_(0.02)
+        losses = pretrain_causal_lm(model, sequences, steps=steps, seed=seed, pad_id=tokenizer.pad_id, batch_size=batch_size, lr=lr)
+    checkpoint_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=checkpoint_dir.name + ".", dir=checkpoint_dir.parent))
+    write_hf_model(
+        staging, model.state_dict(), "LLAMA3_2", full_dims, tie_word_embeddings=True,
+        extra_config={"bos_token_id": tokenizer.bos_id, "eos_token_id": tokenizer.eos_id},
+    )  # fmt: skip
+    recipe: Dict[str, Any] = {
+        "source": str(Path(source).expanduser().resolve()),
+        "rows": len(texts),
+        "include_answers": include_answers,
+        "steps": steps,
+        "seed": seed,
+        "batch_size": batch_size,
+        "lr": lr,
+        "max_len": max_len,
+        "dims": full_dims,
+        "loss": {"first": losses[0], "last": losses[-1]} if losses else None,
+    }
+    (staging / BASE_RECIPE_FILE).write_text(json.dumps(recipe, indent=2) + "\n")
+    if checkpoint_dir.exists():
+        shutil.rmtree(checkpoint_dir)
+    os.replace(staging, checkpoint_dir)
+    return checkpoint_dir
