@@ -5,7 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, List, Literal, Optional
 
+from mas.attention import AttentionBackend
 from mas.config import component, option
+from mas.masks import AttentionMode
+from mas.segments import PromptFormat
 
 __all__ = ["GenerateOptions", "InferenceOptions"]
 
@@ -18,9 +21,9 @@ class InferenceOptions:
     checkpointer: Any = component("base (or merged) weights: a torchtune FullModelHFCheckpointer")
     tokenizer: Any = component("the tokenizer builder")
     adapter_checkpoint: Optional[str] = option(None, "a mas_lora_finetune checkpoint folder or run folder (null: base model)")
-    attention: Literal["mas", "causal"] = option("mas", "the prompt mask, independent of how the model was trained")
-    attention_backend: Literal["auto", "flex", "sdpa"] = option("auto", "auto: FlexAttention on CUDA, SDPA otherwise")
-    prompt_format: Literal["text", "chat"] = option("text", "as in training: plain text or the tokenizer's chat headers")
+    attention: AttentionMode = option("mas", "the prompt mask, independent of how the model was trained")
+    attention_backend: AttentionBackend = option("auto", "auto: FlexAttention on CUDA, SDPA otherwise")
+    prompt_format: PromptFormat = option("text", "as in training: plain text or the tokenizer's chat headers")
     merge_system_and_user: bool = option(False, "as in training: one prompt segment (Appendix C.2 ablation)")
     device: str = option("auto", "cpu | cuda | cuda:N | auto")
     dtype: Literal["bf16", "fp32"] = option("bf16", "weights dtype")

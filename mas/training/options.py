@@ -9,11 +9,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Literal, Optional
 
+from mas.attention import AttentionBackend
 from mas.config import ConfigError, component, option
+from mas.masks import AttentionMode
 
 __all__ = ["DistributedFinetuneOptions", "FinetuneOptions"]
-
-AttentionMode = Literal["mas", "causal"]
 
 
 @dataclass(kw_only=True)
@@ -22,7 +22,7 @@ class FinetuneOptions:
 
     output_dir: str = option(help="where checkpoints, metrics and logs go")
     attention: AttentionMode = option("mas", "mas: prompt segments bidirectional; causal: the baseline on the same path")
-    attention_backend: Literal["auto", "flex", "sdpa"] = option("auto", "auto: FlexAttention on CUDA, SDPA with the dense mask otherwise")
+    attention_backend: AttentionBackend = option("auto", "auto: FlexAttention on CUDA, SDPA with the dense mask otherwise")
     model: Any = component("a LoRA model builder")
     tokenizer: Any = component("a tokenizer builder; max_seq_len is the training cutoff")
     checkpointer: Any = component("the base weights (a torchtune FullModelHFCheckpointer)")
@@ -54,9 +54,15 @@ class FinetuneOptions:
     save_merged_weights: bool = option(False, "also write merged HF weights at epoch ends (a full model copy each)")
     keep_last_n_checkpoints: Optional[int] = option(None, "delete older step checkpoints (null: keep all)", min=1)
     resume_from_checkpoint: bool = option(False, "continue the run in output_dir from its latest checkpoint")
+    overwrite_output_dir: bool = option(False, "a fresh run may replace another run's checkpoints in output_dir")
+    on_nonfinite: Literal["stop", "skip"] = option(
+        "stop", "a NaN/inf loss or gradient: stop (no adapter written after it) | skip the step (counted; one sync per step)"
+    )
 
     def check(self) -> None:
         """Rules across keys."""
+        if self.resume_from_checkpoint and self.overwrite_output_dir:
+            raise ConfigError("resume_from_checkpoint=True and overwrite_output_dir=True contradict each other; set one")
         if self.val_dataset is None and self.val_every_n_steps is not None:
             raise ConfigError("val_every_n_steps is set but there is no val_dataset; set val_dataset or val_every_n_steps=null")
 
