@@ -40,12 +40,10 @@ from torch import Tensor, nn  # noqa: E402
 from torch.nn.attention.flex_attention import BlockMask  # noqa: E402
 from torchtune.data import Message  # noqa: E402
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from draw_mask import _panel as draw_mask_panel  # noqa: E402
-
 from mas import CAUSAL, SegmentBuilder, dense_mas_mask  # noqa: E402
 from mas.attention import block_mask_to_dense  # noqa: E402
 from mas.masks import as_causal  # noqa: E402
+from mas.testing.drawing import draw_mask_panel  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = REPO_ROOT / "docs" / "attention_maps.png"

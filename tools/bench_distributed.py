@@ -24,8 +24,8 @@ from typing import Dict, List, Optional
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from benchlib import BENCHMARKS_FILE, machine_description, markdown_table, update_section  # noqa: E402
+from mas.testing.benchlib import BENCHMARKS_FILE, machine_description, markdown_table, update_section
+from mas.training import read_metrics
 
 NAME = "bench_distributed"
 TITLE = "Fine-tuning recipe: one device vs torchrun FSDP2 (`tools/bench_distributed.py`)"
@@ -35,8 +35,6 @@ def run_recipe(cmd: List[str], out: Path) -> List[Dict]:
     result = subprocess.run(cmd, capture_output=True, text=True)
     if result.returncode != 0:
         raise SystemExit(f"{' '.join(cmd)} failed:\n{result.stderr[-3000:]}")
-    from mas.training import read_metrics
-
     return read_metrics(out / "metrics.jsonl")
 
 

@@ -21,47 +21,25 @@ from __future__ import annotations
 import argparse
 import datetime
 import statistics
-import sys
 import time
-from pathlib import Path
 from typing import Dict, List, Optional
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from benchlib import BENCHMARKS_FILE, interleaved_median_ms, machine_description, markdown_table, update_section  # noqa: E402
-
-from mas import use_mas_attention  # noqa: E402
-from mas.generation import GenerationSettings, generate_batch, layout_prompts, prefill  # noqa: E402
-from mas.generation.kv_cache import clear_kv_caches, setup_kv_caches  # noqa: E402
-from mas.segments import SegmentedSequence  # noqa: E402
+from mas import use_mas_attention
+from mas.generation import GenerationSettings, generate_batch, layout_prompts, prefill
+from mas.generation.kv_cache import clear_kv_caches, setup_kv_caches
+from mas.segments import SegmentedSequence
+from mas.testing import benchmark_model, random_prompt
+from mas.testing.benchlib import BENCHMARKS_FILE, interleaved_median_ms, machine_description, markdown_table, update_section
 
 NAME = "bench_generation"
 TITLE = "Generation: MAS vs causal prefill and decode, torchtune's generate, roofline (`tools/bench_generation.py`)"
 
 
-def build_model(name: str, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
-    from torchtune import training
-
-    with training.set_default_dtype(dtype), device:
-        if name == "tiny":
-            from mas.models import tiny_llama3_2
-
-            model = tiny_llama3_2()
-        else:
-            from torchtune.models.llama3_2 import llama3_2_1b
-
-            model = llama3_2_1b()
-    return model.eval()
-
-
 def prompt(length: int, vocab: int, seed: int = 0) -> SegmentedSequence:
     """A system segment (1/4) and a user segment (3/4) of random tokens."""
-    generator = torch.Generator().manual_seed(seed)
-    tokens = torch.randint(0, vocab, (length,), generator=generator).tolist()
-    system = length // 4
-    segments = [0] * system + [1] * (length - system)
-    return SegmentedSequence(tokens, [-100] * length, segments)
+    return random_prompt(length, vocab, system=length // 4, seed=seed)
 
 
 def copy_bandwidth_gbs(device: torch.device) -> float:
@@ -76,7 +54,7 @@ def bench(args: argparse.Namespace) -> str:
     device = torch.device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     backend = "flex" if device.type == "cuda" else "sdpa"
-    model = build_model(args.model, device, dtype)
+    model = benchmark_model(args.model, device, dtype)
     use_mas_attention(model, "auto")
     vocab = model.tok_embeddings.num_embeddings
     cache_len = max(args.prompt_lens) + args.new_tokens + 8

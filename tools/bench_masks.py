@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Dict, List, Optional
@@ -41,8 +40,10 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from benchlib import (  # noqa: E402
+from mas.block_mask import create_mas_block_mask, create_mas_block_mask_reference
+from mas.masks import dense_mas_mask, mas_mask_mod
+from mas.testing import causal_layout, loop_additive_mask, staggered_prompt_layout
+from mas.testing.benchlib import (
     BENCHMARKS_FILE,
     interleaved_median_ms,
     machine_description,
@@ -50,9 +51,6 @@ from benchlib import (  # noqa: E402
     median_and_min_ms,
     update_section,
 )
-
-from mas.block_mask import create_mas_block_mask, create_mas_block_mask_reference
-from mas.masks import CAUSAL, PAD, dense_mas_mask, mas_mask_mod
 
 NAME = "bench_masks"
 TITLE = "MAS masks: build time and attention speed (`tools/bench_masks.py`)"
@@ -76,74 +74,6 @@ ATTENTION_SHAPES = {
     "cpu": AttentionShape(batch_size=1, num_heads=4, head_dim=64, dtype=torch.float32),
     "cuda": AttentionShape(batch_size=8, num_heads=16, head_dim=64, dtype=torch.bfloat16),
 }
-
-
-# ----------------------------------------------------------------------------------------------
-# Timing.
-# ----------------------------------------------------------------------------------------------
-
-
-# ----------------------------------------------------------------------------------------------
-# Layouts.
-# ----------------------------------------------------------------------------------------------
-
-
-def mas_layout(batch_size: int, seq_len: int, padded: bool, device: torch.device) -> torch.Tensor:
-    """``[b, s]`` segment ids: system prompt (id 0), user prompt (id 1), answer, padding.
-
-    Rows differ in their lengths (deterministically), as a real batch does.
-    """
-    rows = []
-    for row in range(batch_size):
-        pad = (seq_len // 16) * (row % 4) if padded else 0
-        system = seq_len // 8 + 3 * row
-        user = seq_len // 2 - 5 * row
-        answer = seq_len - pad - system - user
-        rows.append([0] * system + [1] * user + [CAUSAL] * answer + [PAD] * pad)
-    return torch.tensor(rows, device=device)
-
-
-def causal_layout(batch_size: int, seq_len: int, device: torch.device) -> torch.Tensor:
-    """``[b, s]`` all ``CAUSAL``: MAS reduces to the causal mask."""
-    return torch.full((batch_size, seq_len), CAUSAL, device=device)
-
-
-# ----------------------------------------------------------------------------------------------
-# The paper's reference approach, re-implemented.
-# ----------------------------------------------------------------------------------------------
-
-
-def loop_additive_mask(segment_ids: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """The dense additive MAS mask, built the way the paper's reference code does it.
-
-    Start from the causal additive mask, then loop over rows and over each row's prompt
-    segments in Python, zeroing the segment's square so its tokens see each other; padding keys
-    get ``-inf``. Rebuilt every forward.
-
-    Args:
-        segment_ids (torch.Tensor): ``[b, s]``.
-        dtype (torch.dtype): mask dtype (the attention dtype).
-
-    Returns:
-        torch.Tensor: ``[b, 1, s, s]``, 0 where allowed and ``-inf`` where masked.
-    """
-    batch_size, seq_len = segment_ids.shape
-    neg_inf = torch.finfo(dtype).min if dtype != torch.float32 else float("-inf")
-    mask = torch.full((batch_size, 1, seq_len, seq_len), neg_inf, dtype=dtype, device=segment_ids.device)
-    mask.triu_(1)  # 0 on and below the diagonal: causal
-    ids = segment_ids.tolist()
-    for row in range(batch_size):
-        start = 0
-        while start < seq_len:
-            end = start
-            while end < seq_len and ids[row][end] == ids[row][start]:
-                end += 1
-            if ids[row][start] >= 0:
-                mask[row, 0, start:end, start:end] = 0.0
-            elif ids[row][start] == PAD:
-                mask[row, 0, :, start:end] = neg_inf
-            start = end
-    return mask
 
 
 # ----------------------------------------------------------------------------------------------
@@ -196,7 +126,7 @@ def bench_mask_build(device: torch.device, dtype: torch.dtype) -> List[Dict[str,
         # builders evict the caches that the small builds run from.
         row = {"builder": name}
         for batch_size, seq_len in MASK_BUILD_SHAPES:
-            ids = mas_layout(batch_size, seq_len, padded=True, device=device)
+            ids = staggered_prompt_layout(batch_size, seq_len, padded=True).to(device)
             row[f"{batch_size} x {seq_len}"] = median_and_min_ms(lambda: build(ids), device)
         built = build(ids)  # the largest shape
         if isinstance(built, torch.Tensor):
@@ -223,8 +153,8 @@ def bench_attention(device: torch.device) -> List[Dict[str, str]]:
             )
             for _ in range(3)
         )
-        mas_ids = mas_layout(shape.batch_size, seq_len, padded=False, device=device)
-        causal_ids = causal_layout(shape.batch_size, seq_len, device=device)
+        mas_ids = staggered_prompt_layout(shape.batch_size, seq_len, padded=False).to(device)
+        causal_ids = causal_layout(shape.batch_size, seq_len).to(device)
         mas_block_mask = create_mas_block_mask(mas_ids)
         causal_block_mask = create_mas_block_mask(causal_ids)
         mas_dense = dense_mas_mask(mas_ids)[:, None]  # [b, 1, s, s]

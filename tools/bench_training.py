@@ -28,75 +28,20 @@ import argparse
 import datetime
 import math
 import statistics
-import sys
-from pathlib import Path
 from typing import Callable, Dict, List, Optional
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from benchlib import BENCHMARKS_FILE, machine_description, markdown_table, time_once_ms, update_section  # noqa: E402
-
-from mas import CAUSAL, dense_mas_mask, use_mas_attention  # noqa: E402
-from mas.masks import as_causal  # noqa: E402
-from mas.training import prepare_batch  # noqa: E402
+from mas import dense_mas_mask, use_mas_attention
+from mas.masks import as_causal
+from mas.testing import PAPER_LORA, benchmark_model, loop_additive_mask, tokens_for_layout, uniform_prompt_layout
+from mas.testing.benchlib import BENCHMARKS_FILE, machine_description, markdown_table, time_once_ms, update_section
+from mas.training import prepare_batch
 
 NAME = "bench_training"
 TITLE = "LoRA training step: MAS vs causal vs the paper's reference (`tools/bench_training.py`)"
 #: H100/H200 SXM dense bf16 peak (vendor datasheet); the measured 8192^3 bf16 matmul reaches ~790.
 PEAK_BF16_TFLOPS = 989.0
-
-
-def build_model(name: str, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
-    """A LoRA model (q, v; r=32, alpha=64 as in the paper) with random base weights."""
-    from torchtune import training
-
-    lora = dict(lora_attn_modules=["q_proj", "v_proj"], lora_rank=32, lora_alpha=64, lora_dropout=0.0)
-    with training.set_default_dtype(dtype), device:
-        if name == "tiny":
-            from mas.models import lora_tiny_llama3_2
-
-            model = lora_tiny_llama3_2(**lora)
-        elif name == "llama3_2_1b":
-            from torchtune.models.llama3_2 import lora_llama3_2_1b
-
-            model = lora_llama3_2_1b(**lora)
-        else:
-            raise SystemExit(f"unknown model {name}")
-    from torchtune.modules.peft import get_adapter_params, set_trainable_params
-
-    set_trainable_params(model, get_adapter_params(model))
-    return model
-
-
-def synthetic_batch(batch_size: int, seq_len: int, vocab: int, device: torch.device) -> Dict[str, torch.Tensor]:
-    """Rows filled to ``seq_len``: system 1/8, user 5/8, answer 1/4 (a long-prompt SFT layout)."""
-    generator = torch.Generator().manual_seed(0)
-    tokens = torch.randint(0, vocab, (batch_size, seq_len), generator=generator)
-    segments = torch.full((batch_size, seq_len), CAUSAL)
-    system, user = seq_len // 8, (5 * seq_len) // 8
-    segments[:, :system] = 0
-    segments[:, system : system + user] = 1
-    labels = torch.where(segments == CAUSAL, tokens, torch.full_like(tokens, -100))
-    return {"tokens": tokens, "labels": labels, "segment_ids": segments}
-
-
-def loop_float_mask(segment_ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """The paper's approach, re-implemented: Python loops fill a 0/-inf mask ``[b, 1, s, s]``."""
-    b, s = segment_ids.shape
-    mask = torch.full((b, 1, s, s), float("-inf"), dtype=dtype, device=segment_ids.device)
-    ids = segment_ids.tolist()
-    for row in range(b):
-        mask[row, 0] = torch.triu(mask[row, 0], diagonal=1)  # causal: 0 on and below the diagonal
-        start = 0
-        while start < s:
-            end = start
-            while end < s and ids[row][end] == ids[row][start]:
-                end += 1
-            if ids[row][start] >= 0:
-                mask[row, 0, start:end, start:end] = 0.0  # the segment sees itself whole
-            start = end
-    return mask
 
 
 class EagerAttention:
@@ -133,11 +78,13 @@ def bench(args: argparse.Namespace) -> str:
     backend = "flex" if device.type == "cuda" else "sdpa"
     rows, notes = [], []
     for seq_len in args.seqs:
-        model = build_model(args.model, device, dtype)
+        model = benchmark_model(args.model, device, dtype, lora=PAPER_LORA)
         use_mas_attention(model, backend)
         optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
         loss_fn = torch.nn.CrossEntropyLoss(ignore_index=-100)
-        batch = synthetic_batch(args.batch, seq_len, model.tok_embeddings.num_embeddings, device)
+        # Rows filled to the length: system 1/8, user 5/8, answer 1/4 (a long-prompt SFT layout).
+        layout = uniform_prompt_layout(args.batch, seq_len, system=seq_len // 8, user=(5 * seq_len) // 8)
+        batch = tokens_for_layout(layout, model.tok_embeddings.num_embeddings)
         mas_call, eager = model.layers[0].attn._attention_call, EagerAttention()
 
         def set_attention(call) -> None:
@@ -164,7 +111,7 @@ def bench(args: argparse.Namespace) -> str:
         def paper_step() -> None:
             set_attention(eager)
             try:
-                eager.mask = loop_float_mask(batch["segment_ids"].to(device), dtype)
+                eager.mask = loop_additive_mask(batch["segment_ids"].to(device), dtype)
                 prepared = prepare_batch(dict(batch), attention="mas", device=device, backend="sdpa")
                 finish(model(prepared.tokens, mask=prepared.mask), prepared.targets)
             finally:

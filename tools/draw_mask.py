@@ -23,19 +23,14 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from matplotlib.colors import ListedColormap  # noqa: E402
 from matplotlib.patches import Patch  # noqa: E402
 
-from mas import CAUSAL, dense_mas_mask  # noqa: E402
+from mas import dense_mas_mask  # noqa: E402
+from mas.testing import segment_row  # noqa: E402
+from mas.testing.drawing import MASK_KIND_COLOURS, MASK_KIND_NAMES, MASKED_COLOUR, draw_mask_panel  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = REPO_ROOT / "docs" / "mas_mask.png"
-
-# Cell colours: masked, then one per segment kind (system, user, answer).
-_MASKED = "#f2f2f2"
-_KIND_COLOURS = ["#4c72b0", "#55a868", "#dd8452"]
-_KIND_NAMES = ["system prompt", "user prompt", "answer (causal)"]
-
 
 def example_segments(system_len: int, user_len: int, answer_len: int) -> Tuple[torch.Tensor, List[int]]:
     """A one-row layout: system segment (id 0), user segment (id 1), answer (``CAUSAL``).
@@ -44,45 +39,8 @@ def example_segments(system_len: int, user_len: int, answer_len: int) -> Tuple[t
         Tuple[torch.Tensor, List[int]]: segment ids ``[1, s]`` and the segment kind of every
         position (0 system, 1 user, 2 answer), ``[s]``.
     """
-    segment_ids = [0] * system_len + [1] * user_len + [CAUSAL] * answer_len
     kinds = [0] * system_len + [1] * user_len + [2] * answer_len
-    return torch.tensor([segment_ids]), kinds
-
-
-def _panel(ax, allowed: np.ndarray, kinds: List[int], title: str, opened: np.ndarray) -> None:
-    """Draw one ``[s, s]`` mask: rows are queries, columns keys."""
-    seq_len = allowed.shape[0]
-    # 0 = masked, 1 + kind of the key otherwise.
-    cells = np.where(allowed, 1 + np.asarray(kinds)[None, :], 0)
-    cmap = ListedColormap([_MASKED] + _KIND_COLOURS)
-    ax.imshow(cells, cmap=cmap, vmin=0, vmax=len(_KIND_COLOURS), interpolation="nearest")
-    # Grid between cells.
-    ax.set_xticks(np.arange(-0.5, seq_len, 1), minor=True)
-    ax.set_yticks(np.arange(-0.5, seq_len, 1), minor=True)
-    ax.grid(which="minor", color="white", linewidth=0.8)
-    ax.tick_params(which="minor", length=0)
-    # Cells MAS opens beyond the causal mask.
-    for q, k in zip(*np.nonzero(opened)):
-        ax.add_patch(
-            plt.Rectangle((k - 0.5, q - 0.5), 1, 1, fill=False, hatch="///", edgecolor="white", lw=0)
-        )
-    # Segment boundaries.
-    boundaries = [i for i in range(1, seq_len) if kinds[i] != kinds[i - 1]]
-    for boundary in boundaries:
-        ax.axhline(boundary - 0.5, color="black", linewidth=1.5)
-        ax.axvline(boundary - 0.5, color="black", linewidth=1.5)
-    # Segment names above the columns.
-    starts = [0] + boundaries
-    ends = boundaries + [seq_len]
-    for start, end in zip(starts, ends):
-        name = _KIND_NAMES[kinds[start]].split(" (")[0]
-        ax.text((start + end - 1) / 2, -0.8, name, ha="center", va="bottom", fontsize=8)
-    ax.set_xticks(range(seq_len))
-    ax.set_yticks(range(seq_len))
-    ax.tick_params(labelsize=7)
-    ax.set_xlabel("key position (attended to)")
-    ax.set_ylabel("query position (attending)")
-    ax.set_title(title, pad=16)
+    return torch.tensor([segment_row(system_len, user_len, answer_len)]), kinds
 
 
 def draw(system_len: int, user_len: int, answer_len: int, out: Path, dpi: int = 90) -> Path:
@@ -104,10 +62,10 @@ def draw(system_len: int, user_len: int, answer_len: int, out: Path, dpi: int = 
     mas = dense_mas_mask(segment_ids)[0].numpy()
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 5.8))
-    _panel(axes[0], causal, kinds, "Causal mask", np.zeros_like(causal))
-    _panel(axes[1], mas, kinds, "MAS mask (prompt segments bidirectional)", mas & ~causal)
-    legend = [Patch(color=c, label=f"key in {n}") for c, n in zip(_KIND_COLOURS, _KIND_NAMES)]
-    legend.append(Patch(facecolor=_MASKED, edgecolor="grey", label="masked"))
+    draw_mask_panel(axes[0], causal, kinds, "Causal mask", np.zeros_like(causal))
+    draw_mask_panel(axes[1], mas, kinds, "MAS mask (prompt segments bidirectional)", mas & ~causal)
+    legend = [Patch(color=c, label=f"key in {n}") for c, n in zip(MASK_KIND_COLOURS, MASK_KIND_NAMES)]
+    legend.append(Patch(facecolor=MASKED_COLOUR, edgecolor="grey", label="masked"))
     legend.append(Patch(facecolor="grey", hatch="///", edgecolor="white", label="opened by MAS"))
     fig.legend(
         handles=legend, loc="lower center", ncol=5, fontsize=8, frameon=False,

@@ -1,4 +1,4 @@
-"""Shared helpers of the benchmark scripts in tools/: timing, tables, machine facts, BENCHMARKS.md.
+"""Benchmark harness of the scripts in tools/: timing, tables, machine facts, BENCHMARKS.md.
 
 Each script owns one section of BENCHMARKS.md, delimited by ``<!-- NAME:begin -->`` and
 ``<!-- NAME:end -->``; inside it each device type (cpu, cuda) has its own subsection, so a GPU run
@@ -17,7 +17,19 @@ from typing import Callable, Dict, List
 
 import torch
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+__all__ = [
+    "BENCHMARKS_FILE",
+    "interleaved_median_ms",
+    "machine_description",
+    "markdown_table",
+    "median_and_min_ms",
+    "repeated_times_ms",
+    "time_once_ms",
+    "update_section",
+]
+
+#: The source checkout (the tools run from one; an installed wheel has no BENCHMARKS.md).
+REPO_ROOT = Path(__file__).resolve().parents[2]
 BENCHMARKS_FILE = REPO_ROOT / "BENCHMARKS.md"
 BENCHMARKS_HEADER = """# Benchmarks
 
@@ -84,6 +96,7 @@ def median_and_min_ms(fn: Callable[[], object], device: torch.device, **kwargs) 
 
 
 def markdown_table(rows: List[Dict[str, str]]) -> str:
+    """A Markdown table of ``rows`` (the first row's keys are the header)."""
     header = list(rows[0])
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(str(row[h]) for h in header) + " |" for row in rows]
