@@ -32,6 +32,7 @@ only the tasks that were run; the resumable loop, sweeps and ``compare_results``
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Literal, Mapping, Optional, Sequence, Tuple
@@ -58,6 +59,18 @@ USER_MODES = ("generate", "loglik", "exact")
 Format = Literal["commonsense", "alpaca", "chat", "template"]
 _FORMATS = ("commonsense", "alpaca", "chat", "template")
 _MAX_OPTIONS = 26
+
+
+class _TaskFileLoader(yaml.SafeLoader):
+    """YAML with YAML 1.2 booleans: only true/false are booleans, so ``labels: [yes, no]`` stays
+    two words (YAML 1.1, and so PyYAML and OmegaConf, read yes/no/on/off as booleans)."""
+
+
+_TaskFileLoader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_TaskFileLoader.add_implicit_resolver("tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
 
 
 @dataclass(frozen=True)
@@ -125,6 +138,10 @@ def _check_task(raw: Mapping[str, Any], where: str, base_dir: Optional[Path]) ->
         value = values.get(key)
         if value is None:
             continue
+        if key == "labels" and isinstance(value, Sequence) and not isinstance(value, str):
+            # An unquoted true/false in a config is a boolean: BoolQ-style labels (quote yes/no in a
+            # config: OmegaConf reads them as booleans too).
+            value = [str(v).lower() if isinstance(v, bool) else v for v in value]
         if isinstance(value, str) or not isinstance(value, Sequence) or not value or not all(isinstance(v, str) for v in value):
             raise ConfigError(f"{where}: '{key}' must be a non-empty list of strings, got {value!r}")
         values[key] = tuple(v.strip().lower() if key == "labels" else v for v in value)
@@ -171,7 +188,7 @@ def load_task_file(path: str | Path) -> Tuple[Optional[str], List[UserTask]]:
     """
     path = Path(path).expanduser()
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data = yaml.load(path.read_text(encoding="utf-8"), Loader=_TaskFileLoader)
     except FileNotFoundError:
         raise ConfigError(f"task_file not found: {path}") from None
     except (OSError, yaml.YAMLError) as e:
