@@ -1,0 +1,145 @@
+"""Run identity of evaluation outputs, run names, and how compare_results pairs runs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from mas.config import ConfigError
+from mas.evaluation.identity import (
+    RunIdentity,
+    adapter_identity,
+    adapter_run_name,
+    adapter_step,
+    base_identity,
+    claim_predictions,
+    experiment_name,
+    identity_path,
+)
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _adapter(folder: Path, payload: bytes) -> Path:
+    folder.mkdir(parents=True)
+    (folder / "adapter_model.safetensors").write_bytes(payload)
+    return folder
+
+
+def _identity(adapter: Path, **changes) -> RunIdentity:
+    fields = {"adapter": adapter_identity(adapter, "adapter_model.safetensors"), "attention": "mas", "mode": "generate", **changes}
+    return RunIdentity(fields)
+
+
+@pytest.mark.parametrize(
+    "path, run, experiment, step",
+    [
+        ("/runs/tiny_mas", "tiny_mas", "tiny", None),
+        ("/runs/tiny_causal/checkpoints/step_36", "tiny_causal", "tiny", 36),
+        ("/runs/llama3_2_1b_mas_1024/checkpoints/step_7", "llama3_2_1b_mas_1024", "llama3_2_1b_1024", 7),
+        (None, "base", "base", None),
+    ],
+)
+def test_run_and_experiment_names(path, run, experiment, step):
+    assert adapter_run_name(path) == run and experiment_name(run) == experiment
+    assert adapter_step(Path(path) if path else None) == step
+
+
+def test_predictions_of_another_adapter_are_never_reused(tmp_path):
+    first = _adapter(tmp_path / "a" / "checkpoints" / "step_3", b"weights of a")
+    second = _adapter(tmp_path / "b" / "checkpoints" / "step_3", b"weights of b")
+    predictions = tmp_path / "eval" / "predictions_generate.jsonl"
+    claim_predictions(predictions, _identity(first), resume=True)
+    recorded = json.loads(identity_path(predictions).read_text())
+    assert recorded["identity"]["adapter"]["step"] == 3 and identity_path(predictions).name == "identity_generate.json"
+    predictions.write_text('{"task": "boolq"}\n')
+    claim_predictions(predictions, _identity(first), resume=True)  # the same run resumes
+    assert predictions.exists()
+    with pytest.raises(ConfigError) as refused:
+        claim_predictions(predictions, _identity(second), resume=True)
+    message = str(refused.value)
+    assert "holds predictions of another run (adapter.folder:" in message and "adapter.weights_sha256" in message
+    assert message.endswith("set output_dir=<a new folder> to keep both, or resume=False to overwrite them")
+    assert "\n" not in message
+    with pytest.raises(ConfigError, match=r"attention: mas -> causal"):
+        claim_predictions(predictions, _identity(first, attention="causal"), resume=True)
+    claim_predictions(predictions, _identity(second), resume=False)  # starts over
+    assert not predictions.exists()
+    assert json.loads(identity_path(predictions).read_text())["identity"]["adapter"]["folder"] == str(second.resolve())
+
+
+def test_same_folder_new_weights_is_another_run(tmp_path):
+    adapter = _adapter(tmp_path / "run" / "checkpoints" / "step_5", b"v1")
+    predictions = tmp_path / "eval" / "predictions_loglik.jsonl"
+    claim_predictions(predictions, _identity(adapter), resume=True)
+    predictions.write_text("{}\n")
+    (adapter / "adapter_model.safetensors").write_bytes(b"v2")  # retrained into the same folder
+    with pytest.raises(ConfigError, match="adapter.weights_sha256"):
+        claim_predictions(predictions, _identity(adapter), resume=True)
+
+
+def test_predictions_without_identity_are_refused(tmp_path):
+    predictions = tmp_path / "predictions_generate.jsonl"
+    predictions.write_text('{"task": "boolq"}\n')
+    with pytest.raises(ConfigError, match="without a recorded run identity"):
+        claim_predictions(predictions, RunIdentity({"attention": "mas"}), resume=True)
+
+
+def test_base_identity_sees_config_and_weights(tmp_path):
+    (tmp_path / "config.json").write_text('{"hidden_size": 64}')
+    (tmp_path / "model.safetensors").write_bytes(b"x" * 10)
+    before = base_identity(tmp_path)
+    assert list(before["weights"]) == ["model.safetensors"] and before["weights"]["model.safetensors"][0] == 10
+    (tmp_path / "config.json").write_text('{"hidden_size": 128}')
+    assert base_identity(tmp_path)["configs"] != before["configs"]
+
+
+def _results(path: Path, **fields) -> Path:
+    data = {"benchmark": "commonsense", "mode": "generate", "tasks": {"boolq": {"accuracy": fields.pop("acc"), "correct": 1, "total": 2, "no_answer": 0}}}
+    path.write_text(json.dumps({**data, **fields}))
+    return path
+
+
+def _default(tmp_path, name, trained, evaluated, acc, step=36):
+    run = f"tiny_{trained}"
+    return _results(
+        tmp_path / f"{name}.json", acc=acc, model=f"{run} step {step} (trained {trained}, eval {evaluated})",
+        run_name=f"{run} step {step} (trained {trained}, eval {evaluated})", attention=evaluated,
+        trained_attention=trained, experiment="tiny", run=run, step=step,
+    )  # fmt: skip
+
+
+def test_compare_pairs_default_named_runs_of_one_experiment(tmp_path, monkeypatch, capsys):
+    monkeypatch.syspath_prepend(str(REPO / "tools"))
+    import compare_results
+
+    runs = [
+        _default(tmp_path, "cc", "causal", "causal", 0.5),
+        _default(tmp_path, "cm", "causal", "mas", 0.1),  # cross-evaluation (Table 3)
+        _default(tmp_path, "mc", "mas", "causal", 0.2),
+        _default(tmp_path, "mm", "mas", "mas", 0.6),
+    ]
+    assert compare_results.main([str(p) for p in runs]) == 0
+    printed = capsys.readouterr().out
+    assert "| tiny_causal step 36 (trained causal, eval causal) | 50.0 |" in printed
+    assert "| mas > causal (win rate) | 100% (1/1) |" in printed
+    assert "Win rate: 1 causal/mas pair(s) matched by experiment and mode" in printed
+    assert "cross-evaluations, trained and evaluated differently): tiny_causal step 36 (trained causal, eval mas)" in printed
+
+
+def test_compare_tabulates_two_checkpoints_of_one_run_with_labels(tmp_path, monkeypatch, capsys):
+    monkeypatch.syspath_prepend(str(REPO / "tools"))
+    import compare_results
+
+    early = _default(tmp_path, "early", "mas", "mas", 0.25, step=12)
+    late = _default(tmp_path, "late", "mas", "mas", 0.75, step=36)
+    assert compare_results.main([str(early), str(late), "--labels", "step 12", "step 36"]) == 0
+    printed = capsys.readouterr().out
+    assert "| step 12 | 25.0 |" in printed and "| step 36 | 75.0 |" in printed
+    assert "Not in the win rate (no partner run): step 12, step 36." in printed
+    # With the causal run at both steps, each checkpoint pairs with its own step.
+    causal = [_default(tmp_path, f"c{s}", "causal", "causal", 0.5, step=s) for s in (12, 36)]
+    assert compare_results.main([str(early), str(late), *map(str, causal)]) == 0
+    assert "| mas > causal (win rate) | 50% (1/2) |" in capsys.readouterr().out
