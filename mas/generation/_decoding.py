@@ -15,8 +15,15 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
+from torchtune.modules import MultiHeadAttention
 
-from mas.attention import AttentionBackend, MASAttention, build_attention_mask, use_mas_attention, validate_attention_backend
+from mas.attention import (
+    AttentionBackend,
+    MASAttention,
+    build_attention_mask,
+    use_mas_attention,
+    validate_attention_backend,
+)
 from mas.generation.kv_cache import read_prefix, setup_kv_caches, write_prefix
 from mas.generation.layout import PromptBatch, layout_prompts
 from mas.generation.sampling import sample_next_token
@@ -84,9 +91,7 @@ def _model_dtype(model: nn.Module) -> torch.dtype:
     return model.tok_embeddings.weight.dtype if hasattr(model, "tok_embeddings") else next(model.parameters()).dtype
 
 
-def _ensure_mas_attention(model: nn.Module, backend: str) -> None:
-    from torchtune.modules import MultiHeadAttention
-
+def _ensure_mas_attention(model: nn.Module, backend: AttentionBackend) -> None:
     for module in model.modules():
         if isinstance(module, MultiHeadAttention):
             if not isinstance(module._attention_call, MASAttention):
