@@ -217,6 +217,7 @@ def create_app(state: ServerState) -> FastAPI:
                         top_k=body.top_k if body.top_k not in (None, -1, 0) else None,
                         seed=None if body.seed is None else body.seed + j,  # choice j of a seeded request: seed + j
                         stop=stops,
+                        ignore_stop_tokens=body.ignore_eos,
                     )
                 )
                 sequences.append(prompt)

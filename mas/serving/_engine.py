@@ -75,6 +75,7 @@ class SamplingParams:
         top_p (Optional[float]), top_k (Optional[int]): sampling filters.
         seed (Optional[int]): seeds this sequence's own generator (reproducible sampling).
         stop (Sequence[str]): strings that end the text (not included).
+        ignore_stop_tokens (bool): generate exactly ``max_tokens`` (benchmarks, tests).
     """
 
     max_tokens: int
@@ -83,6 +84,7 @@ class SamplingParams:
     top_k: Optional[int] = None
     seed: Optional[int] = None
     stop: Sequence[str] = ()
+    ignore_stop_tokens: bool = False
 
 
 @dataclass
@@ -390,7 +392,7 @@ class Engine:
         row = self._rows[row_index]
         handle = row.handle
         now = time.perf_counter()
-        if token in self.stop_tokens:
+        if token in self.stop_tokens and not handle.params.ignore_stop_tokens:
             self._finish(row_index, "stop")
             return
         handle.tokens.append(token)

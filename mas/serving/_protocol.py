@@ -77,6 +77,7 @@ class _Sampling(_Body):
     # Extensions (the openai client sends them with extra_body=...):
     attention: Optional[Literal["mas", "causal"]] = None  # only checked against the served mode
     return_token_ids: bool = False  # the generated ids in the response's "mas" section
+    ignore_eos: bool = False  # generate exactly max_tokens (as vLLM's field: benchmarks)
 
     def stop_strings(self) -> List[str]:
         if self.stop is None:

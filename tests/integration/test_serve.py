@@ -1,0 +1,343 @@
+"""`tune run mas_serve`: the real server process on 127.0.0.1, called with the official `openai`
+client and `httpx`. Greedy tokens equal `mas.generate` (alone, batched, with a prefix-cache hit,
+turn by turn, MAS and causal adapters); bad requests get OpenAI-style 4xx bodies naming the field;
+a disconnecting client frees its slot; a burst completes with nothing lost or leaked; over
+capacity is a 429; SIGTERM finishes or cancels in-flight requests cleanly.
+
+One server process per adapter, shared by the tests of this module (module-scoped fixtures).
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import json
+import signal
+import socket
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, List
+
+import httpx
+import pytest
+
+from support.runs import tune_command
+
+pytestmark = pytest.mark.slow
+
+SYSTEM = "Below is an instruction that describes a task. Write a response that appropriately completes the request.\n\n"
+USERS = [
+    "Is the sky blue?",
+    "### Instruction:\nPlease answer the following question with true or false, question: is ice cold?\n\n### Response:\n",
+    "Name a colour.",
+    "### Instruction:\nPlease choose the correct answer to fill in the blank to complete the given sentence: the cat sat on the _.\n\n"
+    "Option1: mat Option2: moon\n\nAnswer format: option1/option2\n\n### Response:\n",
+]
+MAX_TOKENS = 8
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class Server:
+    url: str
+    process: subprocess.Popen
+    log: Path
+    overrides: List[str]
+
+    @property
+    def model(self) -> str:
+        return httpx.get(f"{self.url}/v1/models").json()["data"][0]["id"]
+
+    def health(self) -> Dict:
+        return httpx.get(f"{self.url}/health").json()
+
+    def metric(self, name: str) -> float:
+        for line in httpx.get(f"{self.url}/metrics").text.splitlines():
+            if line.startswith(name + " ") or line.startswith(name + "{"):
+                return float(line.rsplit(" ", 1)[1])
+        raise AssertionError(f"metric {name} not found")
+
+    def stop(self) -> int:
+        """SIGTERM, then the exit status (uvicorn re-raises the signal after a graceful shutdown,
+        so a clean exit is -SIGTERM with "Finished server process" logged)."""
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        return self.process.returncode
+
+
+def _start(tmp: Path, base_dir: Path, run_dir: Path, **extra) -> Server:
+    port = _free_port()
+    values = {
+        "port": port,
+        "host": "127.0.0.1",
+        "checkpointer.checkpoint_dir": base_dir,
+        "checkpointer.pretrain_steps": 30,
+        "adapter_checkpoint": run_dir,
+        "output_dir": tmp / "out",
+        **extra,
+    }
+    overrides = [f"{k}={v}" for k, v in values.items()]
+    log = tmp / "server.log"
+    with open(log, "w") as f:
+        process = subprocess.Popen([*tune_command(), "run", "mas_serve", "--config", "tiny_serve", *overrides], cwd=tmp, stdout=f, stderr=subprocess.STDOUT)
+    server = Server(f"http://127.0.0.1:{port}", process, log, overrides)
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise AssertionError(f"mas_serve exited with {process.returncode}:\n{log.read_text()[-3000:]}")
+        try:
+            if httpx.get(f"{server.url}/health", timeout=1).status_code == 200:
+                return server
+        except httpx.TransportError:
+            pass
+        time.sleep(0.2)
+    server.stop()
+    raise AssertionError(f"mas_serve did not come up:\n{log.read_text()[-3000:]}")
+
+
+def _train_adapter(out: Path, base_dir: Path, config: str) -> Path:
+    """A few steps of `tune run mas_lora_finetune` (the adapter only has to exist and record how
+    it was trained)."""
+    overrides = {
+        "output_dir": out,
+        "checkpointer.checkpoint_dir": base_dir,
+        "checkpointer.pretrain_steps": 30,
+        "epochs": 1,
+        "max_steps_per_epoch": 4,
+        "batch_size": 4,
+        "val_every_n_steps": "None",
+        "progress_bar": False,
+    }
+    cmd = [*tune_command(), "run", "mas_lora_finetune", "--config", config, *[f"{k}={v}" for k, v in overrides.items()]]
+    result = subprocess.run(cmd, cwd=out.parent, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return out
+
+
+@pytest.fixture(scope="module")
+def tiny_mas_run(tmp_path_factory, tiny_base_dir) -> Path:
+    return _train_adapter(tmp_path_factory.mktemp("serve_runs") / "tiny_mas_adapter", tiny_base_dir, "tiny_mas")
+
+
+@pytest.fixture(scope="module")
+def tiny_causal_run(tmp_path_factory, tiny_base_dir) -> Path:
+    return _train_adapter(tmp_path_factory.mktemp("serve_runs") / "tiny_causal_adapter", tiny_base_dir, "tiny_causal")
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, tiny_base_dir, tiny_mas_run):
+    s = _start(tmp_path_factory.mktemp("serve_mas"), tiny_base_dir, tiny_mas_run, batch_size=4)
+    yield s
+    assert s.stop() in (0, -signal.SIGTERM), s.log.read_text()[-3000:]
+    assert "Finished server process" in s.log.read_text()
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_base_dir, tiny_mas_run, tmp_path_factory):
+    """`mas.generate` on the same weights, one prompt at a time: the slow twin."""
+    return _Reference(tiny_base_dir, tiny_mas_run, tmp_path_factory.mktemp("ref"))
+
+
+class _Reference:
+    def __init__(self, base_dir: Path, run_dir: Path, tmp: Path) -> None:
+        import torch
+
+        from mas.config import instantiate, load_config, to_options
+        from mas.generation.loading import load_inference_model
+        from mas.serving import ServeOptions
+
+        cfg = load_config("tiny_serve", [f"checkpointer.checkpoint_dir={base_dir}", "checkpointer.pretrain_steps=30", f"adapter_checkpoint={run_dir}", f"output_dir={tmp}"])
+        opts = to_options(cfg, ServeOptions, "mas_serve")
+        self.tokenizer = instantiate(opts.tokenizer)
+        loaded = load_inference_model(opts.model, opts.checkpointer, adapter_checkpoint=opts.adapter_checkpoint, device=torch.device("cpu"), dtype=torch.float32)
+        self.model = loaded.model
+        self.attention = loaded.trained_attention
+        self._memo: Dict[str, List[int]] = {}
+
+    def tokens(self, prompt, max_new_tokens: int = MAX_TOKENS) -> List[int]:
+        import mas
+
+        key = json.dumps([prompt, max_new_tokens])
+        if key not in self._memo:
+            out = mas.generate(self.model, self.tokenizer, [prompt], attention=self.attention, max_new_tokens=max_new_tokens, batch_size=1)
+            self._memo[key] = out.tokens[0]
+        return self._memo[key]
+
+
+def _chat_messages(system, user):
+    return ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": user}]
+
+
+def _chat(server: Server, messages, **extra) -> Dict:
+    body = {"model": server.model, "messages": messages, "max_tokens": MAX_TOKENS, "temperature": 0, "return_token_ids": True, **extra}
+    r = httpx.post(f"{server.url}/v1/chat/completions", json=body, timeout=120)
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def test_openai_client_chat_completions_stream_and_models(server, reference, tiny_mas_run):
+    import openai
+
+    client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="not-needed")
+    # The served name defaults to the adapter's run folder.
+    assert [m.id for m in client.models.list().data] == [tiny_mas_run.name]
+    messages = _chat_messages(SYSTEM, USERS[1])
+    reply = client.chat.completions.create(model=server.model, messages=messages, max_tokens=MAX_TOKENS, temperature=0, extra_body={"return_token_ids": True})
+    expected = reference.tokens({"messages": messages})
+    assert reply.model_extra["mas"]["token_ids"] == [expected]
+    assert reply.choices[0].message.content == reference.tokenizer.decode(expected)
+    assert reply.usage.completion_tokens == len(expected)
+    pieces, reasons = [], []
+    for chunk in client.chat.completions.create(model=server.model, messages=messages, max_tokens=MAX_TOKENS, temperature=0, stream=True):
+        for choice in chunk.choices:
+            pieces.append(choice.delta.content or "")
+            reasons.append(choice.finish_reason)
+    assert "".join(pieces) == reply.choices[0].message.content
+    assert reasons[-1] in ("stop", "length")
+    completion = client.completions.create(model=server.model, prompt=USERS[0], max_tokens=MAX_TOKENS, temperature=0, extra_body={"return_token_ids": True})
+    assert completion.model_extra["mas"]["token_ids"] == [reference.tokens(USERS[0])]
+    streamed = "".join(c.choices[0].text for c in client.completions.create(model=server.model, prompt=USERS[0], max_tokens=MAX_TOKENS, temperature=0, stream=True) if c.choices)
+    assert streamed == completion.choices[0].text
+
+
+def test_batched_requests_and_prefix_cache_hits_equal_generate(server, reference):
+    prompts = [_chat_messages(SYSTEM if i % 2 == 0 else None, u) for i, u in enumerate(USERS)] * 2
+    with concurrent.futures.ThreadPoolExecutor(len(prompts)) as pool:
+        replies = list(pool.map(lambda m: _chat(server, m), prompts))
+    for messages, reply in zip(prompts, replies):
+        assert reply["mas"]["token_ids"] == [reference.tokens({"messages": messages})], messages
+    hits_before = server.metric("mas_serve_prefix_cache_hits_total")
+    # The system prompt is cached now: a new user turn reuses it, and is still exact.
+    reply = _chat(server, _chat_messages(SYSTEM, "Is water wet?"))
+    system_len = len(reference.tokenizer.encode(SYSTEM, add_bos=True, add_eos=False))
+    assert reply["usage"]["prompt_tokens_details"]["cached_tokens"] >= system_len
+    assert reply["mas"]["token_ids"] == [reference.tokens({"messages": _chat_messages(SYSTEM, "Is water wet?")})]
+    assert server.metric("mas_serve_prefix_cache_hits_total") > hits_before
+    assert server.metric("mas_serve_prefill_tokens_saved_total") >= system_len
+
+
+def test_chat_served_turn_by_turn_equals_the_whole_conversation(server, reference):
+    first = _chat_messages(SYSTEM, USERS[3])
+    turn1 = _chat(server, first)
+    conversation = first + [{"role": "assistant", "content": turn1["choices"][0]["message"]["content"]}, {"role": "user", "content": "Why?"}]
+    turn2 = _chat(server, conversation)
+    assert turn2["mas"]["token_ids"] == [reference.tokens({"messages": conversation})]
+    # Only the new turn was prefilled: the whole first prompt came from the cache.
+    assert turn2["usage"]["prompt_tokens_details"]["cached_tokens"] >= turn1["usage"]["prompt_tokens"]
+
+
+LONG = "word " * 600
+
+
+@pytest.mark.parametrize(
+    "body, status, param",
+    [
+        ("{not json", 400, None),
+        ({"model": "M"}, 400, "messages"),
+        ({"model": "M", "messages": []}, 400, "messages"),
+        ({"model": "M", "messages": "hello"}, 400, "messages"),
+        ({"model": "M", "messages": [{"role": "wizard", "content": "hi"}]}, 400, "messages[0].role"),
+        ({"model": "M", "messages": [{"role": "user", "content": "  "}]}, 400, "messages[0].content"),
+        ({"model": "M", "messages": [{"role": "user"}]}, 400, "messages[0].content"),
+        ({"model": "M", "messages": [{"role": "user", "content": LONG}]}, 400, "messages"),
+        ({"model": "M", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 600}, 400, "max_tokens"),
+        ({"model": "M", "messages": [{"role": "user", "content": "hi"}], "max_tokens": "5"}, 400, "max_tokens"),
+        ({"model": "M", "messages": [{"role": "user", "content": "hi"}], "temperature": "hot"}, 400, "temperature"),
+        ({"model": "M", "messages": [{"role": "user", "content": "hi"}], "stream": "yes"}, 400, "stream"),
+        ({"model": "M", "messages": [{"role": "user", "content": "hi"}], "n": 0}, 400, "n"),
+        ({"model": "M", "messages": [{"role": "user", "content": "hi"}], "stop": 5}, 400, "stop"),
+        ({"model": "nope", "messages": [{"role": "user", "content": "hi"}]}, 404, "model"),
+    ],
+)
+def test_bad_requests_get_openai_errors_naming_the_field(server, body, status, param):
+    if isinstance(body, dict) and body.get("model") == "M":
+        body = {**body, "model": server.model}
+    content = body if isinstance(body, str) else json.dumps(body)
+    r = httpx.post(f"{server.url}/v1/chat/completions", content=content, headers={"content-type": "application/json"}, timeout=30)
+    assert r.status_code == status, r.text
+    error = r.json()["error"]
+    assert error["param"] == param and error["type"] == "invalid_request_error" and error["message"], error
+    if param is not None:
+        assert error["message"].startswith(param)
+
+
+def test_completions_prompt_errors_and_unknown_route(server):
+    r = httpx.post(f"{server.url}/v1/completions", json={"model": server.model, "prompt": ""})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "prompt"
+    r = httpx.get(f"{server.url}/v1/nothing")
+    assert r.status_code == 404 and "error" in r.json()
+
+
+def test_disconnected_stream_frees_its_slot(server):
+    cancelled = server.metric("mas_serve_cancelled_sequences_total")
+    body = {"model": server.model, "prompt": USERS[0], "max_tokens": 480, "stream": True, "ignore_eos": True, "temperature": 0}
+    with httpx.stream("POST", f"{server.url}/v1/completions", json=body, timeout=60) as r:
+        lines = r.iter_lines()
+        assert next(l for l in lines if l.startswith("data: "))
+        assert server.health()["active_slots"] == 1
+    # The client is gone: its slot is freed long before 480 tokens.
+    deadline = time.monotonic() + 20
+    while server.health()["active_slots"] and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert server.health()["active_slots"] == 0
+    assert server.metric("mas_serve_cancelled_sequences_total") == cancelled + 1
+
+
+def test_burst_of_64_requests_from_16_clients(server, reference):
+    jobs = [(i, _chat_messages(SYSTEM if i % 3 else None, USERS[i % len(USERS)])) for i in range(64)]
+    expected = {i: reference.tokens({"messages": m}) for i, m in jobs[:12]}  # the 12 distinct prompts
+
+    def call(job):
+        i, messages = job
+        return i, _chat(server, messages)["mas"]["token_ids"][0]
+
+    with concurrent.futures.ThreadPoolExecutor(16) as pool:
+        results = dict(pool.map(call, jobs))
+    assert sorted(results) == list(range(64))
+    for i, tokens in results.items():
+        twin = next(j for j in expected if jobs[j][1] == jobs[i][1])
+        assert tokens == expected[twin], i
+    health = server.health()
+    assert health["active_slots"] == 0 and health["queue_depth"] == 0
+    assert "mas_serve_requests_total" in httpx.get(f"{server.url}/metrics").text
+
+
+def test_causal_adapter_capacity_and_graceful_shutdown(tmp_path, tiny_base_dir, tiny_causal_run):
+    """A causal adapter is served causally (exactly); a full server answers 429; SIGTERM lets an
+    in-flight stream end cleanly and the process exit 0."""
+    small = _start(tmp_path, tiny_base_dir, tiny_causal_run, batch_size=1, max_queue=0, shutdown_timeout_s=30)
+    try:
+        reference = _Reference(tiny_base_dir, tiny_causal_run, tmp_path / "ref")
+        assert reference.attention == "causal" and small.health()["attention"] == "causal"
+        messages = _chat_messages(SYSTEM, USERS[1])
+        reply = _chat(small, messages, attention="mas")
+        assert reply["mas"]["token_ids"] == [reference.tokens({"messages": messages})]
+        assert any("served with attention=causal" in w for w in reply["mas"]["warnings"])
+
+        body = {"model": small.model, "prompt": USERS[0], "max_tokens": 80, "stream": True, "ignore_eos": True, "temperature": 0}
+        with httpx.stream("POST", f"{small.url}/v1/completions", json=body, timeout=120) as r:
+            lines = r.iter_lines()
+            assert next(l for l in lines if l.startswith("data: "))
+            busy = httpx.post(f"{small.url}/v1/completions", json={**body, "stream": False, "max_tokens": 2})
+            assert busy.status_code == 429 and busy.json()["error"]["code"] == "rate_limit_exceeded", busy.text
+            small.process.send_signal(signal.SIGTERM)
+            rest = [l for l in lines if l.startswith("data: ")]
+        assert rest[-1] == "data: [DONE]"
+        finished = [json.loads(l[6:]) for l in rest[:-1]]
+        assert any(c["choices"] and c["choices"][0]["finish_reason"] == "length" for c in finished)
+        assert small.process.wait(timeout=60) in (0, -signal.SIGTERM)
+        log = small.log.read_text()
+        assert "Application shutdown complete" in log and "Traceback" not in log, log[-3000:]
+    finally:
+        small.stop()
