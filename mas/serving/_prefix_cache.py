@@ -146,8 +146,9 @@ class PrefixCache:
     def insert(self, namespace: Hashable, tokens: Sequence[int], segment_ids: Sequence[int], kv: KV) -> bool:
         """Store a row (its keys and values are final: nothing later changes them).
 
-        Index keys it shares with older entries move to it; an older entry left without keys
-        (a prefix of this one) is dropped. Least recently used entries go when over budget.
+        Index keys of older entries whose prefix this row repeats move to it; an older entry left
+        without keys (a prefix of this one, e.g. the prompt stored at prefill time once its
+        answer is stored) is dropped. Least recently used entries go when over budget.
 
         Returns:
             bool: whether the row was stored (False: it alone exceeds the budget).
@@ -160,16 +161,20 @@ class PrefixCache:
         with self._lock:
             entry_id = self._next_id
             self._next_id += 1
-            for n in reusable_ends(segment_ids):
-                if n < self.min_tokens:
-                    continue
+            ends = set(reusable_ends(segment_ids))
+            for n in range(max(self.min_tokens, 1), len(tokens) + 1):
                 key = hashes[n]
                 previous = self._index.get(key)
-                if previous is not None and previous[0] in self._entries:
+                if previous is not None:
                     older = self._entries[previous[0]]
+                    if previous[1] != n or older.tokens[:n] != entry.tokens[:n] or older.segment_ids[:n] != entry.segment_ids[:n]:
+                        continue  # a hash collision: leave the other entry alone
+                    # This row holds the same prefix: it serves the key from now on.
                     older.keys.remove(key)
                     if not older.keys:
                         self._drop(previous[0])
+                elif n not in ends:
+                    continue
                 self._index[key] = (entry_id, n)
                 entry.keys.append(key)
             self._entries[entry_id] = entry
