@@ -141,8 +141,9 @@ def test_two_adapters_into_one_folder_never_share_predictions(tmp_path, tiny_bas
 def test_sweep_keys_each_checkpoint_by_its_own_identity(tmp_path, tiny_base_dir, tiny_mas_run):
     out = tmp_path / "sweep"
     _eval(out, tiny_base_dir, adapter_checkpoint=tiny_mas_run, checkpoints="all", mode="loglik", limit=1)
-    steps = sorted(int(p.name.split("_")[1]) for p in (tiny_mas_run / "checkpoints").glob("step_*"))
-    identities = [json.loads((out / f"step_{s}" / "identity_loglik.json").read_text()) for s in steps]
+    folders = sorted((p.parent for p in (tiny_mas_run / "checkpoints").glob("step_*/recipe_state.pt")), key=lambda p: int(p.name[5:]))
+    steps = [int(p.name[5:]) for p in folders]
+    identities = [json.loads((out / p.name / "identity_loglik.json").read_text()) for p in folders]
     assert [i["identity"]["adapter"]["step"] for i in identities] == steps
     assert len({i["digest"] for i in identities}) == len(steps)
     sweep = json.loads((out / "sweep_loglik.json").read_text())
