@@ -12,6 +12,7 @@ with ``runpy.run_module``); the recipe itself lives in :mod:`mas.training.finetu
 from __future__ import annotations
 
 import logging
+import os
 import sys
 
 import mas
@@ -22,7 +23,7 @@ if getattr(mas, "__file__", None) is None:  # a plain folder named "mas" in the 
 from omegaconf import DictConfig
 
 from mas.checkpointing import latest_checkpoint
-from mas.config import parse, report_user_errors, to_options
+from mas.config import ConfigError, parse, report_user_errors, to_options
 from mas.devices import resolve_device
 from mas.training.finetune import LoRAFinetuneRecipe
 from mas.training.options import FinetuneOptions
@@ -35,6 +36,13 @@ class MASLoRAFinetuneRecipe(LoRAFinetuneRecipe):
     """The fine-tuning recipe on the single device named by ``device``."""
 
     def __init__(self, cfg: DictConfig) -> None:
+        world_size = int(os.environ.get("WORLD_SIZE", "1"))
+        if world_size > 1:
+            raise ConfigError(
+                f"{RECIPE} trains on one device but was launched as {world_size} processes (torchrun "
+                "--nproc_per_node); every process would train the same model into one folder. Use "
+                "mas_lora_finetune_distributed for several devices, or launch without --nproc_per_node"
+            )
         options = to_options(cfg, FinetuneOptions, RECIPE)
         super().__init__(options, SingleDevice(resolve_device(options.device)), cfg, name=RECIPE)
 

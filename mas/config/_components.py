@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import types
 import typing
 from typing import Any, Dict, Optional
 
@@ -18,6 +19,9 @@ from omegaconf import DictConfig, ListConfig
 
 from mas.config._options import check_value, suggest
 from mas.errors import ConfigError
+
+#: ``Optional[int]`` and ``int | None`` alike.
+_UNION_TYPES = (typing.Union, types.UnionType)
 
 __all__ = ["check_components", "import_component"]
 
@@ -46,8 +50,10 @@ def _checkable(tp: Any) -> bool:
         return True
     if origin is typing.Literal:
         return True
-    if origin is typing.Union:
-        return all(a is type(None) or _checkable(a) for a in typing.get_args(tp))
+    if origin in _UNION_TYPES:
+        # Union[float, Tensor] (torch optimizers' lr): a config value is never a tensor, so the
+        # plain members decide.
+        return any(a is not type(None) and _checkable(a) for a in typing.get_args(tp))
     if origin in (list, typing.List):
         args = typing.get_args(tp)
         return bool(args) and _checkable(args[0])

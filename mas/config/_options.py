@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import types
 import typing
 from dataclasses import MISSING, dataclass, fields
 from typing import Any, Dict, Iterable, List, Literal, Mapping, Optional, Tuple, Type, TypeVar, Union
@@ -24,6 +25,9 @@ from typing import Any, Dict, Iterable, List, Literal, Mapping, Optional, Tuple,
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from mas.errors import ConfigError
+
+#: ``Optional[int]`` and ``int | None`` alike.
+_UNION_TYPES = (typing.Union, types.UnionType)
 
 __all__ = [
     "OptionInfo",
@@ -124,7 +128,7 @@ def describe_type(tp: Any) -> str:
     args = typing.get_args(tp)
     if origin is Literal:
         return " | ".join(str(a) for a in args)
-    if origin is Union:
+    if origin in _UNION_TYPES:
         inner = [a for a in args if a is not type(None)]
         text = " or ".join(describe_type(a) for a in inner)
         return f"{text} or null" if type(None) in args else text
@@ -154,6 +158,10 @@ def check_value(key: str, value: Any, tp: Any, *, min: Optional[float] = None, m
         ConfigError: naming ``key``, the expected type and the value given.
     """
     ok, converted = _conforms(value, tp)
+    choices = _literal_choices(tp)
+    if not ok and choices:
+        listed = ", ".join(repr(c) for c in choices[:-1]) + f" or {choices[-1]!r}" if len(choices) > 1 else repr(choices[0])
+        raise ConfigError(f"{key} must be {listed}, got {_plain(value)!r}")
     if not ok:
         raise ConfigError(f"{key}: expected {describe_type(tp)}, got {_plain(value)!r}; set {key}=<{describe_type(tp)}>")
     if isinstance(converted, (int, float)) and not isinstance(converted, bool):
@@ -164,12 +172,22 @@ def check_value(key: str, value: Any, tp: Any, *, min: Optional[float] = None, m
     return converted
 
 
+def _literal_choices(tp: Any) -> List[Any]:
+    """The allowed values of a ``Literal`` (or ``Optional[Literal]``) hint, else []."""
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return list(typing.get_args(tp))
+    if origin in _UNION_TYPES:
+        return [c for a in typing.get_args(tp) for c in _literal_choices(a)]
+    return []
+
+
 def _conforms(value: Any, tp: Any) -> Tuple[bool, Any]:
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
     if tp is Any:
         return True, value
-    if origin is Union:
+    if origin in _UNION_TYPES:
         if value is None:
             return type(None) in args, None
         for arg in args:

@@ -21,18 +21,24 @@ from tqdm import tqdm
 from mas.attention import use_mas_attention
 from mas.checkpointing import CheckpointWriter, hf_info_from_checkpointer, latest_checkpoint
 from mas.config import ConfigError, instantiate, resolved_yaml
+from mas.errors import UserError
 from mas.data import collate_segmented, pad_token_id
 from mas.training.options import FinetuneOptions
 from mas.training.metrics import MetricsFile, StepTimer, peak_memory_gib
 from mas.training.model_setup import check_attention_backend, check_vocab, lora_settings
 from mas.training.parallel import Parallelism, initial_adapter_state
+from mas.training.run_identity import check_fresh_output_dir, check_resume_matches, run_fingerprint, write_run_file
 from mas.training.run_state import DataPosition, load_run_checkpoint, mas_settings, restore_rng, save_run_checkpoint
 from mas.training.sampler import ResumableSampler
 from mas.training.steps import prepare_batch, summed_token_loss
 
-__all__ = ["LoRAFinetuneRecipe"]
+__all__ = ["LoRAFinetuneRecipe", "TrainingDivergedError"]
 
 log = logging.getLogger("mas.finetune")
+
+class TrainingDivergedError(UserError):
+    """The loss or a gradient became NaN or infinite; the run stopped before saving it."""
+
 
 class LoRAFinetuneRecipe:
     """LoRA fine-tuning with a MAS (or causal) attention mask built once per batch.
@@ -64,11 +70,17 @@ class LoRAFinetuneRecipe:
         self.seed = options.seed
         # Same seed on every rank: LoRA dropout differs by rank only through the data it sees.
         training.set_seed(self.seed + parallel.rank)
+        # First optimizer step with a non-finite loss or gradient (-1: none), kept on the device
+        # so the check costs no sync; read at logging steps and before every checkpoint.
+        self._first_nonfinite_step = torch.full((), -1, dtype=torch.long, device=self.device)
+        self.skipped_steps = 0
+        self.last_saved_step = 0
 
     # ----------------------------------------------------------------------------- setup
     def setup(self) -> None:
         self._setup_output()
         self._setup_base_weights()
+        self._claim_output_dir()
         self._setup_tokenizer()
         self._setup_model()
         self._setup_optimizer()
@@ -76,18 +88,45 @@ class LoRAFinetuneRecipe:
         self._setup_data()
         self._setup_lr_scheduler()
         self._setup_resume()
+        self._setup_metrics()
 
     def _setup_output(self) -> None:
+        """The output folder exists and is writable before anything expensive runs."""
         self.resuming = self.opts.resume_from_checkpoint
         self.metric_logger = self.metrics_file = None
         if self.parallel.is_main:
             self.output_dir.mkdir(parents=True, exist_ok=True)
-            (self.output_dir / "config.yaml").write_text(resolved_yaml(self.config, type(self.opts)))
-            self.metric_logger = instantiate(self.opts.metric_logger)
-            if self.metric_logger is not None:
-                self.metric_logger.log_config(self.config)
-            self.metrics_file = MetricsFile(self.output_dir / "metrics.jsonl", resume=self.resuming)
+            probe = self.output_dir / ".write_test"
+            probe.write_text("")
+            probe.unlink()
         self.writer = CheckpointWriter(self.output_dir, self.opts.keep_last_n_checkpoints)
+
+    def _claim_output_dir(self) -> None:
+        """Check that output_dir holds no other run (fresh) or this very run (resume); record it."""
+        fingerprint = run_fingerprint(
+            self.opts, recipe=self.name, base_checkpoint_dir=self.base_checkpoint_dir, world_size=self.parallel.world_size
+        )
+        if self.resuming:
+            warning = check_resume_matches(self.output_dir, fingerprint)
+            if warning and self.parallel.is_main:
+                log.warning(warning)
+        elif not self.opts.overwrite_output_dir:
+            check_fresh_output_dir(self.output_dir, overwrite=False)
+        self.parallel.barrier()  # every rank checked before the main rank writes
+        if self.parallel.is_main:
+            if not self.resuming:
+                check_fresh_output_dir(self.output_dir, overwrite=True)
+            write_run_file(self.output_dir, fingerprint)
+            (self.output_dir / "config.yaml").write_text(resolved_yaml(self.config, type(self.opts)))
+
+    def _setup_metrics(self) -> None:
+        if not self.parallel.is_main:
+            return
+        resume_step = self.position.global_step if self.resuming else None
+        self.metrics_file = MetricsFile(self.output_dir / "metrics.jsonl", resume_step=resume_step)
+        self.metric_logger = instantiate(self.opts.metric_logger)
+        if self.metric_logger is not None:
+            self.metric_logger.log_config(self.config)
 
     def _setup_base_weights(self) -> None:
         checkpointer = instantiate(self.opts.checkpointer)
@@ -255,15 +294,34 @@ class LoRAFinetuneRecipe:
         grad_norm = torch.nn.utils.clip_grad_norm_(self.trainable, max_norm=float(max_norm) if max_norm else math.inf)
         if hasattr(grad_norm, "full_tensor"):
             grad_norm = grad_norm.full_tensor()
+        finite = torch.isfinite(loss_sum) & torch.isfinite(grad_norm)
+        stats = {"num_tokens": num_tokens, "local_tokens": local_tokens, "skipped": False}
+        if self.opts.on_nonfinite == "skip" and not bool(finite):  # one sync per step: the price of skipping
+            self.optimizer.zero_grad(set_to_none=True)
+            self.lr_scheduler.step()
+            self.skipped_steps += 1
+            return {**stats, "skipped": True}
+        step = self.position.global_step + 1
+        unseen = self._first_nonfinite_step < 0
+        self._first_nonfinite_step = torch.where(~finite & unseen, step, self._first_nonfinite_step)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.lr_scheduler.step()
-        return {
-            "loss": loss_sum.item() / num_targets,
-            "grad_norm": float(grad_norm),
-            "num_tokens": num_tokens,
-            "local_tokens": local_tokens,
-        }
+        return {**stats, "loss": loss_sum / num_targets, "grad_norm": grad_norm}
+
+    def _check_finite(self) -> None:
+        """Stop (before any adapter is written) once a step had a non-finite loss or gradient.
+
+        Raises:
+            TrainingDivergedError: naming the first such step.
+        """
+        first = int(self._first_nonfinite_step)
+        if first >= 0:
+            raise TrainingDivergedError(
+                f"training diverged: non-finite loss or gradient at step {first} (output_dir={self.output_dir}); "
+                f"no checkpoint was written after step {self.last_saved_step}. Lower optimizer.lr, "
+                "use dtype=bf16 or fp32, check the data, or set on_nonfinite=skip to skip such steps"
+            )
 
     @torch.no_grad()
     def validate(self) -> Optional[float]:
@@ -314,15 +372,18 @@ class LoRAFinetuneRecipe:
                 seconds = timer.lap()
                 lr = self.optimizer.param_groups[0]["lr"]
                 progress.update(1)
-                progress.set_postfix(loss=f"{stats['loss']:.4f}", lr=f"{lr:.2e}", tok_s=f"{stats['num_tokens'] / seconds:.0f}")
-                if step % log_every == 0 or step == self.total_steps:
+                if (step % log_every == 0 or step == self.total_steps) and not stats["skipped"]:
+                    self._check_finite()
+                    loss = float(stats["loss"])
+                    progress.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{stats['num_tokens'] / seconds:.0f}")
                     record = {
                         "kind": "train",
                         "step": step,
                         "epoch": epoch,
-                        "loss": stats["loss"],
+                        "loss": loss,
                         "lr": lr,
-                        "grad_norm": stats["grad_norm"],
+                        "grad_norm": float(stats["grad_norm"]),
+                        "skipped_steps": self.skipped_steps,
                         "tokens_per_second": stats["num_tokens"] / seconds,
                         "tokens_per_second_per_rank": stats["local_tokens"] / seconds,
                         "step_seconds": seconds,
@@ -355,6 +416,7 @@ class LoRAFinetuneRecipe:
         """Gather full states (every rank takes part); the main rank writes them atomically."""
         from mas.training.run_state import capture_rng
 
+        self._check_finite()
         merged = epoch_end and self.opts.save_merged_weights
         model_state = self.parallel.full_state_dict(self.model, adapter_only=not merged)
         optimizer_state = self.parallel.full_optimizer_state(self.model, self.optimizer)
@@ -378,6 +440,7 @@ class LoRAFinetuneRecipe:
                 extra={"world_size": self.parallel.world_size, **({"rng": rng, "rng_per_rank": True} if self.parallel.world_size > 1 else {})},
             )
             tqdm.write(f"saved checkpoint {folder}")
+        self.last_saved_step = self.position.global_step
         self.parallel.barrier()
         return folder
 

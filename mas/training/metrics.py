@@ -46,19 +46,48 @@ class StepTimer:
 
 
 class MetricsFile:
-    """Append-only ``metrics.jsonl``: one JSON object per logged step (plots and tests read it)."""
+    """Append-only ``metrics.jsonl``: one JSON object per logged step (plots and tests read it).
 
-    def __init__(self, path: str | Path, *, resume: bool) -> None:
+    Always valid JSON lines: non-finite numbers are refused (``allow_nan=False``), and a resumed
+    run first keeps only the complete records up to its checkpoint's step, so replayed steps are
+    not written twice and a line torn by a kill is dropped.
+
+    Args:
+        path: the file.
+        resume_step (Optional[int]): None starts a new file; else the global step of the
+            checkpoint being resumed.
+    """
+
+    def __init__(self, path: str | Path, *, resume_step: Optional[int] = None) -> None:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._file = open(self.path, "a" if resume else "w")
+        kept = _records_up_to(self.path, resume_step) if resume_step is not None else []
+        tmp = self.path.with_name(f".{self.path.name}.tmp")
+        tmp.write_text("".join(line + "\n" for line in kept))
+        tmp.replace(self.path)
+        self._file = open(self.path, "a")
 
     def write(self, record: Dict[str, Any]) -> None:
-        self._file.write(json.dumps(record) + "\n")
+        self._file.write(json.dumps(record, allow_nan=False) + "\n")
         self._file.flush()
 
     def close(self) -> None:
         self._file.close()
+
+
+def _records_up_to(path: Path, step: int) -> list[str]:
+    """Complete JSON lines of ``path`` whose step is at most ``step`` (a torn last line is dropped)."""
+    if not path.exists():
+        return []
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(record, dict) and int(record.get("step", 0)) <= step:
+            kept.append(line)
+    return kept
 
 
 def read_metrics(path: str | Path, kind: Optional[str] = "train") -> list[Dict[str, Any]]:

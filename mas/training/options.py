@@ -21,7 +21,7 @@ class FinetuneOptions:
     """Keys of ``mas_lora_finetune`` (``tune run mas_lora_finetune --help`` prints them)."""
 
     output_dir: str = option(help="where checkpoints, metrics and logs go")
-    attention: AttentionMode = option("mas", "mas: prompt segments bidirectional; causal: the baseline on the same path")
+    attention: AttentionMode = option(help="mas: prompt segments bidirectional; causal: the baseline on the same path (required: the experiment's variable)")
     attention_backend: AttentionBackend = option("auto", "auto: FlexAttention on CUDA, SDPA with the dense mask otherwise")
     model: Any = component("a LoRA model builder")
     tokenizer: Any = component("a tokenizer builder; max_seq_len is the training cutoff")

@@ -34,7 +34,8 @@ from mas.checkpointing import (
     load_peft_adapter,
     peft_to_adapter,
 )
-from mas.config import load_config, validate_config
+from mas.config import load_config, to_options
+from mas.training.options import FinetuneOptions
 from mas.testing import TINY_FAMILIES, TinyCheckpoint, write_tiny_checkpoint
 from mas.training import read_metrics
 
@@ -90,7 +91,7 @@ def _run_recipe(
     )  # fmt: skip
     cfg.tokenizer = OmegaConf.create(ckpt.tokenizer_node(max_seq_len=SEQ_LEN))
     cfg.checkpointer = OmegaConf.create(ckpt.checkpointer_node(str(out)))
-    validate_config(cfg, mas_lora_finetune.KEYS)
+    to_options(cfg, FinetuneOptions, "mas_lora_finetune")
     recipe = mas_lora_finetune.MASLoRAFinetuneRecipe(cfg)
     recipe.setup()
     recipe.train()

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import List
 
-from mas.config import load_config, validate_config
+from mas.config import load_config
 
 
 def finetune_overrides(output_dir: Path, base_dir: Path, **extra) -> List[str]:
@@ -29,13 +29,7 @@ def run_finetune(config: str, overrides: List[str]):
     """Set up, train and clean up the fine-tuning recipe; returns the recipe object."""
     import mas_lora_finetune
 
-    cfg = load_config(config, overrides)
-    validate_config(cfg, mas_lora_finetune.KEYS)
-    recipe = mas_lora_finetune.MASLoRAFinetuneRecipe(cfg)
-    recipe.setup()
-    recipe.train()
-    recipe.cleanup()
-    return recipe
+    return mas_lora_finetune.run(load_config(config, overrides))
 
 
 def tune_command() -> List[str]:

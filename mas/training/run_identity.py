@@ -1,0 +1,176 @@
+"""What produced a training run's folder, so a folder never mixes two runs.
+
+A fresh run writes ``run.json`` in ``output_dir``: the recipe and every setting that changes the
+result (base weights, model, tokenizer, data, optimizer, schedule, batch, epochs, seed, ranks).
+Then:
+
+- a fresh run refuses a folder that holds another run's checkpoints or ``run.json``, unless
+  ``overwrite_output_dir=True`` (the old run's files are removed first) or
+  ``resume_from_checkpoint=True``;
+- a resumed run refuses a folder whose ``run.json`` differs in any of those settings, naming
+  the key (a changed batch size silently changes the data position and the schedule).
+
+Settings that do not change the result (logging, progress bar, checkpoint cadence, compile,
+workers) are left out, so a resumed run may change them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import shutil
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+from omegaconf import DictConfig, OmegaConf
+
+from mas.errors import ConfigError
+
+__all__ = ["RUN_FILE", "check_fresh_output_dir", "check_resume_matches", "run_fingerprint", "write_run_file"]
+
+RUN_FILE = "run.json"
+#: Options that do not change what a run computes; a resumed run may change them.
+_NOT_IDENTITY = {
+    "output_dir",
+    "resume_from_checkpoint",
+    "overwrite_output_dir",
+    "metric_logger",
+    "log_every_n_steps",
+    "log_peak_memory_stats",
+    "progress_bar",
+    "save_every_n_steps",
+    "save_merged_weights",
+    "keep_last_n_checkpoints",
+    "val_every_n_steps",
+    "max_val_batches",
+    "num_workers",
+    "compile",
+    "device",
+    "attention_backend",
+    "enable_activation_checkpointing",
+    "fsdp_cpu_offload",
+    "fsdp_reshard_after_forward",
+    "distributed_backend",
+    "val_dataset",
+}
+# Component arguments that only say where outputs go.
+_OUTPUT_ARGS = {"output_dir", "log_dir"}
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, DictConfig):
+        value = OmegaConf.to_container(value, resolve=True)
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items() if k not in _OUTPUT_ARGS}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def _file_identity(path: Path) -> Dict[str, Any]:
+    """Name, size and a hash of the first MiB: cheap, and changes when the file is replaced."""
+    with open(path, "rb") as f:
+        head = hashlib.sha256(f.read(1 << 20)).hexdigest()[:16]
+    return {"name": path.name, "bytes": path.stat().st_size, "sha256_first_mib": head}
+
+
+def run_fingerprint(options: Any, *, recipe: str, base_checkpoint_dir: str, world_size: int) -> Dict[str, Any]:
+    """The settings of a run that change its result, as plain JSON values.
+
+    Args:
+        options: the recipe's typed options (a dataclass).
+        recipe (str): the recipe name.
+        base_checkpoint_dir (str): where the base weights are; their files' names, sizes and
+            head hashes are part of the identity.
+        world_size (int): number of ranks (the data order per rank depends on it).
+    """
+    settings = {
+        f.name: _plain(getattr(options, f.name)) for f in dataclasses.fields(options) if f.name not in _NOT_IDENTITY
+    }
+    base = Path(base_checkpoint_dir)
+    weights = sorted(p for p in base.glob("*.safetensors")) if base.is_dir() else []
+    data_files = []
+    source = settings.get("dataset", {}).get("source") if isinstance(settings.get("dataset"), dict) else None
+    if source and Path(source).is_file():
+        data_files.append(_file_identity(Path(source)))
+    return {
+        "recipe": recipe,
+        "world_size": world_size,
+        "base_weights": [_file_identity(p) for p in weights],
+        "data_files": data_files,
+        "settings": settings,
+    }
+
+
+def write_run_file(output_dir: Path, fingerprint: Dict[str, Any]) -> None:
+    """Record the fingerprint (atomically) in ``output_dir/run.json``."""
+    tmp = output_dir / f".{RUN_FILE}.tmp"
+    tmp.write_text(json.dumps(fingerprint, indent=1, sort_keys=True))
+    tmp.replace(output_dir / RUN_FILE)
+
+
+def _occupants(output_dir: Path) -> List[str]:
+    found = []
+    checkpoints = output_dir / "checkpoints"
+    if checkpoints.is_dir() and any(checkpoints.iterdir()):
+        found.append(f"checkpoints/ ({len([p for p in checkpoints.iterdir() if p.is_dir()])} folder(s))")
+    if (output_dir / RUN_FILE).exists():
+        found.append(RUN_FILE)
+    return found
+
+
+def check_fresh_output_dir(output_dir: Path, *, overwrite: bool) -> None:
+    """A fresh run starts in an empty folder (or one without another run's files).
+
+    Raises:
+        ConfigError: the folder holds another run and ``overwrite`` is False.
+    """
+    found = _occupants(output_dir)
+    if not found:
+        return
+    if not overwrite:
+        raise ConfigError(
+            f"output_dir={output_dir} holds another run ({', '.join(found)}); set "
+            "resume_from_checkpoint=True to continue it, overwrite_output_dir=True to replace it, "
+            "or choose another output_dir"
+        )
+    shutil.rmtree(output_dir / "checkpoints", ignore_errors=True)
+    for name in (RUN_FILE, "metrics.jsonl"):
+        (output_dir / name).unlink(missing_ok=True)
+
+
+def _differences(recorded: Any, current: Any, prefix: str = "") -> List[str]:
+    if isinstance(recorded, dict) and isinstance(current, dict):
+        out = []
+        for key in sorted(set(recorded) | set(current)):
+            out += _differences(recorded.get(key), current.get(key), f"{prefix}.{key}" if prefix else str(key))
+        return out
+    if recorded == current:
+        return []
+    show = lambda v: v if isinstance(v, str) else json.dumps(v)  # noqa: E731
+    return [f"{prefix.removeprefix('settings.')}={show(recorded)} (this config: {show(current)})"]
+
+
+def check_resume_matches(output_dir: Path, fingerprint: Dict[str, Any]) -> Optional[str]:
+    """Refuse to resume a run whose recorded settings differ from this config's.
+
+    Returns:
+        A warning when the folder has no ``run.json`` (a run from before it existed), else None.
+
+    Raises:
+        ConfigError: naming every differing setting.
+    """
+    path = output_dir / RUN_FILE
+    if not path.exists():
+        return f"{output_dir} has no {RUN_FILE}: cannot check that the resumed run used the same settings"
+    recorded = json.loads(path.read_text())
+    diffs = _differences({k: v for k, v in recorded.items()}, fingerprint)
+    if diffs:
+        shown = "; ".join(diffs[:4])
+        more = f" (+{len(diffs) - 4} more)" if len(diffs) > 4 else ""
+        raise ConfigError(
+            f"cannot resume {output_dir}: it was trained with {shown}{more}; "
+            "resume with the same settings, or start a new run in another output_dir"
+        )
+    return None

@@ -1,0 +1,175 @@
+"""Bad inputs and faults: every one stops with one line naming the key/file and the fix, exit code 2.
+
+A table of cases, run in-process through each recipe's command line (``recipe_main(argv)``), so
+the check covers exactly what a user typing ``tune run ...`` gets. ``silent_before`` records
+what the case did before this check existed ("silent": exit 0 with a wrong result; "traceback":
+a raw traceback; "ok": already a clear line), for the changelog of issue 11.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, List, Optional
+
+import pytest
+import torch
+
+import mas_config
+import mas_generate
+import mas_lora_finetune
+from mas.config import EXIT_USER_ERROR
+from support.runs import finetune_overrides, run_finetune
+
+
+@dataclass
+class Case:
+    """One bad input: the recipe, its arguments, the expected message, and what happened before."""
+
+    id: str
+    main: Callable
+    args: Callable[[Path, Path], List[str]]  # (tmp_path, tiny_base_dir) -> argv
+    message: str
+    silent_before: str
+    setup: Optional[Callable[[Path, Path], None]] = None
+    env: Optional[dict] = None
+
+
+def _ft(*extra: str) -> Callable[[Path, Path], List[str]]:
+    return lambda tmp, base: ["--config", "tiny_mas", *finetune_overrides(tmp / "run", base), *extra]
+
+
+def _gen(*extra: str) -> Callable[[Path, Path], List[str]]:
+    return lambda tmp, base: [
+        "--config", "tiny_generate", f"checkpointer.checkpoint_dir={base}", "checkpointer.pretrain_steps=30",
+        "max_new_tokens=2", *extra,
+    ]  # fmt: skip
+
+
+def _train_once(tmp: Path, base: Path) -> None:
+    run_finetune("tiny_mas", finetune_overrides(tmp / "run", base, max_steps_per_epoch=3))
+
+
+def _bad_prompts(tmp: Path, base: Path) -> None:
+    (tmp / "prompts.jsonl").write_text('{"user": "fine"}\n{"question": "no known field"}\n')
+
+
+CASES = [
+    Case("unknown top-level key", mas_lora_finetune.recipe_main, _ft("batch_sise=4"), r"unknown config key 'batch_sise'.*did you mean 'batch_size'", "ok"),
+    Case("typo in a nested dataset key", mas_lora_finetune.recipe_main, _ft("dataset.sorce=/my.json"), r"dataset.sorce: .*no argument 'sorce' \(did you mean 'source'\?\)", "silent"),
+    Case("typo in a nested val_dataset key", mas_lora_finetune.recipe_main, _ft("val_dataset.sorce=/my.json"), r"val_dataset.sorce: .*did you mean 'source'", "silent"),
+    Case("negative batch size", mas_lora_finetune.recipe_main, _ft("batch_size=-1"), r"batch_size: must be >= 1, got -1", "ok"),
+    Case("batch size of the wrong type", mas_lora_finetune.recipe_main, _ft("batch_size=eight"), r"batch_size: expected int, got 'eight'", "traceback"),
+    Case("zero epochs", mas_lora_finetune.recipe_main, _ft("epochs=0"), r"epochs: must be >= 1", "silent"),
+    Case("learning rate that is not a number", mas_lora_finetune.recipe_main, _ft("optimizer.lr=fast"), r"optimizer.lr: expected float", "traceback"),
+    Case("unknown enum value in a component", mas_lora_finetune.recipe_main, _ft("dataset.truncation=cut"), r"dataset.truncation must be 'prompt' or 'drop', got 'cut'", "traceback"),
+    Case("fp16, which cannot train here", mas_lora_finetune.recipe_main, _ft("dtype=fp16"), r"dtype must be 'bf16' or 'fp32', got 'fp16'", "silent"),
+    Case("an unused unknown variable", mas_lora_finetune.recipe_main, _ft("my_dir=/data"), r"unknown config key 'my_dir'.*variables are allowed", "ok"),
+    Case("malformed override", mas_lora_finetune.recipe_main, _ft("epochs"), r"overrides must be key=value, got 'epochs'", "ok"),
+    Case("unknown config name", mas_lora_finetune.recipe_main, lambda t, b: ["--config", "tiny_mass"], r"did you mean tiny_mas", "ok"),
+    Case("unwritable output folder", mas_lora_finetune.recipe_main, _ft("output_dir=/proc/mas_cannot_write"), r"/proc/mas_cannot_write", "traceback"),
+    Case("fresh run into another run's folder", mas_lora_finetune.recipe_main, _ft(), r"holds another run .*resume_from_checkpoint=True.*overwrite_output_dir=True", "silent", setup=_train_once),
+    Case("resume with another batch size", mas_lora_finetune.recipe_main, _ft("max_steps_per_epoch=3", "batch_size=2", "resume_from_checkpoint=True"), r"cannot resume .*batch_size=4 \(this config: 2\)", "silent", setup=_train_once),
+    Case("resume with another dataset", mas_lora_finetune.recipe_main, _ft("max_steps_per_epoch=3", 'dataset.rows="0:500"', "resume_from_checkpoint=True"), r"cannot resume .*dataset.rows=0:550 \(this config: 0:500\)", "silent", setup=_train_once),
+    Case("resume and overwrite together", mas_lora_finetune.recipe_main, _ft("resume_from_checkpoint=True", "overwrite_output_dir=True"), r"contradict each other", "ok"),
+    Case("single-device recipe under torchrun", mas_lora_finetune.recipe_main, _ft(), r"launched as 2 processes.*mas_lora_finetune_distributed", "silent", env={"WORLD_SIZE": "2"}),
+    Case("generate: malformed prompts-file row", mas_generate.recipe_main, lambda t, b: _gen(f"prompts_file={t / 'prompts.jsonl'}")(t, b), r"prompts.jsonl, line 2: expected .user., .messages.", "ok", setup=_bad_prompts),
+    Case("generate: unwritable output file, before generating", mas_generate.recipe_main, _gen("output_file=/proc/mas_no/out.jsonl"), r"/proc/mas_no", "silent"),
+    Case("generate: tokenizer larger than the model's vocabulary", mas_generate.recipe_main, _gen("model.vocab_size=300", "checkpointer.vocab_size=300", "checkpointer.pretrain_steps=0", "checkpointer.checkpoint_dir={tmp}/small_vocab"), r"vocab", "traceback"),
+    Case("generate: bad sampling value", mas_generate.recipe_main, _gen("top_p=1.5"), r"top_p: must be <= 1", "ok"),
+    Case("mas-config: validate a file with a typo", mas_config.main, lambda t, b: ["validate", str(t / "bad.yaml")], r"unknown config key 'epoch'.*did you mean 'epochs'", "ok",
+         setup=lambda t, b: (t / "bad.yaml").write_text("# recipe: mas_lora_finetune\nbase_config: tiny_mas\nepoch: 2\n")),
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
+def test_bad_input_is_one_line_with_exit_code_2(case, tmp_path, tiny_base_dir, capsys, monkeypatch):
+    if case.setup is not None:
+        case.setup(tmp_path, tiny_base_dir)
+        capsys.readouterr()
+    for key, value in (case.env or {}).items():
+        monkeypatch.setenv(key, value)
+    argv = [a.replace("{tmp}", str(tmp_path)) for a in case.args(tmp_path, tiny_base_dir)]
+    with pytest.raises(SystemExit) as exit_info:
+        case.main(argv)
+    assert exit_info.value.code == EXIT_USER_ERROR, f"exit code {exit_info.value.code!r}"
+    err = capsys.readouterr().err
+    assert "Traceback" not in err, err
+    lines = [line for line in err.splitlines() if line.strip() and not line.startswith(("WARNING", "INFO", "Skipping import"))]
+    assert len(lines) == 1, err
+    assert re.search(case.message, lines[0]), lines[0]
+
+
+def test_case_table_reports_what_changed():
+    """The issue asks how many cases were silent or tracebacks before: kept honest here."""
+    counts = {kind: sum(c.silent_before == kind for c in CASES) for kind in ("silent", "traceback", "ok")}
+    assert sum(counts.values()) == len(CASES) and counts["silent"] >= 8 and counts["traceback"] >= 4, counts
+
+
+# ----------------------------------------------------------------------------- numeric guards
+class ExplodingLoss(torch.nn.Module):
+    """Cross-entropy whose value turns NaN from the given step on (a diverging run)."""
+
+    def __init__(self, nan_from_call: int = 3) -> None:
+        super().__init__()
+        self.calls = 0
+        self.nan_from_call = nan_from_call
+
+    def forward(self, logits, targets):
+        self.calls += 1
+        logits = torch.cat(logits, dim=1) if isinstance(logits, list) else logits
+        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
+        return loss * math.nan if self.calls >= self.nan_from_call else loss
+
+
+def test_nonfinite_loss_stops_the_run_and_writes_no_adapter_after_it(tmp_path, tiny_base_dir, monkeypatch, capsys):
+    monkeypatch.setattr("torchtune.modules.loss.CEWithChunkedOutputLoss", ExplodingLoss, raising=True)
+    argv = ["--config", "tiny_mas", *finetune_overrides(tmp_path / "run", tiny_base_dir, save_every_n_steps=2, log_every_n_steps=5)]
+    with pytest.raises(SystemExit) as exit_info:
+        mas_lora_finetune.recipe_main(argv)
+    assert exit_info.value.code == EXIT_USER_ERROR
+    err = capsys.readouterr().err
+    assert re.search(r"non-finite loss or gradient at step 3\b.*no checkpoint was written after step 2", err), err
+    folders = sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir() if p.name.startswith("step_"))
+    assert folders == ["step_0000002"]
+    for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines():
+        json.loads(line, parse_constant=lambda c: pytest.fail(f"non-JSON constant {c} in metrics.jsonl"))
+
+
+def test_nonfinite_steps_can_be_skipped_and_counted(tmp_path, tiny_base_dir, monkeypatch):
+    class OnceNaN(ExplodingLoss):
+        def forward(self, logits, targets):
+            loss = super().forward(logits, targets)
+            return loss if self.calls != 3 else loss * math.nan
+
+    monkeypatch.setattr("torchtune.modules.loss.CEWithChunkedOutputLoss", lambda: OnceNaN(nan_from_call=10**9), raising=True)
+    recipe = run_finetune("tiny_mas", finetune_overrides(tmp_path / "run", tiny_base_dir, on_nonfinite="skip", log_every_n_steps=1))
+    assert recipe.skipped_steps == 1
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in records if r["kind"] == "train"]
+    assert [r["step"] for r in train] == [1, 2, 4, 5, 6] and train[-1]["skipped_steps"] == 1
+    for name, p in recipe.model.named_parameters():
+        assert torch.isfinite(p).all(), name
+
+
+# ----------------------------------------------------------------------------- resumed metrics
+def test_resumed_run_logs_each_step_once_and_drops_a_torn_line(tmp_path, tiny_base_dir):
+    out = tmp_path / "run"
+    run_finetune("tiny_mas", finetune_overrides(out, tiny_base_dir, log_every_n_steps=1, max_steps_per_epoch=6, save_every_n_steps=3))
+    metrics = out / "metrics.jsonl"
+    # Simulate a kill after step 5: the checkpoint of step 6 and the epoch end never happened.
+    import shutil
+
+    from mas.checkpointing import latest_checkpoint
+
+    shutil.rmtree(latest_checkpoint(out))
+    (out / "checkpoints" / "latest").write_text("step_0000003")
+    lines = [line for line in metrics.read_text().splitlines() if json.loads(line)["step"] <= 5]
+    metrics.write_text("\n".join(lines) + '\n{"kind": "train", "step": 6, "lo')
+    run_finetune("tiny_mas", finetune_overrides(out, tiny_base_dir, log_every_n_steps=1, max_steps_per_epoch=6, save_every_n_steps=3, resume_from_checkpoint=True))
+    records = [json.loads(line) for line in metrics.read_text().splitlines()]
+    steps = [r["step"] for r in records if r["kind"] == "train"]
+    assert steps == [1, 2, 3, 4, 5, 6]
