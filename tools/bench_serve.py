@@ -159,6 +159,10 @@ def bench(args: argparse.Namespace) -> str:
             "",
             markdown_table(rows),
             "",
+            "On a loaded CPU, `mas.generate`'s per-token time can exceed the engine's by far more than its cache explains "
+            "(profiles put it inside SDPA and the linear layers); compare the batched rows with the 1-client engine row for "
+            "what batching itself adds.",
+            "",
             f"Time to first token with a {args.system_len}-token system prompt and a 32-token user turn, one request at a time, "
             f"median of {n} (warm requests copied {saved} prompt tokens in all instead of prefilling them):",
             "",

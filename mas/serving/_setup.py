@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 from mas.config import instantiate
+from mas.errors import ConfigError
 from mas.devices import resolve_device
 from mas.generation.loading import InferenceModel, load_inference_model
 from mas.segments import SegmentBuilder
@@ -102,9 +103,8 @@ def _model_name(loaded: InferenceModel, opts: ServeOptions) -> str:
 
 def build_server(opts: ServeOptions) -> ServerState:
     """Load the model and tokenizer, and build the engine (started) and the server state."""
-    from torchtune import training
-
     import torch
+    from torchtune import training
 
     device = resolve_device(opts.device)
     if opts.seed is not None:
@@ -127,7 +127,30 @@ def build_server(opts: ServeOptions) -> ServerState:
     prefix_cache = None
     if opts.reuse_system_cache:
         prefix_cache = PrefixCache(max_tokens=opts.prefix_cache_max_tokens, max_bytes=int(opts.prefix_cache_max_mib * 2**20))
-    engine = Engine(
+    model = loaded.model
+    kv_bytes = 2 * sum(m.num_kv_heads * m.head_dim for m in _attention_layers(model)) * dtype.itemsize * max_len * opts.batch_size
+    log.warning(
+        "KV cache: %d rows x %d tokens = %.2f GiB (lower batch_size or max_cache_len to shrink it)", opts.batch_size, max_len, kv_bytes / 2**30
+    )
+    try:
+        engine = _build_engine(opts, settings, loaded, tokenizer, max_len, prefix_cache)
+    except (torch.OutOfMemoryError, MemoryError):
+        raise ConfigError(
+            f"the KV cache ({opts.batch_size} rows x {max_len} tokens, {kv_bytes / 2**30:.1f} GiB) does not fit on {device}; "
+            "lower batch_size or max_cache_len"
+        ) from None
+    cache = engine.prefix_cache
+    return _state(opts, settings, loaded, tokenizer, engine, cache)
+
+
+def _attention_layers(model: Any) -> List[Any]:
+    from torchtune.modules import MultiHeadAttention
+
+    return [m for m in model.modules() if isinstance(m, MultiHeadAttention)]
+
+
+def _build_engine(opts: ServeOptions, settings: PromptSettings, loaded: InferenceModel, tokenizer: Any, max_len: int, prefix_cache: Optional[PrefixCache]) -> Engine:
+    return Engine(
         loaded.model,
         tokenizer,
         attention=settings.attention,  # type: ignore[arg-type]
@@ -139,7 +162,9 @@ def build_server(opts: ServeOptions) -> ServerState:
         namespace=_adapter_identity(loaded, opts),
         pad_id=getattr(tokenizer, "pad_id", None) or 0,
     )
-    cache = engine.prefix_cache
+
+
+def _state(opts: ServeOptions, settings: PromptSettings, loaded: InferenceModel, tokenizer: Any, engine: Engine, cache: Optional[PrefixCache]) -> ServerState:
     metrics = ServeMetrics(
         queue_depth=engine.queue_depth,
         active_slots=engine.active_slots,
