@@ -16,37 +16,12 @@ from mas.checkpointing import hf_info_from_checkpointer, load_peft_adapter, peft
 from mas.config import ConfigError, instantiate
 
 __all__ = [
-    "INFERENCE_KEYS_OPTIONAL",
-    "INFERENCE_KEYS_REQUIRED",
     "InferenceModel",
     "load_inference_model",
     "prompt_mismatch_warnings",
 ]
 
 log = logging.getLogger(__name__)
-
-#: Config keys every inference recipe (mas_generate, mas_eval) understands.
-INFERENCE_KEYS_REQUIRED: Dict[str, str] = {
-    "model": "model builder (a lora_* builder to load an adapter)",
-    "checkpointer": "FullModelHFCheckpointer for base (or merged) weights",
-    "tokenizer": "tokenizer builder",
-    "attention": "mas | causal prompt mask (independent of how the model was trained)",
-}
-INFERENCE_KEYS_OPTIONAL: Dict[str, str] = {
-    "adapter_checkpoint": "a mas_lora_finetune checkpoint folder or run folder (null: none)",
-    "prompt_format": "text | chat (as in training)",
-    "merge_system_and_user": "as in training",
-    "attention_backend": "auto | flex | sdpa",
-    "device": "cpu | cuda | auto",
-    "dtype": "bf16 | fp32",
-    "seed": "seed",
-    "max_new_tokens": "tokens to generate per prompt",
-    "batch_size": "prompts per batch",
-    "reuse_system_cache": "prefill each system prompt once (exact under MAS)",
-    "compile_decode": "torch.compile the decode step",
-    "max_cache_len": "KV cache slots (null: the model's max_seq_len)",
-}
-
 
 @dataclass
 class InferenceModel:
