@@ -16,17 +16,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Dict, List, Mapping, Optional, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 
 from torch import nn
 from torchtune.data import Message
 
-from mas.evaluation.suites import TaskSuite
+from mas.evaluation.suites import ScoredRecord, TaskSuite
 from mas.generation import GenerationSettings
 from mas.segments import SegmentBuilder
-
-if TYPE_CHECKING:  # annotations only: results needs the registry, which needs this module
-    from mas.evaluation.results import PredictionRecord
 
 __all__ = ["ANSWER_TEMPLATE", "Benchmark", "BenchmarkContext", "BenchmarkData", "EvalItem", "RecordBuilder"]
 
@@ -112,7 +109,8 @@ class BenchmarkContext:
     progress: bool = True
 
 
-RecordBuilder = Callable[[BenchmarkContext, str, List[EvalItem]], List["PredictionRecord"]]
+#: ``(context, benchmark name, items) -> records`` (:class:`~mas.evaluation.results.PredictionRecord`).
+RecordBuilder = Callable[[BenchmarkContext, str, List[EvalItem]], List[ScoredRecord]]
 
 
 @dataclass(frozen=True)

@@ -9,17 +9,27 @@ suite. The commonsense suite (the paper's Table 1) is the base class itself.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Dict, Iterable, List, Mapping, Sequence, Tuple
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Protocol, Sequence, Tuple
 
 from mas.evaluation.tasks import TASK_NAMES, TASKS, get_task
 
-if TYPE_CHECKING:  # annotations only: results imports this module
-    from mas.evaluation.results import PredictionRecord
+
+class ScoredRecord(Protocol):
+    """What a suite reads of a record (:class:`mas.evaluation.results.PredictionRecord` is one;
+    a protocol keeps this module below the results module)."""
+
+    task: str
+    prediction: Optional[str]
+    correct: Optional[bool]
+    scores: Optional[Dict[str, float]]
+    info: Optional[Dict[str, Any]]
+
 
 __all__ = [
     "DEFAULT_BENCHMARK",
     "MISSING_CELL",
     "NamedTaskSuite",
+    "ScoredRecord",
     "TaskSuite",
     "USER_RESULTS_FORMAT",
     "escape_cell",
@@ -65,7 +75,7 @@ class TaskSuite:
         """A task's column header."""
         return TASKS[task].column
 
-    def task_entry(self, records: Sequence[PredictionRecord]) -> Dict[str, Any]:
+    def task_entry(self, records: Sequence[ScoredRecord]) -> Dict[str, Any]:
         """The results entry of one task from its records."""
         correct = sum(bool(r.correct) for r in records)
         no_answer = sum(r.prediction is None for r in records)
@@ -158,9 +168,9 @@ class NamedTaskSuite(TaskSuite):
     def header(self, task: str) -> str:
         return task
 
-    def task_entry(self, records: Sequence[PredictionRecord]) -> Dict[str, Any]:
+    def task_entry(self, records: Sequence[ScoredRecord]) -> Dict[str, Any]:
         entry = super().task_entry(records)
-        groups: Dict[str, List[PredictionRecord]] = {}
+        groups: Dict[str, List[ScoredRecord]] = {}
         for record in records:
             group = (record.info or {}).get("group")
             if group is not None:
