@@ -53,22 +53,15 @@ from typing import Dict, List
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-CONFIG_DIR = REPO / "configs"
 TABLE_FILE = REPO / "docs" / "model_table.md"
 GIB = 1024**3
 OVERHEAD_BYTES = 1 * GIB
 
-# The paper's models: config prefix -> display name (the order of the paper's tables).
-MODELS = {
-    "llama3_8b": "Llama-3-8B",
-    "llama3_1_8b": "Llama-3.1-8B",
-    "llama3_2_1b": "Llama-3.2-1B",
-    "llama3_2_3b": "Llama-3.2-3B",
-    "mistral_7b_v0_1": "Mistral-7B-v0.1",
-    "mistral_7b_v0_3": "Mistral-7B-v0.3",
-    "qwen2_5_3b": "Qwen2.5-3B",
-    "qwen2_5_7b": "Qwen2.5-7B",
-}
+def paper_models() -> Dict[str, str]:
+    """The paper's models from ``configs/models/`` (data, not a list kept here): name -> title."""
+    from mas.config import bundled_models
+
+    return {m.name: m.about["title"] for m in bundled_models() if m.about.get("hf_id")}
 
 
 # Peak torch.cuda.max_memory_allocated (GiB) from `python tools/measure_memory.py`, run once on one
@@ -187,21 +180,10 @@ def training_bytes(m: ModelSize, *, qlora: bool, checkpointing: bool, batch: int
     return max(step, build) + OVERHEAD_BYTES
 
 
-def qlora_overrides(name: str) -> List[str]:
-    """The QLoRA launch line of a config's header, as ``key=value`` overrides."""
-    import shlex
+def download_command(key: str) -> str:
+    from mas.config import bundled_models
 
-    text = (CONFIG_DIR / f"{name}.yaml").read_text()
-    match = re.search(rf"^#\s+tune run mas_lora_finetune --config {name} (.*qlora.*)$", text, flags=re.M)
-    if match is None:
-        raise SystemExit(f"{name}.yaml documents no QLoRA launch line")
-    return shlex.split(match.group(1))
-
-
-def download_command(name: str) -> str:
-    text = (CONFIG_DIR / f"{name}.yaml").read_text()
-    match = re.search(r"^#\s+(tune download .*)$", text, flags=re.M)
-    return match.group(1) if match else "?"
+    return next(m.about.get("download", "?") for m in bundled_models() if m.name == key)
 
 
 def _gib(n: int) -> str:
@@ -216,18 +198,19 @@ def _cell(m: ModelSize, config: str, *, qlora: bool, checkpointing: bool, batch:
 
 
 def build_tables() -> str:
-    from mas.config import load_config
+    from mas.config import bundled_experiments, load_config
 
     rows: List[str] = []
     long_rows: List[str] = []
     sizes: Dict[str, ModelSize] = {}
-    for key, display in MODELS.items():
+    experiments = bundled_experiments()
+    for key, display in paper_models().items():
         name = f"{key}_mas"
-        qlora_cfg = load_config(name, qlora_overrides(name))
+        qlora_cfg = load_config(f"{name}_qlora")  # the model file's QLoRA variant
         m = sizes[key] = measure_model(load_config(name).model, qlora_cfg.model)
-        configs = sorted(p.stem for p in CONFIG_DIR.glob(f"{key}_*.yaml") if re.fullmatch(rf"{key}_(mas|causal)(_\d+)?", p.stem))
+        configs = sorted(c for c in experiments if re.fullmatch(rf"{key}_(mas|causal)(_\d+)?", c))
         rows.append(
-            f"| {display} | {', '.join(f'`{c}`' for c in configs)} | `{download_command(name)}` "
+            f"| {display} | {', '.join(f'`{c}`' for c in configs)} | `{download_command(key)}` "
             f"| {m.params / 1e9:.2f}B | {m.lora_params / 1e6:.1f}M "
             f"| {_cell(m, name, qlora=False, checkpointing=False)} "
             f"| {_cell(m, name, qlora=False, checkpointing=True)} "
@@ -235,7 +218,7 @@ def build_tables() -> str:
             f"| {_cell(m, name, qlora=True, checkpointing=True)} |"
         )
         long_name = f"{key}_mas_1024"
-        if (CONFIG_DIR / f"{long_name}.yaml").exists():
+        if long_name in experiments:
             long_rows.append(
                 f"| {display} | `{long_name}`, `{key}_causal_1024` "
                 f"| {_cell(m, long_name, qlora=False, checkpointing=False, seq=1024)} "

@@ -181,7 +181,8 @@ def _default_output_dir(exp: Experiment) -> str:
         dist = "_distributed" if exp.kind == "distributed" else ""
         return f"{_RUNS_DIR}/{exp.model.name}_${{attention}}{suffix}{dist}"
     if exp.kind == "eval":
-        return f"{_RUNS_DIR}/{exp.model.name}_eval{suffix}_${{attention}}"
+        # One folder per evaluated adapter and prompt mask: results of different models never mix.
+        return f"{_RUNS_DIR}/{exp.model.name}_eval{suffix}/${{mas_adapter_name:${{adapter_checkpoint}}}}_${{attention}}"
     return f"{_RUNS_DIR}/{exp.model.name}_{exp.kind}{suffix}"
 
 

@@ -32,17 +32,33 @@ from mas.config._components import check_components
 from mas.config._options import check_value, option_infos, suggest
 from mas.errors import ConfigError
 
-__all__ = ["load_config", "resolved_yaml", "to_options", "validate_config", "with_defaults"]
+__all__ = ["adapter_folder_name", "load_config", "resolved_yaml", "to_options", "validate_config", "with_defaults"]
 
 T = TypeVar("T")
 _BASE_KEY = "base_config"
 
 
+def adapter_folder_name(adapter_checkpoint: Optional[str]) -> str:
+    """A folder name for what an adapter path points at: ``base`` without one, the run's name for a
+    run folder (``/tmp/mas_runs/tiny_mas`` -> ``tiny_mas``), ``<run>_<step>`` for one checkpoint
+    (``.../tiny_mas/checkpoints/step_0000036`` -> ``tiny_mas_step_0000036``).
+    """
+    if not adapter_checkpoint:
+        return "base"
+    path = Path(str(adapter_checkpoint).rstrip("/"))
+    if path.parent.name == "checkpoints":
+        return f"{path.parent.parent.name}_{path.name}"
+    return path.name
+
+
 def _register_resolvers() -> None:
+    register = getattr(OmegaConf, "register_resolver", None) or OmegaConf.register_new_resolver
     if not OmegaConf.has_resolver("mas_asset"):
         # ${mas_asset:commonsense/train_sample/x.json} -> the bundled file, wherever mas lives.
-        register = getattr(OmegaConf, "register_resolver", None) or OmegaConf.register_new_resolver
         register("mas_asset", lambda rel: str(ASSETS_DIR / rel))
+    if not OmegaConf.has_resolver("mas_adapter_name"):
+        # ${mas_adapter_name:${adapter_checkpoint}}: default evaluation folders differ per adapter.
+        register("mas_adapter_name", adapter_folder_name)
 
 
 _register_resolvers()
@@ -92,7 +108,7 @@ def _apply_overrides(cfg: DictConfig, overrides: Sequence[str]) -> DictConfig:
         key, value = arg.split("=", 1)
         if not key or not re.fullmatch(r"[A-Za-z_][\w.\-]*", key):
             raise ConfigError(f"override {arg!r}: {key!r} is not a key (use a.b=value)")
-        node = OmegaConf.select(cfg, key)
+        node = OmegaConf.select(cfg, key, throw_on_resolution_failure=False)
         if isinstance(node, DictConfig) and "_component_" in node:
             key += "._component_"  # model=other.builder keeps the component's kwargs
         try:
