@@ -96,7 +96,7 @@ def _bad_data(tmp_path: Path, rows) -> Path:
     [
         ({"tasks": "[boolq,storycloze]"}, r"unknown commonsense task 'storycloze'"),
         ({"tasks": "[hellaswag]"}, r"hellaswag"),
-        ({"mode": "vote"}, r"mode: expected generate \| loglik \| exact \| both \| all, got .vote."),
+        ({"mode": "vote"}, r"mode must be 'generate', 'loglik', 'exact', 'both' or 'all', got 'vote'"),
         ({"checkpoints": "all"}, "checkpoints=all needs adapter_checkpoint"),
     ],
 )
