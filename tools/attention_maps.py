@@ -199,7 +199,8 @@ def _panel_title(attention: str, loaded) -> str:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    from mas.config import instantiate, load_config
+    from mas.config import instantiate, load_config, to_options
+    from mas.generation.options import GenerateOptions
     from mas.generation.loading import load_inference_model
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -220,8 +221,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except ValueError:
         parser.error(f"--heads takes head indices or 'mean', got {args.heads}")
 
-    cfg = load_config(args.config, args.override)
-    prompt = cfg.get("prompt") or {}
+    options = to_options(load_config(args.config, args.override), GenerateOptions, "mas_generate")
+    prompt = options.prompt if isinstance(options.prompt, dict) else {"user": options.prompt} if options.prompt else {}
     system = args.system if args.system is not None else prompt.get("system")
     user = args.user if args.user is not None else prompt.get("user")
     if not user:
@@ -229,8 +230,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     messages = ([Message("system", system, masked=True)] if system else []) + [Message("user", user, masked=True)]
     if args.answer:
         messages.append(Message("assistant", args.answer))
-    tokenizer = instantiate(cfg.tokenizer)
-    builder = SegmentBuilder(tokenizer, prompt_format=cfg.get("prompt_format", "text"), merge_system_and_user=bool(cfg.get("merge_system_and_user", False)))
+    tokenizer = instantiate(options.tokenizer)
+    builder = SegmentBuilder(tokenizer, prompt_format=options.prompt_format, merge_system_and_user=options.merge_system_and_user)
     sequence = builder(messages, for_generation=not args.answer)
     if args.answer and sequence.tokens[-1] == getattr(tokenizer, "eos_id", None):
         sequence.tokens, sequence.segment_ids = sequence.tokens[:-1], sequence.segment_ids[:-1]
@@ -240,7 +241,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     maps = []
     for attention, adapter in (("causal", args.causal_adapter), ("mas", args.mas_adapter)):
-        loaded = load_inference_model(cfg.model, cfg.checkpointer, adapter_checkpoint=adapter, device=torch.device("cpu"), dtype=torch.float32)
+        loaded = load_inference_model(options.model, options.checkpointer, adapter_checkpoint=adapter, device=torch.device("cpu"), dtype=torch.float32)
         if loaded.trained_attention not in (None, attention):
             print(f"note: the {attention} panel's adapter was trained with {loaded.trained_attention} attention")
         recorder = record(loaded.model, tokens, segment_ids, attention, args.layers)
