@@ -39,6 +39,7 @@ from typing import Any, List, Literal, Optional, Sequence, Union, get_args
 from torch import Tensor
 from torchtune.data import Message
 
+from mas.chat_formats import assistant_header, render_chat_message
 from mas.errors import ConfigError
 from mas.masks import CAUSAL
 
@@ -272,7 +273,6 @@ class SegmentBuilder:
     def _render(self, message: Message, index: int, is_last: bool, add_end: bool) -> List[int]:
         if self.prompt_format == "text":
             return self._encode_text(_message_text(message), first=index == 0)
-        from mas.chat_formats import render_chat_message
 
         return render_chat_message(self.tokenizer, message, index=index, is_last=is_last, add_end=add_end)
 
@@ -280,7 +280,6 @@ class SegmentBuilder:
         """Tokens that open the answer at generation time (the chat format's assistant header)."""
         if self.prompt_format == "text":
             return []
-        from mas.chat_formats import assistant_header
 
         return assistant_header(self.tokenizer)
 

@@ -12,8 +12,17 @@ from omegaconf import DictConfig
 from torch import nn
 
 from mas.attention import use_mas_attention
-from mas.checkpointing import hf_info_from_checkpointer, load_peft_adapter, peft_to_adapter
+from mas.checkpointing import (
+    ADAPTER_WEIGHTS_FILE,
+    hf_info_from_checkpointer,
+    latest_checkpoint,
+    load_peft_adapter,
+    peft_target_modules,
+    peft_to_adapter,
+)
 from mas.config import ConfigError, instantiate
+from mas.training.model_setup import load_adapter_state
+from mas.training.parallel import load_base_state
 
 __all__ = [
     "InferenceModel",
@@ -43,7 +52,6 @@ class InferenceModel:
 
 
 def _check_lora_shape(adapter_config: Dict[str, Any], model_cfg: DictConfig, path: Path) -> None:
-    from mas.checkpointing import peft_target_modules
 
     mismatches = []
     for key, cfg_key in (("r", "lora_rank"), ("lora_alpha", "lora_alpha")):
@@ -87,8 +95,6 @@ def load_inference_model(
     from torchtune import training
     from torchtune.modules.peft import get_adapter_params
 
-    from mas.training.model_setup import load_adapter_state
-    from mas.training.parallel import load_base_state
 
     checkpointer = instantiate(checkpointer_cfg)
     info = hf_info_from_checkpointer(checkpointer)
@@ -118,7 +124,6 @@ def load_inference_model(
 
 
 def _resolve_adapter_folder(path: Path) -> Path:
-    from mas.checkpointing import ADAPTER_WEIGHTS_FILE, latest_checkpoint
 
     if (path / ADAPTER_WEIGHTS_FILE).exists():
         return path

@@ -16,9 +16,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
+from mas.checkpointing import ADAPTER_WEIGHTS_FILE
 from mas.config import instantiate
-from mas.errors import ConfigError
 from mas.devices import resolve_device
+from mas.errors import ConfigError
 from mas.generation.loading import InferenceModel, load_inference_model
 from mas.segments import SegmentBuilder
 from mas.serving._app import ServerState, create_app
@@ -84,7 +85,6 @@ def _adapter_identity(loaded: InferenceModel, opts: ServeOptions) -> str:
     """Names the weights in the prefix cache's keys: base checkpoint plus adapter file hash."""
     parts = [str(getattr(opts.checkpointer, "checkpoint_dir", "")), str(opts.model.get("_component_", ""))]
     if loaded.adapter_path is not None:
-        from mas.checkpointing import ADAPTER_WEIGHTS_FILE
 
         digest = hashlib.sha256((loaded.adapter_path / ADAPTER_WEIGHTS_FILE).read_bytes()).hexdigest()[:16]
         parts.append(f"{loaded.adapter_path}@{digest}")

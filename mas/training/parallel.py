@@ -18,6 +18,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from mas.config import ConfigError
+from mas.training.model_setup import load_adapter_state
 
 __all__ = ["FSDP2", "Parallelism", "SingleDevice", "initial_adapter_state", "load_base_state"]
 
@@ -77,8 +78,6 @@ class Parallelism:
 
     def prepare_model(self, model: nn.Module, base_state: Dict[str, Tensor], adapter_state: Dict[str, Tensor]) -> nn.Module:
         """Load base and adapter weights into a model built on ``self.device``."""
-        from mas.training.model_setup import load_adapter_state
-
         load_base_state(model, base_state)
         load_adapter_state(model, adapter_state)
         return model
