@@ -131,7 +131,6 @@ def test_plot_sweep_draws_one_line_per_run(tmp_path, per_task, panels):
 
 
 def test_plot_sweep_reads_what_mas_eval_writes(monkeypatch, tmp_path):
-    monkeypatch.syspath_prepend(str(TOOLS))
     import plot_sweep
 
     point = {"step": 3, "average_accuracy": None, "tasks": {"xsum": {"rougeL": 0.2}, "cnndm": {"rougeL": 0.4}}}
@@ -145,7 +144,6 @@ def test_plot_sweep_reads_what_mas_eval_writes(monkeypatch, tmp_path):
 
 
 def test_attention_recorder_is_faithful_and_leaves_outputs_alone(monkeypatch, tiny_model):
-    monkeypatch.syspath_prepend(str(TOOLS))
     from attention_maps import AttentionRecorder, record
 
     from mas import CAUSAL, dense_mas_mask, use_mas_attention

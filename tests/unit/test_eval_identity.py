@@ -112,7 +112,6 @@ def _default(tmp_path, name, trained, evaluated, acc, step=36):
 
 
 def test_compare_pairs_default_named_runs_of_one_experiment(tmp_path, monkeypatch, capsys):
-    monkeypatch.syspath_prepend(str(REPO / "tools"))
     import compare_results
 
     runs = [
@@ -130,7 +129,6 @@ def test_compare_pairs_default_named_runs_of_one_experiment(tmp_path, monkeypatc
 
 
 def test_compare_tabulates_two_checkpoints_of_one_run_with_labels(tmp_path, monkeypatch, capsys):
-    monkeypatch.syspath_prepend(str(REPO / "tools"))
     import compare_results
 
     early = _default(tmp_path, "early", "mas", "mas", 0.25, step=12)

@@ -180,7 +180,6 @@ def test_compare_tool_prints_table_with_win_rate(tmp_path):
 
 
 def test_compare_tool_pairs_by_model_and_reports_unpaired_and_ambiguous_runs(tmp_path, monkeypatch, capsys):
-    monkeypatch.syspath_prepend(str(REPO / "tools"))
     import compare_results
 
     runs = [
