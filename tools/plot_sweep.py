@@ -127,9 +127,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"plot_sweep: {e}", file=sys.stderr)
         return 2
     labels = args.labels or [run_label(d, p) for d, p in zip(data, args.sweeps)]
-    if not args.labels and len(set(labels)) < len(labels):  # same training: tell runs apart by folder
-        labels = [f"{label} ({p.parent.name})" for label, p in zip(labels, args.sweeps)]
-    columns, rows = plot(list(zip(labels, data)), args.out, metric=args.metric, per_task=args.per_task, title=args.title, dpi=args.dpi)
+    if not args.labels and len(set(labels)) < len(labels):  # same training: tell runs apart by run name
+        labels = [f"{label} ({d.get('run_name') or p.parent.name})" for label, d, p in zip(labels, data, args.sweeps)]
+    experiments = {d.get("experiment") for d in data}
+    # One experiment (e.g. its MAS and causal runs): name it in the title unless one is given.
+    title = args.title or (next(iter(experiments)) if len(experiments) == 1 and None not in experiments else None)
+    columns, rows = plot(list(zip(labels, data)), args.out, metric=args.metric, per_task=args.per_task, title=title, dpi=args.dpi)
     print(f"wrote {args.out} ({columns}x{rows} panels, {len(data)} runs)")
     return 0
 
