@@ -101,7 +101,9 @@ def plot(sweeps: Sequence[Tuple[str, Dict[str, Any]]], out: Path, *, metric: str
     axes.flat[0].legend(fontsize=8)
     benchmark = sweeps[0][1].get("benchmark", "")
     mode = sweeps[0][1].get("mode", "")
-    fig.suptitle(title or f"{benchmark} [{mode}]: {metric} during fine-tuning", fontsize=11)
+    experiments = {data.get("experiment") for _, data in sweeps}
+    named = f"{experiments.pop()}: " if len(experiments) == 1 and None not in experiments else ""
+    fig.suptitle(title or f"{named}{benchmark} [{mode}]: {metric} during fine-tuning", fontsize=11)
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=dpi)
@@ -129,10 +131,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     labels = args.labels or [run_label(d, p) for d, p in zip(data, args.sweeps)]
     if not args.labels and len(set(labels)) < len(labels):  # same training: tell runs apart by run name
         labels = [f"{label} ({d.get('run_name') or p.parent.name})" for label, d, p in zip(labels, data, args.sweeps)]
-    experiments = {d.get("experiment") for d in data}
-    # One experiment (e.g. its MAS and causal runs): name it in the title unless one is given.
-    title = args.title or (next(iter(experiments)) if len(experiments) == 1 and None not in experiments else None)
-    columns, rows = plot(list(zip(labels, data)), args.out, metric=args.metric, per_task=args.per_task, title=title, dpi=args.dpi)
+    columns, rows = plot(list(zip(labels, data)), args.out, metric=args.metric, per_task=args.per_task, title=args.title, dpi=args.dpi)
     print(f"wrote {args.out} ({columns}x{rows} panels, {len(data)} runs)")
     return 0
 
