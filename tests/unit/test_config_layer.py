@@ -132,3 +132,34 @@ def test_unknown_experiment_words_are_refused_with_close_names():
         load_config("llama3_2_1b_mas_2048")
     with pytest.raises(ConfigError, match="not a file"):
         load_config(str(Path("/nope/cfg.yaml")))
+
+
+def test_a_new_model_is_one_file(tmp_path, monkeypatch):
+    """docs/architecture.md's example: a model file alone gives its MAS, causal and eval experiments."""
+    import re
+    import shutil
+
+    import torch
+    from torchtune import training
+
+    import mas.config._bundled as bundled
+    from mas.config import bundled_experiments, instantiate
+
+    root = tmp_path / "configs"
+    real = bundled.bundled_config_dirs()[0]
+    shutil.copytree(real / "base", root / "base")
+    shutil.copytree(real / "overlays", root / "overlays")
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "architecture.md").read_text()
+    example = re.search(r"```yaml\n(# Phi-3-mini.*?)```", doc, flags=re.S).group(1)
+    (root / "models").mkdir()
+    (root / "models" / "phi3_mini.yaml").write_text(example)
+    monkeypatch.setattr(bundled, "bundled_config_dirs", lambda: [root])
+
+    assert {"phi3_mini_mas", "phi3_mini_causal", "phi3_mini_eval"} <= set(bundled_experiments())
+    opts = to_options(load_config("phi3_mini_causal"), FinetuneOptions, "mas_lora_finetune")
+    assert (opts.attention, opts.model.lora_rank, opts.tokenizer.max_seq_len) == ("causal", 32, 256)
+    with training.set_default_dtype(torch.bfloat16), torch.device("meta"):
+        model = instantiate(opts.model)
+    assert model.tok_embeddings.num_embeddings == 32064 and len(model.layers) == 32
+    qlora = to_options(load_config("phi3_mini_mas_qlora"), FinetuneOptions, "mas_lora_finetune")
+    assert qlora.model._component_.endswith("qlora_phi3_mini")
