@@ -18,8 +18,9 @@ from torch.utils.data import Dataset
 
 from mas.data.formats import AlpacaRows, ChatRows, CommonsenseRows
 from mas.data.collate import pad_token_id
-from mas.data.packing import pack_sequences
+from mas.data.packing import pack_sequences, packing_stats
 from mas.data.rows import DataError, RowSource, load_rows, select_rows
+from mas.errors import ConfigError
 from mas.segments import PromptFormat, SegmentBuilder, SegmentedSequence, SegmentSettings, TooLongError
 
 __all__ = [
@@ -46,6 +47,8 @@ class DatasetStats:
     dropped_too_long: int = 0
     truncated: int = 0
     packs: Optional[int] = None
+    pack_length: Optional[int] = None
+    pack_fill: Optional[float] = None
     first_problems: List[str] = field(default_factory=list)
 
     def summary(self) -> str:
@@ -57,7 +60,7 @@ class DatasetStats:
         if self.skipped_bad:
             parts.append(f"{self.skipped_bad} malformed rows skipped")
         if self.packs is not None:
-            parts.append(f"packed into {self.packs} sequences")
+            parts.append(f"packed into {self.packs} sequences of {self.pack_length} tokens ({self.pack_fill:.0%} real tokens)")
         return ", ".join(parts)
 
 
@@ -70,8 +73,10 @@ class SegmentedDataset(Dataset):
         builder (SegmentBuilder): the shared prompt/segment builder.
         on_bad_row (str): ``"error"`` raises on the first malformed row (naming file, row and
             field); ``"skip"`` skips it and counts it, with a warning.
-        packed (bool): pack examples into ``max_seq_len`` sequences (never splitting one).
-        max_seq_len (Optional[int]): pack length (required when packed).
+        packed (bool): pack whole examples into fixed-length sequences (never splitting one).
+        max_seq_len (Optional[int]): the example cutoff (required when packed).
+        pack_length (Optional[int]): tokens per pack; default ``max_seq_len``. At least
+            ``max_seq_len``, so every example fits.
 
     Attributes:
         builder (SegmentBuilder): the builder that made the examples.
@@ -87,11 +92,18 @@ class SegmentedDataset(Dataset):
         on_bad_row: OnBadRow = "error",
         packed: bool = False,
         max_seq_len: Optional[int] = None,
+        pack_length: Optional[int] = None,
     ) -> None:
         if on_bad_row not in ("error", "skip"):
             raise ValueError(f"on_bad_row must be 'error' or 'skip', got {on_bad_row!r}")
         if packed and not max_seq_len:
             raise ValueError("packed=True needs max_seq_len (set tokenizer.max_seq_len)")
+        pack_length = pack_length or max_seq_len
+        if packed and pack_length < max_seq_len:  # type: ignore[operator]
+            raise ConfigError(
+                f"dataset.pack_length={pack_length} is shorter than max_seq_len={max_seq_len}: an example "
+                f"might not fit in a pack; set dataset.pack_length >= {max_seq_len} or lower tokenizer.max_seq_len"
+            )
         self.builder = builder
         self.stats = DatasetStats(source=rows.name, rows=len(rows))
         self.examples: List[SegmentedSequence] = []
@@ -120,8 +132,9 @@ class SegmentedDataset(Dataset):
             raise DataError(f"{rows.name}: no usable rows ({self.stats.summary()})")
         self._items = [self._as_item(s) for s in self.examples]
         if packed:
-            self._items = pack_sequences(self.examples, max_seq_len, pad_id=pad_token_id(builder.tokenizer))
-            self.stats.packs = len(self._items)
+            self._items = pack_sequences(self.examples, pack_length, pad_id=pad_token_id(builder.tokenizer))
+            self.stats.packs, self.stats.pack_length = len(self._items), pack_length
+            self.stats.pack_fill = packing_stats(self._items).fill
         if self.stats.skipped_bad or self.stats.dropped_too_long:
             log.warning("%s; first: %s", self.stats.summary(), self.stats.first_problems[0])
 
@@ -157,6 +170,7 @@ def _build(
     truncation: Literal["prompt", "drop"],
     on_bad_row: OnBadRow,
     packed: bool,
+    pack_length: Optional[int],
     train_on_input: bool,
     rows: Optional[str],
     hub_args: Optional[Dict[str, Any]],
@@ -176,7 +190,7 @@ def _build(
     )
     rows = select_rows(load_rows(source, split, **dict(hub_args or {})), rows)
     return SegmentedDataset(
-        rows, row_format, builder, on_bad_row=on_bad_row, packed=packed, max_seq_len=max_seq_len
+        rows, row_format, builder, on_bad_row=on_bad_row, packed=packed, max_seq_len=max_seq_len, pack_length=pack_length
     )
 
 
@@ -192,6 +206,7 @@ def _dataset_builder(row_format: Any, doc: str):
         truncation: Literal["prompt", "drop"] = "prompt",
         on_bad_row: OnBadRow = "error",
         packed: bool = False,
+        pack_length: Optional[int] = None,
         train_on_input: bool = False,
         rows: Optional[str] = None,
         hub_args: Optional[Dict[str, Any]] = None,
@@ -207,6 +222,7 @@ def _dataset_builder(row_format: Any, doc: str):
             truncation=truncation,
             on_bad_row=on_bad_row,
             packed=packed,
+            pack_length=pack_length,
             train_on_input=train_on_input,
             rows=rows,
             hub_args=hub_args,
@@ -228,7 +244,9 @@ _COMMON_ARGS = """
         truncation (str): over-long rows: ``"prompt"`` shortens the user segment (the answer is
             kept whole), ``"drop"`` drops the row. Both are counted and logged.
         on_bad_row (str): ``"error"`` (default) or ``"skip"`` (counted warning).
-        packed (bool): pack examples into ``max_seq_len`` sequences with a document mask.
+        packed (bool): pack whole examples into fixed-length sequences with the document mask
+            (MAS AND same document; positions restart per example).
+        pack_length (Optional[int]): tokens per pack (default ``max_seq_len``; at least it).
         train_on_input (bool): accepted for torchtune compatibility; prompt labels never count.
         rows (Optional[str]): a ``"start:stop"`` slice of the rows (held-out splits of one file).
         hub_args (Optional[Dict[str, Any]]): more arguments of ``datasets.load_dataset`` for hub

@@ -172,7 +172,7 @@ def test_packed_mask_blocks_cross_document_attention():
         type("S", (), {"tokens": [1, 2, 3, 4], "labels": [-100, -100, 3, 4], "segment_ids": [0, 0, CAUSAL, CAUSAL], "__len__": lambda s: 4})(),
         type("S", (), {"tokens": [5, 6, 7], "labels": [-100, 6, 7], "segment_ids": [0, CAUSAL, CAUSAL], "__len__": lambda s: 3})(),
     ]
-    (pack,) = pack_sequences(builder_like, max_seq_len=9)
+    (pack,) = pack_sequences(builder_like, pack_length=9)
     assert pack["segment_ids"] == [0, 0, CAUSAL, CAUSAL, 1, CAUSAL, CAUSAL, PAD, PAD]
     batch = collate_segmented([pack])
     mask = dense_mas_mask(batch["segment_ids"], batch["document_ids"])[0]
