@@ -75,6 +75,8 @@ def settings_from(options: GenerateOptions) -> GenerationSettings:
         batch_size=options.batch_size,
         reuse_system_cache=options.reuse_system_cache,
         compile_decode=options.compile_decode,
+        compile_mode=options.compile_mode,
+        stop_check_every=options.stop_check_every,
         max_cache_len=options.max_cache_len,
         attention_backend=options.attention_backend,
     )

@@ -64,6 +64,8 @@ def generation_settings(opts: EvalOptions) -> GenerationSettings:
         # A merged system+user segment is not a reusable system prefix.
         reuse_system_cache=opts.reuse_system_cache and not opts.merge_system_and_user,
         compile_decode=opts.compile_decode,
+        compile_mode=opts.compile_mode,
+        stop_check_every=opts.stop_check_every,
         max_cache_len=opts.max_cache_len,
         attention_backend=opts.attention_backend,
         seed=opts.seed,

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Literal, Optional, Sequence, Tuple, get_args
 
 import torch
 from torch import Tensor, nn
@@ -24,23 +24,29 @@ from mas.attention import (
     use_mas_attention,
     validate_attention_backend,
 )
+from mas.generation.decode_loop import compiled_decode_step, decode_step, decode_tokens, forward_one_token
 from mas.generation.kv_cache import read_prefix, setup_kv_caches, write_prefix
 from mas.generation.layout import PromptBatch, layout_prompts
-from mas.generation.sampling import sample_next_token
 from mas.masks import PAD, AttentionMode, validate_attention_mode
 from mas.segments import SegmentedSequence
 
 __all__ = [
     "BatchOutput",
+    "CompileMode",
     "DecodeState",
     "GenerationSettings",
     "SystemPromptCache",
     "decode_one_token",
+    "default_cache_len",
     "forward_one_token",
     "generate_batch",
     "prefill",
     "system_prefix",
 ]
+
+
+#: ``torch.compile`` modes for the decode step.
+CompileMode = Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"]
 
 
 @dataclass
@@ -56,11 +62,14 @@ class GenerationSettings:
         seed (Optional[int]): sampling seed.
         batch_size (int): prompts per batch.
         reuse_system_cache (bool): prefill a shared system prompt once and reuse its KV cache.
-        compile_decode (bool): ``torch.compile`` the decode step (static shapes: the mask spans
-            the whole cache, so one compiled graph serves every step).
-        compile_mode (str): ``torch.compile`` mode for the decode step (``"reduce-overhead"``
-            adds CUDA graphs on GPU).
-        max_cache_len (Optional[int]): cache slots; default the model's ``max_seq_len``.
+        compile_decode (bool): ``torch.compile`` the decode step (forward, token choice and
+            stops; static shapes, one graph per attention-width bucket).
+        compile_mode (str): ``torch.compile`` mode for the decode step, one of
+            :data:`COMPILE_MODES` (``"reduce-overhead"`` adds CUDA graphs on GPU).
+        stop_check_every (int): read "has every row stopped?" from the device every this many
+            tokens (the decode loop's only host read).
+        max_cache_len (Optional[int]): cache slots; default :func:`default_cache_len` (prompt +
+            ``max_new_tokens`` rounded up, at most the model's ``max_seq_len``).
         attention_backend (str): ``auto``/``flex``/``sdpa`` for the prefill.
     """
 
@@ -74,7 +83,8 @@ class GenerationSettings:
     batch_size: int = 8
     reuse_system_cache: bool = False
     compile_decode: bool = False
-    compile_mode: str = "default"
+    compile_mode: CompileMode = "default"
+    stop_check_every: int = 8
     max_cache_len: Optional[int] = None
     attention_backend: AttentionBackend = "auto"
 
@@ -85,6 +95,30 @@ class GenerationSettings:
             raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.compile_mode not in get_args(CompileMode):
+            raise ValueError(f"compile_mode must be one of {', '.join(get_args(CompileMode))}, got {self.compile_mode!r}")
+        if self.stop_check_every < 1:
+            raise ValueError(f"stop_check_every must be >= 1, got {self.stop_check_every}")
+        if self.max_cache_len is not None and self.max_cache_len < 1:
+            raise ValueError(f"max_cache_len must be >= 1 or None, got {self.max_cache_len}")
+
+    def uses_cuda_graphs(self) -> bool:
+        """Whether the compiled decode step replays CUDA graphs (whose outputs must be copied)."""
+        return self.compile_decode and self.compile_mode in ("reduce-overhead", "max-autotune")
+
+
+#: Cache lengths are rounded up to a multiple of this (fewer distinct shapes to compile).
+CACHE_LEN_MULTIPLE = 256
+
+
+def default_cache_len(prompt_lengths: Sequence[int], max_new_tokens: int, model_max_seq_len: int) -> int:
+    """KV-cache slots when ``max_cache_len`` is unset: the longest prompt + ``max_new_tokens``,
+    rounded up to a multiple of :data:`CACHE_LEN_MULTIPLE`, at most ``model_max_seq_len``.
+
+    (The model's ``max_seq_len`` alone is 131,072 slots for Llama 3.2: gigabytes per row.)
+    """
+    needed = max(prompt_lengths, default=0) + max_new_tokens
+    return min(-(-needed // CACHE_LEN_MULTIPLE) * CACHE_LEN_MULTIPLE, model_max_seq_len)
 
 
 def _model_dtype(model: nn.Module) -> torch.dtype:
@@ -156,18 +190,6 @@ class DecodeState:
         valid = torch.zeros((batch.tokens.shape[0], cache_len), dtype=torch.bool, device=batch.tokens.device)
         valid[:, : batch.num_slots] = batch.segment_ids != PAD
         return cls(valid, batch.num_slots, batch.lengths.clone(), full_width_mask)
-
-
-def forward_one_token(model: nn.Module, tokens: Tensor, mask: Tensor, input_pos: Tensor) -> Tensor:
-    """The model part of a decode step, all tensors (what ``compile_decode`` compiles).
-
-    Args:
-        tokens (Tensor): ``[b, 1]``; mask (Tensor): ``[b, 1, width]``; input_pos (Tensor): ``[b, 1]``.
-
-    Returns:
-        Tensor: ``[b, vocab]`` logits.
-    """
-    return _as_logits(model(tokens, mask=mask, input_pos=input_pos))[:, -1]
 
 
 def decode_one_token(
@@ -268,7 +290,7 @@ def generate_batch(
     *,
     pad_id: int = 0,
     system_cache: Optional[SystemPromptCache] = None,
-    forward_step: Optional[Callable[[nn.Module, Tensor, Tensor, Tensor], Tensor]] = None,
+    step: Optional[Callable[..., Any]] = None,
     generator: Optional[torch.Generator] = None,
 ) -> BatchOutput:
     """Generate for one batch of segmented prompts.
@@ -279,7 +301,8 @@ def generate_batch(
         settings (GenerationSettings): sampling and stopping.
         pad_id (int): id written for padding slots.
         system_cache (Optional[SystemPromptCache]): reuse shared system prompts from here.
-        forward_step: :func:`forward_one_token` or a compiled version (``compile_decode``).
+        step: the decode step; default :func:`~mas.generation.decode_loop.decode_step`, compiled
+            with ``settings.compile_mode`` when ``settings.compile_decode``.
         generator (Optional[torch.Generator]): sampling RNG.
 
     Returns:
@@ -291,8 +314,9 @@ def generate_batch(
     model.eval()
     _ensure_mas_attention(model, settings.attention_backend)
     device = model.tok_embeddings.weight.device
-    cache_len = settings.max_cache_len or model.max_seq_len
-    forward_step = forward_step or forward_one_token
+    cache_len = settings.max_cache_len or default_cache_len([len(s) for s in sequences], settings.max_new_tokens, model.max_seq_len)
+    if step is None:
+        step = compiled_decode_step(settings.compile_mode) if settings.compile_decode else decode_step
     start_time = time.perf_counter()
 
     prefix = None
@@ -317,32 +341,39 @@ def generate_batch(
     else:
         setup_kv_caches(model, len(sequences), cache_len, _model_dtype(model))
     logits = prefill(model, batch, attention=settings.attention, backend=settings.attention_backend)[:, -1]
-    state = DecodeState.after_prefill(batch, cache_len, full_width_mask=settings.compile_decode)
 
-    stop = torch.tensor(list(settings.stop_tokens or []), device=device, dtype=torch.long)
-    done = torch.zeros(len(sequences), dtype=torch.bool, device=device)
-    out: List[Tensor] = []
-    token = sample_next_token(logits, temperature=settings.temperature, top_k=settings.top_k, top_p=settings.top_p, generator=generator)
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    first_token_time = time.perf_counter()
-    for step in range(settings.max_new_tokens):
-        done |= torch.isin(token, stop) if stop.numel() else torch.zeros_like(done)
-        out.append(torch.where(done, torch.full_like(token, -1), token))
-        if bool(done.all()) or step == settings.max_new_tokens - 1:
-            break
-        logits = decode_one_token(model, token, state, forward_step)
-        token = sample_next_token(logits, temperature=settings.temperature, top_k=settings.top_k, top_p=settings.top_p, generator=generator)
+    first_token_time = 0.0
+
+    def first_token_chosen() -> None:
+        nonlocal first_token_time
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        first_token_time = time.perf_counter()
+
+    out = decode_tokens(
+        model,
+        logits,
+        batch,
+        cache_len=cache_len,
+        max_new_tokens=settings.max_new_tokens,
+        stop_tokens=settings.stop_tokens or (),
+        temperature=settings.temperature,
+        top_k=settings.top_k,
+        top_p=settings.top_p,
+        stop_check_every=settings.stop_check_every,
+        step=step,
+        keep_outputs=settings.uses_cuda_graphs(),
+        generator=generator,
+        on_first_token=first_token_chosen,
+    )
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     end_time = time.perf_counter()
-    generated = torch.stack(out, dim=1).tolist()  # [b, n]
-    rows = [[t for t in row if t >= 0] for row in generated]
     return BatchOutput(
-        tokens=rows,
+        tokens=out.rows(),
         time_to_first_token_s=first_token_time - start_time,
         decode_seconds=end_time - first_token_time,
-        decoded_tokens=max(len(out) - 1, 0) * len(sequences),
-        stopped=done.tolist(),
+        decoded_tokens=out.steps * len(sequences),
+        stopped=out.done.tolist(),
         used_system_cache=prefix is not None,
     )

@@ -12,7 +12,7 @@ from torchtune.data import Message
 from mas.generation._decoding import (
     GenerationSettings,
     SystemPromptCache,
-    forward_one_token,
+    default_cache_len,
     generate_batch,
     system_prefix,
 )
@@ -140,9 +140,11 @@ def generate(
     if settings.seed is not None:
         generator = torch.Generator(device=device).manual_seed(settings.seed)
     system_cache = SystemPromptCache() if settings.reuse_system_cache else None
-    forward_step = forward_one_token
-    if settings.compile_decode:
-        forward_step = torch.compile(forward_one_token, dynamic=False, mode=settings.compile_mode)
+    if settings.max_cache_len is None:
+        # One cache length for every batch: the caches are allocated once and a compiled decode
+        # step keeps its shapes.
+        lengths = [len(s) for s in sequences]
+        settings = replace(settings, max_cache_len=default_cache_len(lengths, settings.max_new_tokens, model.max_seq_len))
 
     tokens: Dict[int, List[int]] = {}
     ttft, decode_s, decoded, cache_hits = [], 0.0, 0, 0
@@ -153,7 +155,6 @@ def generate(
             settings,
             pad_id=pad_id,
             system_cache=system_cache,
-            forward_step=forward_step,
             generator=generator,
         )
         tokens.update(zip(batch_ids, out.tokens))
