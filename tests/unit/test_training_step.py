@@ -1,0 +1,137 @@
+"""The training step: LM head on counted targets only, no host read of a device tensor, compile.
+
+Every fast path is compared with its slow twin: the targets-only loss with the full-logits loss
+(fp32, tight tolerance), the compiled step with the eager one (stated tolerance).
+"""
+
+from __future__ import annotations
+
+import importlib
+
+import pytest
+import torch
+from torchtune.modules.loss import CEWithChunkedOutputLoss
+from torchtune.modules.peft import get_adapter_params, set_trainable_params
+
+from mas.config import ConfigError
+from mas.segments import IGNORE_INDEX
+from mas.testing import TINY_FAMILIES
+from mas.testing._synthetic import causal_layout, staggered_prompt_layout, tokens_for_layout
+from mas.training.loss import check_target_rows_loss, lm_head_on_rows
+from mas.training.steps import HostBatch, prepare_batch, prepare_host_batch, summed_token_loss
+
+CPU = torch.device("cpu")
+
+
+def _lora_model(family: str, *, lora_on_output: bool = False, seed: int = 0) -> torch.nn.Module:
+    """A tiny LoRA model of ``family`` with non-zero adapters (so every LoRA weight has a gradient)."""
+    spec = TINY_FAMILIES[family]
+    module, _, name = spec.lora_builder.rpartition(".")
+    builder = getattr(importlib.import_module(module), name)
+    torch.manual_seed(seed)
+    model = builder(
+        lora_attn_modules=["q_proj", "v_proj"], apply_lora_to_mlp=False, apply_lora_to_output=lora_on_output,
+        lora_rank=4, lora_alpha=8, lora_dropout=0.0, **spec.dims,
+    )
+    from mas.attention import use_mas_attention
+
+    use_mas_attention(model)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, 0.05)
+    set_trainable_params(model, get_adapter_params(model))
+    return model
+
+
+def _batch(attention: str, vocab: int, *, seq_len: int = 48, padded: bool = True, seed: int = 0) -> dict:
+    layout = staggered_prompt_layout(4, seq_len, padded=padded) if attention == "mas" else causal_layout(4, seq_len)
+    if attention == "causal" and padded:
+        layout[1:, -seq_len // 4 :] = -2  # PAD: rows of different lengths
+    return tokens_for_layout(layout, vocab, seed=seed)
+
+
+def _loss_and_lora_grads(model, loss_fn, prepared, *, targets_only: bool):
+    model.zero_grad(set_to_none=True)
+    loss = summed_token_loss(model, loss_fn, prepared, lm_head_on_targets_only=targets_only)
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    return loss.detach(), grads
+
+
+@pytest.mark.parametrize(
+    "family,lora_on_output",
+    [("llama3_2", False), ("qwen2_untied", False), ("llama3", True)],
+    ids=["tied", "untied", "untied-lora-head"],
+)
+@pytest.mark.parametrize("attention", ["mas", "causal"])
+@pytest.mark.parametrize("chunks", [0, 4], ids=["plain-logits", "chunked-logits"])
+def test_targets_only_loss_and_grads_equal_full_logits(family, lora_on_output, attention, chunks):
+    model = _lora_model(family, lora_on_output=lora_on_output)
+    loss_fn = CEWithChunkedOutputLoss(num_output_chunks=max(chunks, 1))
+    model.set_num_output_chunks(chunks)
+    if chunks == 0:
+        # The full-logits twin over plain [b, s, v] logits: the same summed CE, one chunk.
+        loss_fn = _PlainCE()
+    prepared = prepare_batch(_batch(attention, TINY_FAMILIES[family].dims["vocab_size"]), attention=attention, device=CPU)
+    assert 0 < prepared.num_targets < prepared.targets.numel()  # padding (and MAS prompts) carry no target
+    full_loss, full_grads = _loss_and_lora_grads(model, loss_fn, prepared, targets_only=False)
+    rows_loss, rows_grads = _loss_and_lora_grads(model, loss_fn, prepared, targets_only=True)
+    torch.testing.assert_close(rows_loss, full_loss, rtol=1e-6, atol=1e-5)
+    assert set(rows_grads) == set(full_grads) and len(full_grads) >= 4
+    for name, grad in full_grads.items():
+        assert grad.abs().max() > 0, name
+        torch.testing.assert_close(rows_grads[name], grad, rtol=1e-5, atol=1e-7, msg=name)
+    assert "unembed" not in vars(model) and model.num_output_chunks == chunks  # left as it was
+
+
+class _PlainCE(CEWithChunkedOutputLoss):
+    """The mean CE over unchunked ``[b, s, v]`` logits (what the recipe's loss computes per chunk)."""
+
+    def forward(self, logits, labels):
+        return self.compute_cross_entropy(logits.flatten(0, 1), labels.flatten()) / (labels != IGNORE_INDEX).sum()
+
+
+def test_head_on_rows_returns_the_rows_of_the_full_logits():
+    model = _lora_model("llama3_2").eval()
+    prepared = prepare_batch(_batch("mas", 1024), attention="mas", device=CPU)
+    with torch.no_grad():
+        full = model(prepared.tokens, **prepared.model_kwargs())  # [b, s, v]
+        with lm_head_on_rows(model, prepared.target_index):
+            rows = model(prepared.tokens, **prepared.model_kwargs())  # [n, v]
+    assert rows.shape == (prepared.num_targets, full.shape[-1])
+    torch.testing.assert_close(rows, full.flatten(0, 1)[prepared.target_index], rtol=1e-6, atol=1e-6)
+    assert torch.equal(prepared.target_values, prepared.targets.flatten()[prepared.target_index])
+
+
+def test_no_target_gives_a_zero_loss_with_a_connected_graph():
+    model = _lora_model("llama3_2")
+    batch = _batch("mas", 1024)
+    batch["labels"] = torch.full_like(batch["labels"], IGNORE_INDEX)
+    prepared = prepare_batch(batch, attention="mas", device=CPU)
+    assert prepared.num_targets == 0
+    loss = summed_token_loss(model, CEWithChunkedOutputLoss(), prepared)
+    loss.backward()
+    assert loss.item() == 0.0
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+
+
+def test_host_batch_counts_on_the_cpu_and_pins():
+    batch = _batch("mas", 1024)
+    host = prepare_host_batch(batch)
+    assert isinstance(host.num_targets, int) and isinstance(host.num_tokens, int)
+    assert host.num_tokens == int((batch["segment_ids"] != -2).sum())
+    assert host.num_targets == host.target_index.numel() == int((host.targets != IGNORE_INDEX).sum())
+    assert prepare_host_batch(host) is host
+    prepared = prepare_batch(host, attention="mas", device=CPU)
+    assert torch.equal(prepared.targets, prepare_batch(batch, attention="mas", device=CPU).targets)
+    if torch.cuda.is_available():
+        assert host.pin_memory().tokens.is_pinned()
+
+
+def test_targets_only_refuses_a_loss_without_summed_cross_entropy():
+    model = _lora_model("llama3_2")
+    check_target_rows_loss(model, CEWithChunkedOutputLoss())
+    with pytest.raises(ConfigError, match="lm_head_on_targets_only=False"):
+        check_target_rows_loss(model, torch.nn.CrossEntropyLoss())
+    with pytest.raises(ConfigError, match="TransformerDecoder"):
+        check_target_rows_loss(torch.nn.Linear(2, 2), CEWithChunkedOutputLoss())
