@@ -30,7 +30,8 @@ from mas.training.parallel import Parallelism, initial_adapter_state
 from mas.training.run_identity import check_fresh_output_dir, check_resume_matches, run_fingerprint, write_run_file
 from mas.training.run_state import DataPosition, load_run_checkpoint, mas_settings, restore_rng, save_run_checkpoint
 from mas.training.sampler import ResumableSampler
-from mas.training.steps import prepare_batch, summed_token_loss
+from mas.training.loss import check_target_rows_loss
+from mas.training.steps import prepare_batch, prepare_host_batch, summed_token_loss
 
 __all__ = ["LoRAFinetuneRecipe", "TrainingDivergedError"]
 
@@ -171,6 +172,8 @@ class LoRAFinetuneRecipe:
 
     def _setup_loss(self) -> None:
         self.loss_fn = instantiate(self.opts.loss)
+        if self.opts.lm_head_on_targets_only:
+            check_target_rows_loss(self.model, self.loss_fn)
         chunks = getattr(self.loss_fn, "num_output_chunks", 0)
         if chunks:
             self.model.set_num_output_chunks(chunks)
@@ -191,7 +194,13 @@ class LoRAFinetuneRecipe:
             sampler=sampler,
             drop_last=True,  # a constant batch shape: no recompiles, equal-weight steps
             num_workers=self.opts.num_workers,
-            collate_fn=lambda items: collate_segmented(items, pad_id=pad_id, pad_to_multiple_of=multiple),
+            # Checks, shift and token counts happen here, on the CPU (in the workers when there
+            # are any), so the step never reads a device tensor to count.
+            collate_fn=lambda items: prepare_host_batch(
+                collate_segmented(items, pad_id=pad_id, pad_to_multiple_of=multiple)
+            ),
+            # Page-locked batches: the step's non_blocking copies overlap the previous step's work.
+            pin_memory=self.device.type == "cuda",
             # Its own generator: creating an iterator must not draw from the global RNG, or a
             # resumed run's dropout masks would differ from an uninterrupted run's.
             generator=torch.Generator().manual_seed(self.seed),
@@ -270,26 +279,38 @@ class LoRAFinetuneRecipe:
         self.sampler.set_epoch(epoch, start=start_step * self.grad_accum * self.opts.batch_size)
         return iter(self.loader)
 
-    def _optimizer_step(self, batches: Iterator[Dict[str, torch.Tensor]]) -> Dict[str, float]:
-        """One optimizer step over ``gradient_accumulation_steps`` micro-batches (per rank)."""
-        from torchtune import training
+    def _optimizer_step(self, batches: Iterator[Any]) -> Dict[str, Any]:
+        """One optimizer step over ``gradient_accumulation_steps`` micro-batches (per rank).
 
+        No host read of a device tensor (on CUDA each one waits for the GPU to finish): token
+        counts come from the CPU batches, the gradients get one fused scale, and the loss and
+        gradient norm are returned as device tensors that ``train`` reads on logging steps only.
+        The exception is ``on_nonfinite=skip``, which must know before stepping (one sync).
+        """
         self.model.train()
         loss_sum = torch.zeros((), device=self.device)
-        counts = torch.zeros(2, dtype=torch.long, device=self.device)  # [targets, tokens]
+        local_targets = local_tokens = 0
         for _ in range(self.grad_accum):
             prepared = prepare_batch(next(batches), attention=self.attention, device=self.device, backend=self.backend)
-            loss = summed_token_loss(self.model, self.loss_fn, prepared)
+            loss = summed_token_loss(
+                self.model, self.loss_fn, prepared, lm_head_on_targets_only=self.opts.lm_head_on_targets_only
+            )
             loss.backward()
             loss_sum += loss.detach().float()
-            counts += torch.tensor([prepared.num_targets, prepared.num_tokens], device=self.device)
-        local_tokens = int(counts[1])
-        loss_sum, counts = self.parallel.sum(loss_sum), self.parallel.sum(counts)
-        num_targets, num_tokens = int(counts[0]), int(counts[1])
-        if num_targets == 0:
-            raise RuntimeError("a whole optimizer step had no target token; check the data")
+            local_targets += prepared.num_targets
+            local_tokens += prepared.num_tokens
+        if self.parallel.world_size == 1:
+            if local_targets == 0:
+                raise RuntimeError("a whole optimizer step had no target token; check the data")
+            num_targets: Any = local_targets
+            num_tokens: Any = local_tokens
+        else:
+            # All ranks' counts need a collective: keep them on the device (queued, no wait).
+            # A step without any target on any rank scales zero gradients by 1 (a no-op step).
+            counts = self.parallel.sum(_to_device_async([local_targets, local_tokens], self.device))
+            num_targets, num_tokens = counts[0].clamp(min=1), counts[1]
         # Gradients of summed losses scaled to the gradient of the mean over all targets.
-        training.scale_grads(self.model, torch.tensor(self.parallel.gradient_scale(num_targets)))
+        _scale_grads_(self.trainable, self.parallel.gradient_scale(num_targets))
         max_norm = self.opts.clip_grad_norm
         grad_norm = torch.nn.utils.clip_grad_norm_(self.trainable, max_norm=float(max_norm) if max_norm else math.inf)
         if hasattr(grad_norm, "full_tensor"):
@@ -334,7 +355,10 @@ class LoRAFinetuneRecipe:
             if limit is not None and i >= int(limit):
                 break
             prepared = prepare_batch(batch, attention=self.attention, device=self.device, backend=self.backend)
-            totals[0] += summed_token_loss(self.model, self.loss_fn, prepared).double()
+            loss = summed_token_loss(
+                self.model, self.loss_fn, prepared, lm_head_on_targets_only=self.opts.lm_head_on_targets_only
+            )
+            totals[0] += loss.double()
             totals[1] += prepared.num_targets
         self.model.train()
         totals = self.parallel.sum(totals)
@@ -360,7 +384,10 @@ class LoRAFinetuneRecipe:
             disable=not (opts.progress_bar and self.parallel.is_main),
             dynamic_ncols=True,
         )
+        # Timed over the steps between two logs: the timer's lap (a CUDA sync) runs only where
+        # the loop syncs anyway (logging, validation, saving), never inside a run of steps.
         timer = StepTimer(self.device)
+        window = _StepWindow()
         for epoch in range(self.position.epoch, opts.epochs):
             self.position.epoch = epoch
             batches = self._micro_batches(epoch, self.position.steps_in_epoch)
@@ -369,13 +396,15 @@ class LoRAFinetuneRecipe:
                 self.position.global_step += 1
                 self.position.steps_in_epoch += 1
                 step = self.position.global_step
-                seconds = timer.lap()
+                window.add(stats)
                 lr = self.optimizer.param_groups[0]["lr"]
                 progress.update(1)
                 if (step % log_every == 0 or step == self.total_steps) and not stats["skipped"]:
+                    window.seconds += timer.lap()
                     self._check_finite()
                     loss = float(stats["loss"])
-                    progress.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{stats['num_tokens'] / seconds:.0f}")
+                    tokens_per_second = float(window.tokens) / window.seconds
+                    progress.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_second:.0f}")
                     record = {
                         "kind": "train",
                         "step": step,
@@ -384,20 +413,28 @@ class LoRAFinetuneRecipe:
                         "lr": lr,
                         "grad_norm": float(stats["grad_norm"]),
                         "skipped_steps": self.skipped_steps,
-                        "tokens_per_second": stats["num_tokens"] / seconds,
-                        "tokens_per_second_per_rank": stats["local_tokens"] / seconds,
-                        "step_seconds": seconds,
+                        # Means over the steps since the previous log.
+                        "tokens_per_second": tokens_per_second,
+                        "tokens_per_second_per_rank": window.local_tokens / window.seconds,
+                        "step_seconds": window.seconds / window.steps,
                         "world_size": self.parallel.world_size,
                     }
                     if opts.log_peak_memory_stats:
                         record.update(peak_memory_gib(self.device))
                     self._log(record)
-                if val_every and step % int(val_every) == 0:
-                    self._log_validation(step, epoch)
+                    window = _StepWindow()
+                    timer.lap()
+                validating = bool(val_every) and step % int(val_every) == 0
                 epoch_end = self.position.steps_in_epoch == self.steps_per_epoch
-                if save_every and step % int(save_every) == 0 and not epoch_end:
-                    self.save_checkpoint(epoch_end=False)
-                timer.lap()  # logging, validation and saving do not count as step time
+                saving = bool(save_every) and step % int(save_every) == 0 and not epoch_end
+                if validating or saving:
+                    window.seconds += timer.lap()
+                    if validating:
+                        self._log_validation(step, epoch)
+                    if saving:
+                        self.save_checkpoint(epoch_end=False)
+                    timer.lap()  # validation and saving do not count as step time
+            window.seconds += timer.lap()
             if not val_every or self.position.global_step % int(val_every):
                 self._log_validation(self.position.global_step, epoch)
             self.save_checkpoint(epoch_end=True)
@@ -449,6 +486,43 @@ class LoRAFinetuneRecipe:
             self.metrics_file.close()
         if self.metric_logger is not None:
             self.metric_logger.close()
+
+
+class _StepWindow:
+    """Optimizer steps since the last log: their count, tokens (host ints, or device tensors when
+    distributed) and training seconds."""
+
+    def __init__(self) -> None:
+        self.steps = 0
+        self.tokens: Any = 0
+        self.local_tokens = 0
+        self.seconds = 0.0
+
+    def add(self, stats: Dict[str, Any]) -> None:
+        self.steps += 1
+        self.tokens = self.tokens + stats["num_tokens"]
+        self.local_tokens += stats["local_tokens"]
+
+
+def _to_device_async(values: list, device: torch.device) -> torch.Tensor:
+    """A small host list on ``device`` without waiting: pinned then non-blocking on CUDA."""
+    host = torch.tensor(values, dtype=torch.long)
+    if device.type == "cuda":
+        host = host.pin_memory()
+    return host.to(device, non_blocking=True)
+
+
+@torch.no_grad()
+def _scale_grads_(params: list, scale: Any) -> None:
+    """Multiply every gradient by ``scale`` (a float, or a device scalar) in one fused call.
+
+    Sharded (DTensor) gradients are scaled through their local shards: a scalar factor commutes
+    with sharding.
+    """
+    grads = [p.grad for p in params if p.grad is not None]
+    local = [g.to_local() if hasattr(g, "to_local") else g for g in grads]
+    if local:
+        torch._foreach_mul_(local, scale)
 
 
 def _gather_objects(obj: Any, parallel: Parallelism) -> list:

@@ -39,7 +39,10 @@ class FinetuneOptions:
     epochs: int = option(3, "passes over the data; paper: 3", min=1)
     max_steps_per_epoch: Optional[int] = option(None, "cap optimizer steps per epoch (null: all)", min=1)
     pad_to_multiple_of: Optional[int] = option(128, "round padded lengths up: FlexAttention tiles are 128 tokens, fewer shapes", min=1)
-    num_workers: int = option(0, "DataLoader worker processes", min=0)
+    num_workers: int = option(0, "DataLoader worker processes (they also check, shift and count each batch on the CPU)", min=0)
+    lm_head_on_targets_only: bool = option(
+        True, "LM head and loss only at positions whose target counts (same loss; skips prompts and padding)"
+    )
     clip_grad_norm: Optional[float] = option(1.0, "max gradient norm (null: no clipping)", min=0.0)
     compile: bool = option(False, "torch.compile the model and loss: faster steps after a slow first one")
     enable_activation_checkpointing: bool = option(False, "recompute activations in backward: less memory, one more forward")

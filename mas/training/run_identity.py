@@ -46,6 +46,7 @@ _NOT_IDENTITY = {
     "max_val_batches",
     "num_workers",
     "compile",
+    "lm_head_on_targets_only",
     "device",
     "attention_backend",
     "enable_activation_checkpointing",
