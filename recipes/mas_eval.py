@@ -36,6 +36,7 @@ from mas.evaluation.benchmarks import benchmark_modes
 from mas.evaluation.options import EvalOptions
 from mas.evaluation.run import base_checkpoint_identity, evaluate_model, resolve_benchmark, sweep_payload
 from mas.generation.loading import InferenceModel, load_inference_model, prompt_mismatch_warnings
+from mas.training.model_setup import check_vocab
 from mas.training import load_adapter_state
 
 log = logging.getLogger("mas_eval")
@@ -66,6 +67,8 @@ def run(cfg: DictConfig) -> Dict[str, Any]:
     folders = _checkpoint_folders(opts)
     device = resolve_device(opts.device)
     dtype = training.get_dtype(opts.dtype, device=device)
+    out = Path(opts.output_dir)
+    out.mkdir(parents=True, exist_ok=True)  # an unwritable folder fails before the model loads
     tokenizer = instantiate(opts.tokenizer)
     loaded = load_inference_model(
         opts.model,
@@ -75,11 +78,10 @@ def run(cfg: DictConfig) -> Dict[str, Any]:
         dtype=dtype,
         attention_backend=opts.attention_backend,
     )
+    check_vocab(tokenizer, loaded.model)
     for note in prompt_mismatch_warnings(loaded, opts.attention, opts.prompt_format, opts.merge_system_and_user):
         log.warning(note)
     base = base_checkpoint_identity(opts.checkpointer)
-    out = Path(opts.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
     (out / "config.yaml").write_text(resolved_yaml(cfg, EvalOptions))
     if opts.checkpoints == "latest":
         return evaluate_model(opts, benchmark, loaded, tokenizer, out, base)

@@ -19,6 +19,7 @@ import pytest
 import torch
 
 import mas_config
+import mas_eval
 import mas_generate
 import mas_lora_finetune
 from mas.config import EXIT_USER_ERROR
@@ -79,6 +80,13 @@ CASES = [
     Case("generate: malformed prompts-file row", mas_generate.recipe_main, lambda t, b: _gen(f"prompts_file={t / 'prompts.jsonl'}")(t, b), r"prompts.jsonl, line 2: expected .user., .messages.", "ok", setup=_bad_prompts),
     Case("generate: unwritable output file, before generating", mas_generate.recipe_main, _gen("output_file=/proc/mas_no/out.jsonl"), r"/proc/mas_no", "silent"),
     Case("generate: tokenizer larger than the model's vocabulary", mas_generate.recipe_main, _gen("model.vocab_size=300", "checkpointer.vocab_size=300", "checkpointer.pretrain_steps=0", "checkpointer.checkpoint_dir={tmp}/small_vocab"), r"vocab", "traceback"),
+    Case("eval: tokenizer larger than the model's vocabulary", mas_eval.recipe_main,
+         lambda t, b: ["--config", "tiny_eval", f"output_dir={t}/eval", "model.vocab_size=300", "checkpointer.vocab_size=300",
+                       "checkpointer.pretrain_steps=0", f"checkpointer.checkpoint_dir={t}/small_vocab", "limit=1"],
+         r"vocab size mismatch", "traceback"),
+    Case("eval: unwritable output folder, before loading", mas_eval.recipe_main,
+         lambda t, b: ["--config", "tiny_eval", "output_dir=/proc/mas_eval_out", f"checkpointer.checkpoint_dir={b}", "checkpointer.pretrain_steps=30"],
+         r"/proc/mas_eval_out", "ok"),
     Case("generate: bad sampling value", mas_generate.recipe_main, _gen("top_p=1.5"), r"top_p: must be <= 1", "ok"),
     Case("mas-config: validate a file with a typo", mas_config.main, lambda t, b: ["validate", str(t / "bad.yaml")], r"unknown config key 'epoch'.*did you mean 'epochs'", "ok",
          setup=lambda t, b: (t / "bad.yaml").write_text("# recipe: mas_lora_finetune\nbase_config: tiny_mas\nepoch: 2\n")),
