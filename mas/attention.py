@@ -60,7 +60,7 @@ AttentionMask = Union[Tensor, BlockMask]
 _compiled_flex = None
 
 
-def _flex(q: Tensor, k: Tensor, v: Tensor, block_mask: BlockMask) -> Tensor:
+def _flex(q: Tensor, k: Tensor, v: Tensor, block_mask: BlockMask, enable_gqa: bool = False) -> Tensor:
     """``flex_attention``, compiled once per process with static shapes.
 
     ``dynamic=False``: a dynamic-shape recompile breaks the CPU kernel in torch 2.13 and costs
@@ -68,10 +68,10 @@ def _flex(q: Tensor, k: Tensor, v: Tensor, block_mask: BlockMask) -> Tensor:
     """
     global _compiled_flex
     if torch.compiler.is_compiling():
-        return flex_attention(q, k, v, block_mask=block_mask)
+        return flex_attention(q, k, v, block_mask=block_mask, enable_gqa=enable_gqa)
     if _compiled_flex is None:
         _compiled_flex = torch.compile(flex_attention, dynamic=False)
-    return _compiled_flex(q, k, v, block_mask=block_mask)
+    return _compiled_flex(q, k, v, block_mask=block_mask, enable_gqa=enable_gqa)
 
 
 def block_mask_to_dense(block_mask: BlockMask) -> Tensor:
@@ -102,9 +102,9 @@ def _sdpa_ready_from_block_mask(block_mask: BlockMask) -> tuple[Tensor, Tensor]:
 
 
 def _sdpa_with_mask(
-    q: Tensor, k: Tensor, v: Tensor, sdpa_mask: Tensor, row_has_key: Tensor, dropout_p: float
+    q: Tensor, k: Tensor, v: Tensor, sdpa_mask: Tensor, row_has_key: Tensor, dropout_p: float, enable_gqa: bool = False
 ) -> Tensor:
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=sdpa_mask, dropout_p=dropout_p)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=sdpa_mask, dropout_p=dropout_p, enable_gqa=enable_gqa)
     return out * row_has_key.to(out.dtype)
 
 
@@ -141,8 +141,10 @@ class MASAttention:
         """
         Args:
             q (Tensor): ``[b, n_h, s_q, h_d]``.
-            k (Tensor): ``[b, n_h, s_kv, h_d]`` (``s_kv`` may be a KV cache's full length).
-            v (Tensor): ``[b, n_h, s_kv, h_d]``.
+            k (Tensor): ``[b, n_kv, s_kv, h_d]`` (``s_kv`` may be a KV cache's full length;
+                ``n_kv`` divides ``n_h``: fewer heads are grouped-query attention, run without
+                copies, as ``mas.generation.gqa_attention`` passes them).
+            v (Tensor): ``[b, n_kv, s_kv, h_d]``.
             mask (Optional[AttentionMask]): BlockMask with ``seq_lengths == (s_q, <= s_kv)``,
                 or bool ``[b, s_q, <= s_kv]``, or None for causal.
             dropout_p (float): attention dropout (SDPA only).
@@ -151,8 +153,9 @@ class MASAttention:
         Returns:
             Tensor: ``[b, n_h, s_q, h_d]``.
         """
+        enable_gqa = k.shape[1] != q.shape[1]
         if mask is None:
-            return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=is_causal)
+            return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=is_causal, enable_gqa=enable_gqa)
         kv_len = mask.seq_lengths[1] if isinstance(mask, BlockMask) else mask.shape[-1]
         if kv_len < k.shape[-2]:
             # KV cache: slots past the mask are unwritten and never attended.
@@ -161,11 +164,11 @@ class MASAttention:
             if self._use_flex(q, k, v):
                 if dropout_p > 0.0:
                     raise ValueError("FlexAttention does not support attention dropout; set it to 0")
-                return _flex(q, k, v, mask)
+                return _flex(q, k, v, mask, enable_gqa)
             sdpa_mask, row_has_key = _sdpa_ready_from_block_mask(mask)
         else:
             sdpa_mask, row_has_key = _sdpa_ready(mask)
-        return _sdpa_with_mask(q, k, v, sdpa_mask, row_has_key, dropout_p)
+        return _sdpa_with_mask(q, k, v, sdpa_mask, row_has_key, dropout_p, enable_gqa)
 
 
 def use_mas_attention(model: nn.Module, backend: AttentionBackend = "auto") -> nn.Module:

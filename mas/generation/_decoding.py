@@ -9,6 +9,7 @@ prompt that shares it), samples, stops, and reports time-to-first-token and toke
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Literal, Optional, Sequence, Tuple, get_args
@@ -25,6 +26,7 @@ from mas.attention import (
     validate_attention_backend,
 )
 from mas.generation.decode_loop import compiled_decode_step, decode_step, decode_tokens, forward_one_token
+from mas.generation.gqa_attention import native_gqa_attention
 from mas.generation.kv_cache import read_prefix, setup_kv_caches, write_prefix
 from mas.generation.layout import PromptBatch, layout_prompts
 from mas.masks import PAD, AttentionMode, validate_attention_mode
@@ -71,6 +73,9 @@ class GenerationSettings:
         max_cache_len (Optional[int]): cache slots; default :func:`default_cache_len` (prompt +
             ``max_new_tokens`` rounded up, at most the model's ``max_seq_len``).
         attention_backend (str): ``auto``/``flex``/``sdpa`` for the prefill.
+        native_gqa (bool): grouped-query attention without expanded K/V copies
+            (:mod:`mas.generation.gqa_attention`); False runs torchtune's expanding forward (the
+            twin the tests compare against).
     """
 
     attention: AttentionMode = "mas"
@@ -87,6 +92,7 @@ class GenerationSettings:
     stop_check_every: int = 8
     max_cache_len: Optional[int] = None
     attention_backend: AttentionBackend = "auto"
+    native_gqa: bool = True
 
     def __post_init__(self) -> None:
         validate_attention_mode(self.attention)
@@ -313,6 +319,20 @@ def generate_batch(
     """
     model.eval()
     _ensure_mas_attention(model, settings.attention_backend)
+    with native_gqa_attention(model) if settings.native_gqa else contextlib.nullcontext():
+        return _generate_batch(model, sequences, settings, pad_id=pad_id, system_cache=system_cache, step=step, generator=generator)
+
+
+def _generate_batch(
+    model: nn.Module,
+    sequences: Sequence[SegmentedSequence],
+    settings: GenerationSettings,
+    *,
+    pad_id: int,
+    system_cache: Optional[SystemPromptCache],
+    step: Optional[Callable[..., Any]],
+    generator: Optional[torch.Generator],
+) -> BatchOutput:
     device = model.tok_embeddings.weight.device
     cache_len = settings.max_cache_len or default_cache_len([len(s) for s in sequences], settings.max_new_tokens, model.max_seq_len)
     if step is None:
