@@ -135,3 +135,71 @@ def test_targets_only_refuses_a_loss_without_summed_cross_entropy():
         check_target_rows_loss(model, torch.nn.CrossEntropyLoss())
     with pytest.raises(ConfigError, match="TransformerDecoder"):
         check_target_rows_loss(torch.nn.Linear(2, 2), CEWithChunkedOutputLoss())
+
+
+# ----------------------------------------------------------------------------- host reads
+_HOST_READS = ("item", "tolist", "__int__", "__float__", "__bool__", "__index__")
+
+
+class _HostReadCounter:
+    """Counts host reads of tensor values (on CUDA each one waits for the GPU)."""
+
+    def __init__(self, monkeypatch) -> None:
+        self.calls: list[str] = []
+        for name in _HOST_READS:
+            original = getattr(torch.Tensor, name)
+
+            def counted(tensor, *args, _name=name, _original=original, **kwargs):
+                self.calls.append(_name)
+                return _original(tensor, *args, **kwargs)
+
+            monkeypatch.setattr(torch.Tensor, name, counted)
+
+
+def _recipe(tmp_path, base_dir, **extra):
+    import mas_lora_finetune
+    from support.runs import finetune_overrides
+
+    from mas.config import load_config
+
+    overrides = finetune_overrides(
+        tmp_path / "run", base_dir, **{"optimizer.fused": True, "log_every_n_steps": 10, "on_nonfinite": "stop", **extra}
+    )
+    recipe = mas_lora_finetune.MASLoRAFinetuneRecipe(load_config("tiny_mas", overrides))
+    recipe.setup()
+    return recipe
+
+
+def test_optimizer_step_reads_no_tensor_on_the_host(tmp_path, tiny_base_dir, monkeypatch):
+    """Outside logging steps, _optimizer_step never reads a tensor's value (with on_nonfinite=stop).
+
+    The batches come from the recipe's own loader (CPU checks and counts happen there, in the
+    workers when there are any); two micro-batches per step; the optimizer is the fused AdamW
+    of the paper configs (the unfused ones read their CPU step counters). on_nonfinite=skip pays
+    exactly one read per step, as documented.
+    """
+    recipe = _recipe(tmp_path, tiny_base_dir, gradient_accumulation_steps=2)
+    batches = list(recipe._micro_batches(0, 0))[:8]
+    assert all(isinstance(b, HostBatch) for b in batches)
+    stream = iter(batches)
+    recipe._optimizer_step(stream)  # warm-up outside the count (lazy optimizer state)
+    counter = _HostReadCounter(monkeypatch)
+    stats = [recipe._optimizer_step(stream) for _ in range(2)]
+    stop_calls = list(counter.calls)
+    recipe.opts.on_nonfinite = "skip"
+    recipe._optimizer_step(stream)
+    monkeypatch.undo()
+    assert stop_calls == []
+    assert counter.calls == ["__bool__"]
+    assert all(isinstance(s["num_tokens"], int) and isinstance(s["loss"], torch.Tensor) for s in stats)
+    # The loss read at a logging step is the mean over the step's counted targets.
+    assert 0 < float(stats[-1]["loss"]) < 20
+
+
+def test_host_read_counter_sees_reads(monkeypatch):
+    """The counter above would catch what the old step did (int() of a device count, .item())."""
+    counter = _HostReadCounter(monkeypatch)
+    t = torch.tensor([3, 4])
+    int(t.sum()), t.sum().item(), bool(t.all()), float(t[0]), t.tolist()
+    monkeypatch.undo()
+    assert counter.calls == ["__int__", "item", "__bool__", "__float__", "tolist"]
