@@ -203,3 +203,50 @@ def test_host_read_counter_sees_reads(monkeypatch):
     int(t.sum()), t.sum().item(), bool(t.all()), float(t[0]), t.tolist()
     monkeypatch.undo()
     assert counter.calls == ["__int__", "item", "__bool__", "__float__", "tolist"]
+
+
+# ----------------------------------------------------------------------------- compile
+#: Compiled vs eager, fp32 on CPU: inductor reorders reductions (RMSNorm, softmax, matmul
+#: accumulation), so the two agree to float32 round-off accumulated over two layers, not bitwise.
+COMPILE_RTOL, COMPILE_ATOL = 1e-4, 1e-6
+
+
+@pytest.mark.slow
+def test_compiled_step_matches_eager_and_stops_recompiling(monkeypatch):
+    """Per-layer compile (torchtune's compile_model) + compiled loss, dense-mask SDPA path.
+
+    Over 8 steps whose padded lengths take 3 values, loss and LoRA gradients match the eager
+    twin, no layer has a graph break, and after the warm-up (the first two lengths: a static
+    then a dynamic graph) nothing recompiles.
+    """
+    import copy
+
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+    from torchtune import training
+
+    torch._dynamo.reset()
+    counters.clear()
+    eager = _lora_model("llama3_2")
+    compiled = copy.deepcopy(eager)
+    training.compile_model(compiled, verbose=False)
+    compiled_loss = training.compile_loss(CEWithChunkedOutputLoss(), verbose=False)
+    eager_loss = CEWithChunkedOutputLoss()
+    lengths = [32, 48, 32, 64, 48, 64, 32, 48]
+    graphs_after_warmup = None
+    try:
+        for step, seq_len in enumerate(lengths):
+            if step == 2:
+                graphs_after_warmup = counters["stats"]["unique_graphs"]
+            prepared = prepare_batch(_batch("mas", 1024, seq_len=seq_len, seed=step), attention="mas", device=CPU)
+            want_loss, want_grads = _loss_and_lora_grads(eager, eager_loss, prepared, targets_only=True)
+            got_loss, got_grads = _loss_and_lora_grads(compiled, compiled_loss, prepared, targets_only=True)
+            torch.testing.assert_close(got_loss, want_loss, rtol=COMPILE_RTOL, atol=COMPILE_ATOL)
+            for name, grad in want_grads.items():
+                torch.testing.assert_close(got_grads[name], grad, rtol=COMPILE_RTOL, atol=COMPILE_ATOL, msg=name)
+        assert dict(counters["graph_break"]) == {}
+        assert counters["stats"]["unique_graphs"] == graphs_after_warmup, "recompiled after warm-up"
+        # first layer (frozen input) and later layers, each static then dynamic; the loss (dynamic rows)
+        assert graphs_after_warmup == 5
+    finally:
+        torch._dynamo.reset()
