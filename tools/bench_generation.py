@@ -5,6 +5,11 @@ Measured on one model with random weights (tiny on CPU, Llama-3.2-1B shape on CU
 - prefill latency of one prompt batch, MAS mask vs causal mask on the same path (target
   MAS / causal <= 1.05);
 - decode tokens/s after a MAS vs a causal prefill (decoding is causal in both; target >= 0.98);
+- the decode loop before and after issue 12 in the same run: "before" is the per-token loop
+  (a host read of "all done" every token, sampling outside the step, torchtune's forward that
+  copies K/V to every query head and asserts on a device tensor per layer, the compiled step
+  attending over the whole cache), "after" is ``mas.generate``'s loop (one step with sampling
+  and stops, a host check every 8 tokens, native grouped-query attention, width bucketed);
 - greedy tokens/s of ``mas.generate`` against torchtune's ``generate`` on the same model and prompt;
 - on CUDA, batch-1 decode tokens/s with the compiled decode step, as a fraction of the
   memory-bandwidth roofline (every weight and the written KV cache read once per token, at the
@@ -27,7 +32,16 @@ from typing import Dict, List, Optional
 import torch
 
 from mas import use_mas_attention
-from mas.generation import GenerationSettings, generate_batch, layout_prompts, prefill
+from mas.generation import (
+    DecodeState,
+    GenerationSettings,
+    decode_one_token,
+    forward_one_token,
+    generate_batch,
+    layout_prompts,
+    prefill,
+    sample_next_token,
+)
 from mas.generation.kv_cache import clear_kv_caches, setup_kv_caches
 from mas.segments import SegmentedSequence
 from mas.testing import benchmark_model, random_prompt
@@ -48,6 +62,33 @@ def copy_bandwidth_gbs(device: torch.device) -> float:
     y = torch.empty_like(x)
     ms = interleaved_median_ms({"copy": lambda: y.copy_(x)}, device, warmup=3, min_repeats=10)["copy"]
     return 2 * x.numel() / (ms / 1e3) / 1e9
+
+
+def per_token_loop_tokens_per_s(model, seq: SegmentedSequence, cache_len: int, new_tokens: int, forward=None) -> float:
+    """The decode loop as it was before issue 12 (batch of one, greedy): a host read every token,
+    sampling outside the step, torchtune's attention forward, a full-width mask when compiled."""
+    device = model.tok_embeddings.weight.device
+    dtype = model.tok_embeddings.weight.dtype
+    batch = layout_prompts([seq], pad_id=0).to(device)
+    with torch.inference_mode():
+        setup_kv_caches(model, 1, cache_len, dtype)
+        token = sample_next_token(prefill(model, batch)[:, -1])
+        state = DecodeState.after_prefill(batch, cache_len, full_width_mask=forward is not None)
+        done = torch.zeros(1, dtype=torch.bool, device=device)
+        stop = torch.tensor([], dtype=torch.long, device=device)
+        out = []
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        for step in range(new_tokens):
+            done |= torch.isin(token, stop)
+            out.append(torch.where(done, torch.full_like(token, -1), token))
+            if bool(done.all()) or step == new_tokens - 1:
+                break
+            token = sample_next_token(decode_one_token(model, token, state, forward or forward_one_token))
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+    return (new_tokens - 1) / (time.perf_counter() - start)
 
 
 def bench(args: argparse.Namespace) -> str:
@@ -87,18 +128,27 @@ def bench(args: argparse.Namespace) -> str:
     # Decode after a MAS and after a causal prefill, and torchtune's generate, batch 1.
     length = args.prompt_lens[0]
     seq = prompt(length, vocab)
-    decode: Dict[str, List[float]] = {"MAS": [], "causal": [], "MAS compiled": [], "torchtune generate": []}
+    mode = "reduce-overhead" if device.type == "cuda" else "default"
+    decode: Dict[str, List[float]] = {
+        "MAS, before (per-token loop)": [],
+        "MAS compiled, before (per-token loop)": [],
+        "MAS": [],
+        "causal": [],
+        "MAS compiled": [],
+        "torchtune generate": [],
+    }
     settings = {
         "MAS": GenerationSettings(attention="mas", max_new_tokens=args.new_tokens, max_cache_len=cache_len, stop_tokens=[]),
         "causal": GenerationSettings(attention="causal", max_new_tokens=args.new_tokens, max_cache_len=cache_len, stop_tokens=[]),
         "MAS compiled": GenerationSettings(
-            attention="mas", max_new_tokens=args.new_tokens, max_cache_len=cache_len, stop_tokens=[], compile_decode=True,
-            compile_mode="reduce-overhead" if device.type == "cuda" else "default",
+            attention="mas", max_new_tokens=args.new_tokens, max_cache_len=cache_len, stop_tokens=[], compile_decode=True, compile_mode=mode
         ),
     }
-    from mas.generation import forward_one_token
-
-    compiled = torch.compile(forward_one_token, dynamic=False, mode=settings["MAS compiled"].compile_mode)
+    compiled_forward = torch.compile(forward_one_token, dynamic=False, mode=mode)
+    before = {
+        "MAS, before (per-token loop)": lambda: per_token_loop_tokens_per_s(model, seq, cache_len, args.new_tokens),
+        "MAS compiled, before (per-token loop)": lambda: per_token_loop_tokens_per_s(model, seq, cache_len, args.new_tokens, compiled_forward),
+    }
     from torchtune.generation import generate as tt_generate
 
     def torchtune_run() -> float:
@@ -119,10 +169,13 @@ def bench(args: argparse.Namespace) -> str:
         # re-allocating the caches' memory, and that must not count against one variant.
         names = list(settings) if round_index % 2 else list(reversed(settings))
         for name in names:
-            s = settings[name]
-            out = generate_batch(model, [seq], s, forward_step=compiled if s.compile_decode else None)
+            out = generate_batch(model, [seq], settings[name])
             if round_index:  # round 0 warms up (and compiles)
                 decode[name].append(out.decoded_tokens / out.decode_seconds)
+        for name, run in before.items():
+            tokens_per_s = run()
+            if round_index:
+                decode[name].append(tokens_per_s)
         tokens_per_s = torchtune_run()
         if round_index:
             decode["torchtune generate"].append(tokens_per_s)
@@ -134,6 +187,8 @@ def bench(args: argparse.Namespace) -> str:
     notes = [
         f"- decode after a MAS prefill / after a causal prefill: {median['MAS'] / median['causal']:.3f} (target >= 0.98)",
         f"- mas.generate (eager) / torchtune generate: {median['MAS'] / median['torchtune generate']:.2f}x; compiled: {median['MAS compiled'] / median['torchtune generate']:.2f}x",
+        f"- decode loop after / before issue 12: eager {median['MAS'] / median['MAS, before (per-token loop)']:.2f}x, "
+        f"compiled {median['MAS compiled'] / median['MAS compiled, before (per-token loop)']:.2f}x",
     ]
     if device.type == "cuda":
         params = sum(p.numel() for p in model.parameters())
@@ -155,7 +210,7 @@ def bench(args: argparse.Namespace) -> str:
             f"Machine: {machine_description(device)}.",
             f"Model: {args.model} shape, random weights, {str(dtype).replace('torch.', '')}. Prompts: random tokens, a system segment (1/4) "
             f"and a user segment (3/4). Prefill on {'compiled FlexAttention (BlockMask)' if device.type == 'cuda' else 'SDPA with the dense mask'}; "
-            f"decode: SDPA over the KV cache. Medians of interleaved repeats; decode over {args.new_tokens} new tokens after a {length}-token prompt, {args.rounds} rounds.",
+            f"decode: SDPA over the KV cache ({'compile mode ' + mode}). Medians of interleaved repeats; decode over {args.new_tokens} new tokens after a {length}-token prompt, {args.rounds} rounds.",
             "",
             "**Prefill latency**",
             "",
