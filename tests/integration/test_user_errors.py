@@ -135,7 +135,7 @@ class ExplodingLoss(torch.nn.Module):
 
 def test_nonfinite_loss_stops_the_run_and_writes_no_adapter_after_it(tmp_path, tiny_base_dir, monkeypatch, capsys):
     monkeypatch.setattr("torchtune.modules.loss.CEWithChunkedOutputLoss", ExplodingLoss, raising=True)
-    argv = ["--config", "tiny_mas", *finetune_overrides(tmp_path / "run", tiny_base_dir, save_every_n_steps=2, log_every_n_steps=5)]
+    argv = ["--config", "tiny_mas", *finetune_overrides(tmp_path / "run", tiny_base_dir, save_every_n_steps=2, log_every_n_steps=5, lm_head_on_targets_only=False)]
     with pytest.raises(SystemExit) as exit_info:
         mas_lora_finetune.recipe_main(argv)
     assert exit_info.value.code == EXIT_USER_ERROR
@@ -154,7 +154,7 @@ def test_nonfinite_steps_can_be_skipped_and_counted(tmp_path, tiny_base_dir, mon
             return loss if self.calls != 3 else loss * math.nan
 
     monkeypatch.setattr("torchtune.modules.loss.CEWithChunkedOutputLoss", lambda: OnceNaN(nan_from_call=10**9), raising=True)
-    recipe = run_finetune("tiny_mas", finetune_overrides(tmp_path / "run", tiny_base_dir, on_nonfinite="skip", log_every_n_steps=1))
+    recipe = run_finetune("tiny_mas", finetune_overrides(tmp_path / "run", tiny_base_dir, on_nonfinite="skip", log_every_n_steps=1, lm_head_on_targets_only=False))
     assert recipe.skipped_steps == 1
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     train = [r for r in records if r["kind"] == "train"]
