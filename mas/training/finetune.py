@@ -307,6 +307,7 @@ class LoRAFinetuneRecipe:
         else:
             # All ranks' counts need a collective: keep them on the device (queued, no wait).
             # A step without any target on any rank scales zero gradients by 1 (a no-op step).
+            loss_sum = self.parallel.sum(loss_sum)
             counts = self.parallel.sum(_to_device_async([local_targets, local_tokens], self.device))
             num_targets, num_tokens = counts[0].clamp(min=1), counts[1]
         # Gradients of summed losses scaled to the gradient of the mean over all targets.
