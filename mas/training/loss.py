@@ -16,15 +16,12 @@ The slow twin is :func:`mas.training.steps.summed_token_loss` with
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Iterator
+from typing import Any, Iterator
 
 import torch
 from torch import Tensor, nn
 
 from mas.config import ConfigError
-
-if TYPE_CHECKING:
-    from mas.training.steps import PreparedBatch
 
 __all__ = ["check_target_rows_loss", "lm_head_on_rows", "summed_target_rows_loss"]
 
@@ -79,7 +76,7 @@ def lm_head_on_rows(model: nn.Module, rows: Tensor) -> Iterator[None]:
         del model.unembed
 
 
-def summed_target_rows_loss(model: nn.Module, loss_fn: nn.Module, prepared: "PreparedBatch") -> Tensor:
+def summed_target_rows_loss(model: nn.Module, loss_fn: nn.Module, prepared: Any) -> Tensor:
     """Forward pass and the summed cross-entropy over the targets that count.
 
     Args:
@@ -87,7 +84,9 @@ def summed_target_rows_loss(model: nn.Module, loss_fn: nn.Module, prepared: "Pre
         loss_fn (nn.Module): provides ``compute_cross_entropy(logits [n, v], targets [n])``, the
             fp32 summed cross-entropy (``CEWithChunkedOutputLoss``; compiled by
             ``torchtune.training.compile_loss`` when ``compile: True``).
-        prepared (PreparedBatch): with ``target_index`` and ``target_values`` (``[n]`` each).
+        prepared (PreparedBatch): a :class:`mas.training.steps.PreparedBatch` (``tokens``,
+            ``model_kwargs()``, ``num_targets``, ``target_index`` and ``target_values``, ``[n]``
+            each); not imported here, as ``steps`` imports this module.
 
     Returns:
         Tensor: scalar, the sum over the ``n`` counted targets.
