@@ -22,6 +22,7 @@ from torch import Tensor, nn
 from mas.attention import AttentionBackend, AttentionMask, build_attention_mask
 from mas.masks import PAD, AttentionMode, validate_attention_mode, validate_segment_ids
 from mas.segments import IGNORE_INDEX, ignore_leaking_labels
+from mas.training.loss import summed_target_rows_loss
 
 __all__ = ["HostBatch", "PreparedBatch", "prepare_batch", "prepare_host_batch", "summed_token_loss"]
 
@@ -198,8 +199,6 @@ def summed_token_loss(
         Tensor: scalar, the summed loss.
     """
     if lm_head_on_targets_only:
-        from mas.training.loss import summed_target_rows_loss
-
         return summed_target_rows_loss(model, loss_fn, prepared)
     logits = model(prepared.tokens, **prepared.model_kwargs())
     if prepared.num_targets == 0:
