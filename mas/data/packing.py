@@ -8,7 +8,7 @@ examples share a prompt-segment id. The tail is padding (``PAD``, a document of 
 Every pack is exactly ``pack_length`` tokens long, so a packed run sees one batch shape (one
 compiled graph, one FlexAttention kernel): the bucketing is "one bucket". The attention rule
 inside a pack is MAS AND same document, so a pack of eight examples trains each example exactly
-as a batch of eight would (``tests/unit/test_packing.py`` checks the per-example losses)::
+as a batch of eight would (``tests/unit/data/test_packing.py`` checks the per-example losses)::
 
     pack = [ s0 s0 a a | s1 a a | pad ]        (s: prompt segment, a: answer, two documents)
 

@@ -223,7 +223,7 @@ def decode_one_token(
     width = state.valid_slots.shape[1] if state.full_width_mask else slot + 1
     # [b, L] -> [b, 1, width]: a generated token is causal, so in either attention mode it sees
     # every written slot, itself included (the row of build_attention_mask for query ``slot``,
-    # read off the slot bookkeeping without a mask build per token: tests/unit/test_generation).
+    # read off the slot bookkeeping without a mask build per token: tests/unit/generation/test_generation).
     mask = state.valid_slots[:, None, :width]
     logits = forward(model, tokens[:, None], mask, state.next_position[:, None])
     state.next_slot += 1

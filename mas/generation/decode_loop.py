@@ -104,7 +104,7 @@ def decode_step(
     columns = torch.arange(width, device=token.device)
     # [b, L] -> [b, 1, width]: the generated token is causal, so in either attention mode it
     # sees every written slot, itself included (the row of build_attention_mask for query
-    # ``slot``: tests/unit/test_generation.py).
+    # ``slot``: tests/unit/generation/test_generation.py).
     mask = (attendable[:, :width] & (columns <= slot))[:, None, :]
     logits = forward_one_token(model, token[:, None], mask, position[:, None])
     next_token = sample_with_noise(logits, noise, temperature=temperature, top_k=top_k, top_p=top_p)

@@ -15,7 +15,7 @@ touches the model: it submits :class:`SequenceHandle` objects and receives :clas
 through a callback (thread-safe on its side). A sequence that fails inside the model fails
 alone: a failing batched step is retried row by row, and only rows that fail alone are dropped.
 
-Greedy tokens equal ``mas.generate``'s for the same prompt (tests/unit/test_serving_engine.py):
+Greedy tokens equal ``mas.generate``'s for the same prompt (tests/unit/serving/test_serving_engine.py):
 the same prefill function and mask, positions equal to slots, every unwritten slot masked.
 """
 

@@ -10,7 +10,7 @@ not) and scored: the same loss and gradients for a fraction of the FLOPs and mem
 The gather happens inside the model's own forward (its ``unembed`` step), so a sharded model's
 parameters are in the state its forward expects, and the head is whatever ``model.output`` is.
 The slow twin is :func:`mas.training.steps.summed_token_loss` with
-``lm_head_on_targets_only=False``; tests/unit/test_training_step.py compares them.
+``lm_head_on_targets_only=False``; tests/unit/training/test_training_step.py compares them.
 """
 
 from __future__ import annotations

@@ -149,7 +149,7 @@ def test_a_new_model_is_one_file(tmp_path, monkeypatch):
     real = bundled.bundled_config_dirs()[0]
     shutil.copytree(real / "base", root / "base")
     shutil.copytree(real / "overlays", root / "overlays")
-    doc = (Path(__file__).resolve().parents[2] / "docs" / "architecture.md").read_text()
+    doc = (Path(__file__).resolve().parents[3] / "docs" / "architecture.md").read_text()
     example = re.search(r"```yaml\n(# Phi-3-mini.*?)```", doc, flags=re.S).group(1)
     (root / "models").mkdir()
     (root / "models" / "phi3_mini.yaml").write_text(example)

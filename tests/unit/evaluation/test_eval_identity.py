@@ -19,7 +19,7 @@ from mas.evaluation.identity import (
     identity_path,
 )
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 
 
 def _adapter(folder: Path, payload: bytes) -> Path:

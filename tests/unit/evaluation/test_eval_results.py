@@ -22,7 +22,7 @@ from mas.evaluation.results import (
 )
 from mas.evaluation.tasks import load_task
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 COMPARE_TOOL = REPO / "tools" / "compare_results.py"
 
 

@@ -19,7 +19,7 @@ from mas.evaluation.suites import USER_RESULTS_FORMAT
 from mas.evaluation.user_tasks import load_task_file, parse_user_tasks, register_user_tasks
 from mas.generation import GenerationSettings
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 ROWS = [
     {"instruction": "Is 3 bigger than 5?\n\nAnswer format: yes/no", "input": "", "output": "the correct answer is no", "answer": "no", "kind": "small"},
     {"instruction": "Is 9 bigger than 2?\n\nAnswer format: yes/no", "input": "", "output": "the correct answer is yes", "answer": "Yes", "kind": "big"},
