@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import Any, Optional, Sequence, Type
 
 from mas.config import (
-    KIND_RECIPES,
     ConfigError,
     bundled_experiments,
     load_config,

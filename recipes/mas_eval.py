@@ -27,16 +27,13 @@ if getattr(mas, "__file__", None) is None:  # a plain folder named "mas" in the 
     sys.exit(f"a folder named 'mas' in {list(mas.__path__)} shadows the installed mas package; run from another directory")
 
 from omegaconf import DictConfig
-from torchtune import training
 
 from mas.checkpointing import RECIPE_STATE_FILE, hf_info_from_checkpointer, load_peft_adapter, peft_to_adapter
 from mas.config import ConfigError, instantiate, parse, resolved_yaml, run_reporting_user_errors, to_options
-from mas.devices import resolve_device
 from mas.evaluation.benchmarks import benchmark_modes
 from mas.evaluation.options import EvalOptions
 from mas.evaluation.run import base_checkpoint_identity, evaluate_model, resolve_benchmark, sweep_payload
-from mas.generation.loading import InferenceModel, load_inference_model, prompt_mismatch_warnings
-from mas.training.model_setup import check_vocab
+from mas.generation.loading import InferenceModel, load_for_inference, prompt_mismatch_warnings
 from mas.training import load_adapter_state
 
 log = logging.getLogger("mas_eval")
@@ -65,20 +62,10 @@ def run(cfg: DictConfig) -> Dict[str, Any]:
     benchmark = resolve_benchmark(opts)
     modes = benchmark_modes(benchmark, opts.mode)
     folders = _checkpoint_folders(opts)
-    device = resolve_device(opts.device)
-    dtype = training.get_dtype(opts.dtype, device=device)
     out = Path(opts.output_dir)
     out.mkdir(parents=True, exist_ok=True)  # an unwritable folder fails before the model loads
-    tokenizer = instantiate(opts.tokenizer)
-    loaded = load_inference_model(
-        opts.model,
-        opts.checkpointer,
-        adapter_checkpoint=str(folders[0]) if folders[0] else None,
-        device=device,
-        dtype=dtype,
-        attention_backend=opts.attention_backend,
-    )
-    check_vocab(tokenizer, loaded.model)
+    setup = load_for_inference(opts, adapter_checkpoint=str(folders[0]) if folders[0] else None)
+    tokenizer, loaded, dtype = setup.tokenizer, setup.loaded, setup.dtype
     for note in prompt_mismatch_warnings(loaded, opts.attention, opts.prompt_format, opts.merge_system_and_user):
         log.warning(note)
     base = base_checkpoint_identity(opts.checkpointer)

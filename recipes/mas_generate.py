@@ -24,13 +24,12 @@ if getattr(mas, "__file__", None) is None:  # a plain folder named "mas" in the 
 
 from omegaconf import DictConfig, OmegaConf
 
-from mas.config import ConfigError, instantiate, parse, run_reporting_user_errors, to_options
+from mas.config import ConfigError, parse, run_reporting_user_errors, to_options
 from mas.data import DataError, instruction_messages, load_rows
 from mas.devices import resolve_device
 from mas.generation import GenerationSettings, generate, prompt_messages
-from mas.generation.loading import load_inference_model, prompt_mismatch_warnings
+from mas.generation.loading import load_for_inference, prompt_mismatch_warnings
 from mas.generation.options import GenerateOptions
-from mas.training.model_setup import check_vocab
 
 log = logging.getLogger("mas_generate")
 
@@ -92,26 +91,15 @@ def _open_output(options: GenerateOptions) -> Optional[TextIO]:
 
 
 def run(cfg: DictConfig) -> Dict[str, Any]:
-    from torchtune import training
-
     options = to_options(cfg, GenerateOptions, RECIPE)
-    device = resolve_device(options.device)
-    dtype = training.get_dtype(options.dtype, device=device)
+    resolve_device(options.device)  # a missing device fails before the prompts are read
     settings = settings_from(options)
     prompts = load_prompts(options)
     for i, p in enumerate(prompts):
         prompt_messages(p, i)  # validate before loading weights
     out = _open_output(options)
-    tokenizer = instantiate(options.tokenizer)
-    loaded = load_inference_model(
-        options.model,
-        options.checkpointer,
-        adapter_checkpoint=options.adapter_checkpoint,
-        device=device,
-        dtype=dtype,
-        attention_backend=settings.attention_backend,
-    )
-    check_vocab(tokenizer, loaded.model)
+    setup = load_for_inference(options, adapter_checkpoint=options.adapter_checkpoint)
+    tokenizer, loaded = setup.tokenizer, setup.loaded
     prompt_format, merge = options.prompt_format, options.merge_system_and_user
     for note in prompt_mismatch_warnings(loaded, settings.attention, prompt_format, merge):
         log.warning(note)

@@ -20,7 +20,7 @@ import difflib
 import types
 import typing
 from dataclasses import MISSING, dataclass, fields
-from typing import Any, Dict, Iterable, List, Literal, Mapping, Optional, Tuple, Type, TypeVar, Union
+from typing import Any, Dict, Iterable, List, Literal, Mapping, Optional, Tuple, Type, TypeVar
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 

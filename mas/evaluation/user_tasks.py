@@ -41,7 +41,7 @@ import yaml
 from torchtune.data import Message
 
 from mas.config import ConfigError, suggest
-from mas.data.formats import AlpacaRows, ChatRows, instruction_messages
+from mas.data.formats import ChatRows, instruction_messages
 from mas.data.rows import RowSource, load_rows, optional_text, require_text
 from mas.errors import DataError
 from mas.evaluation.benchmarks import BENCHMARKS, register_benchmark

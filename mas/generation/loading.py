@@ -21,10 +21,14 @@ from mas.checkpointing import (
     peft_to_adapter,
 )
 from mas.config import ConfigError, instantiate
-from mas.training.model_setup import load_adapter_state
+from mas.devices import resolve_device
+from mas.generation.options import InferenceOptions
+from mas.training.model_setup import check_vocab, load_adapter_state
 from mas.training.parallel import load_base_state
 
 __all__ = [
+    "InferenceSetup",
+    "load_for_inference",
     "InferenceModel",
     "load_inference_model",
     "prompt_mismatch_warnings",
@@ -151,3 +155,49 @@ def prompt_mismatch_warnings(loaded: InferenceModel, attention: str, prompt_form
             f"the adapter was trained with merge_system_and_user={recorded['merge_system_and_user']}, run with {merge_system_and_user}"
         )
     return notes
+
+
+@dataclass
+class InferenceSetup:
+    """What every inference recipe starts from: a tokenizer and a model that belong together.
+
+    Attributes:
+        tokenizer: the configured tokenizer.
+        loaded (InferenceModel): base (+ adapter), eval mode, MAS attention installed.
+        device (torch.device): where the model is.
+        dtype (torch.dtype): its weights' dtype.
+    """
+
+    tokenizer: Any
+    loaded: InferenceModel
+    device: torch.device
+    dtype: torch.dtype
+
+
+def load_for_inference(options: InferenceOptions, *, adapter_checkpoint: Optional[str]) -> InferenceSetup:
+    """Resolve device and dtype, build the tokenizer, load the model and check that they fit.
+
+    The one loading step of ``mas_generate``, ``mas_eval`` and ``mas_serve``.
+
+    Args:
+        options (InferenceOptions): the recipe's typed options.
+        adapter_checkpoint (Optional[str]): the adapter to load (a sweep passes each checkpoint).
+
+    Raises:
+        ConfigError: a missing or mismatched adapter, or a tokenizer larger than the model's vocabulary.
+    """
+    from torchtune import training
+
+    device = resolve_device(options.device)
+    dtype = training.get_dtype(options.dtype, device=device)
+    tokenizer = instantiate(options.tokenizer)
+    loaded = load_inference_model(
+        options.model,
+        options.checkpointer,
+        adapter_checkpoint=adapter_checkpoint,
+        device=device,
+        dtype=dtype,
+        attention_backend=options.attention_backend,
+    )
+    check_vocab(tokenizer, loaded.model)
+    return InferenceSetup(tokenizer, loaded, device, dtype)

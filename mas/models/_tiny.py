@@ -18,7 +18,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
@@ -35,7 +35,9 @@ from mas.models._hf_layout import HF_WEIGHTS_FILE, write_hf_model
 __all__ = [
     "TINY_LLAMA3_2",
     "lora_tiny_llama3_2",
+    "pretrain_causal_lm",
     "pretrain_tiny_model",
+    "seeded_tiny_model",
     "tiny_hf_checkpointer",
     "tiny_llama3_2",
     "tiny_llama3_tokenizer",
@@ -131,16 +133,32 @@ def _pretraining_sequences(tokenizer: Llama3Tokenizer, max_len: int = 256) -> Li
     return sequences
 
 
-def pretrain_tiny_model(model: TransformerDecoder, steps: int, seed: int, batch_size: int = 16) -> List[float]:
-    """Causal-LM pre-training of the tiny model on the bundled prompts (deterministic, 1 thread).
+def pretrain_causal_lm(
+    model: torch.nn.Module,
+    sequences: Sequence[Sequence[int]],
+    *,
+    steps: int,
+    seed: int,
+    pad_id: int,
+    batch_size: int = 16,
+    lr: float = 3e-3,
+) -> List[float]:
+    """Causal-LM pre-training on token sequences (deterministic: seeded picks, one thread).
 
-    The paper adapts *causally pre-trained* models to MAS; a few hundred steps give the tiny model
-    that property. Returns the loss curve.
+    Args:
+        model (nn.Module): a torchtune decoder; ``model(tokens)`` gives ``[b, s, vocab]`` logits.
+        sequences: token ids per example (each starting with BOS).
+        steps (int): optimizer steps.
+        seed (int): the seed of the batch picks.
+        pad_id (int): padding id (never a target).
+        batch_size (int): sequences per step.
+        lr (float): AdamW learning rate.
+
+    Returns:
+        List[float]: the loss of every step.
     """
-    tokenizer = tiny_llama3_tokenizer()
-    sequences = _pretraining_sequences(tokenizer)
     generator = torch.Generator().manual_seed(seed)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # float sums in one fixed order: the same weights on every run
     losses = []
@@ -148,8 +166,8 @@ def pretrain_tiny_model(model: TransformerDecoder, steps: int, seed: int, batch_
         for _ in range(steps):
             picks = torch.randint(len(sequences), (batch_size,), generator=generator).tolist()
             length = max(len(sequences[i]) for i in picks)
-            tokens = torch.full((batch_size, length), tokenizer.pad_id)
-            targets = torch.full((batch_size, length), -100)
+            tokens = torch.full((batch_size, length), pad_id)  # [b, s]
+            targets = torch.full((batch_size, length), -100)  # [b, s]: position i predicts token i + 1
             for row, i in enumerate(picks):
                 seq = torch.tensor(sequences[i])
                 tokens[row, : len(seq)] = seq
@@ -163,6 +181,40 @@ def pretrain_tiny_model(model: TransformerDecoder, steps: int, seed: int, batch_
     finally:
         torch.set_num_threads(threads)
     return losses
+
+
+def pretrain_tiny_model(model: TransformerDecoder, steps: int, seed: int, batch_size: int = 16) -> List[float]:
+    """Causal-LM pre-training of the tiny model on the bundled prompts (deterministic, 1 thread).
+
+    The paper adapts *causally pre-trained* models to MAS; a few hundred steps give the tiny model
+    that property. Returns the loss curve.
+    """
+    tokenizer = tiny_llama3_tokenizer()
+    return pretrain_causal_lm(
+        model, _pretraining_sequences(tokenizer), steps=steps, seed=seed, pad_id=tokenizer.pad_id, batch_size=batch_size
+    )
+
+
+def seeded_tiny_model(
+    seed: int, dims: Mapping[str, int], sequences: Sequence[Sequence[int]], *, steps: int, pad_id: int,
+    batch_size: int = 16, lr: float = 3e-3,
+) -> Tuple[TransformerDecoder, List[float]]:
+    """A tiny Llama 3.2 from a seeded init, pre-trained ``steps`` on ``sequences`` (0: the init).
+
+    The global RNG is left as it was. Returns the model and its loss curve.
+    """
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = tiny_llama3_2(**dims)
+        # Embeddings come out of torchtune's builder as N(0, 1), which saturates a 64-dim model.
+        with torch.no_grad():
+            model.tok_embeddings.weight.mul_(0.02)
+        losses = (
+            pretrain_causal_lm(model, sequences, steps=steps, seed=seed, pad_id=pad_id, batch_size=batch_size, lr=lr)
+            if steps
+            else []
+        )
+    return model, losses
 
 
 def write_tiny_hf_checkpoint(
@@ -186,13 +238,10 @@ def write_tiny_hf_checkpoint(
     dims = {**TINY_LLAMA3_2, **overrides}
     checkpoint_dir = Path(checkpoint_dir)
     checkpoint_dir.parent.mkdir(parents=True, exist_ok=True)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = tiny_llama3_2(**overrides)
-        # Embeddings come out of torchtune's builder as N(0, 1), which saturates a 64-dim model.
-        with torch.no_grad():
-            model.tok_embeddings.weight.mul_(0.02)
-        losses = pretrain_tiny_model(model, pretrain_steps, seed) if pretrain_steps else []
+    tokenizer = tiny_llama3_tokenizer()
+    model, losses = seeded_tiny_model(
+        seed, overrides, _pretraining_sequences(tokenizer), steps=pretrain_steps, pad_id=tokenizer.pad_id
+    )
     staging = Path(tempfile.mkdtemp(prefix=checkpoint_dir.name + ".", dir=checkpoint_dir.parent))
     # The tiny tokenizer's <|begin_of_text|> and <|end_of_text|> follow its 992 BPE tokens.
     write_hf_model(

@@ -27,14 +27,13 @@ import tempfile
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence
 
-import torch
 from torchtune.models.llama3 import Llama3Tokenizer
 
 from mas.data.formats import instruction_messages
 from mas.data.rows import load_rows
 from mas.errors import DataError
 from mas.models._hf_layout import HF_WEIGHTS_FILE, write_hf_model
-from mas.models._tiny import TINY_LLAMA3_2, tiny_llama3_2, tiny_llama3_tokenizer
+from mas.models._tiny import TINY_LLAMA3_2, pretrain_causal_lm, seeded_tiny_model, tiny_llama3_tokenizer
 
 __all__ = ["BASE_RECIPE_FILE", "CHECKPOINTER_OVERRIDES", "pretrain_causal_lm", "row_texts", "write_tiny_base"]
 
@@ -87,56 +86,6 @@ def _row_text(row: Mapping[str, Any], where: str, include_answers: bool) -> str:
     raise DataError(f"{where}: no 'text', 'instruction' or 'messages' field to pre-train on (row has {sorted(row)})")
 
 
-def pretrain_causal_lm(
-    model: torch.nn.Module,
-    sequences: Sequence[Sequence[int]],
-    *,
-    steps: int,
-    seed: int,
-    pad_id: int,
-    batch_size: int = 16,
-    lr: float = 3e-3,
-) -> List[float]:
-    """Causal-LM pre-training on token sequences (deterministic: seeded picks, one thread).
-
-    Args:
-        model (nn.Module): a torchtune decoder; ``model(tokens)`` gives ``[b, s, vocab]`` logits.
-        sequences: token ids per example (each starting with BOS).
-        steps (int): optimizer steps.
-        seed (int): the seed of the batch picks.
-        pad_id (int): padding id (never a target).
-        batch_size (int): sequences per step.
-        lr (float): AdamW learning rate.
-
-    Returns:
-        List[float]: the loss of every step.
-    """
-    generator = torch.Generator().manual_seed(seed)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # float sums in one fixed order: the same weights on every run
-    losses = []
-    try:
-        for _ in range(steps):
-            picks = torch.randint(len(sequences), (batch_size,), generator=generator).tolist()
-            length = max(len(sequences[i]) for i in picks)
-            tokens = torch.full((batch_size, length), pad_id)  # [b, s]
-            targets = torch.full((batch_size, length), -100)  # [b, s]: position i predicts token i + 1
-            for row, i in enumerate(picks):
-                seq = torch.tensor(sequences[i])
-                tokens[row, : len(seq)] = seq
-                targets[row, : len(seq) - 1] = seq[1:]
-            logits = model(tokens)  # [b, s, vocab]
-            loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten())
-            loss.backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            losses.append(loss.item())
-    finally:
-        torch.set_num_threads(threads)
-    return losses
-
-
 def _sequences(texts: Sequence[str], tokenizer: Llama3Tokenizer, max_len: int) -> List[List[int]]:
     return [[tokenizer.bos_id] + tokenizer.encode(t, add_bos=False, add_eos=False)[: max_len - 1] for t in texts]
 
@@ -186,13 +135,9 @@ def write_tiny_base(
     texts = row_texts(source, include_answers)
     sequences = _sequences(texts, tokenizer, max_len)
     full_dims = {**TINY_LLAMA3_2, **dims}
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = tiny_llama3_2(**dims)
-        # Embeddings come out of torchtune's builder as N(0, 1), which saturates a small model.
-        with torch.no_grad():
-            model.tok_embeddings.weight.mul_(0.02)
-        losses = pretrain_causal_lm(model, sequences, steps=steps, seed=seed, pad_id=tokenizer.pad_id, batch_size=batch_size, lr=lr)
+    model, losses = seeded_tiny_model(
+        seed, dims, sequences, steps=steps, pad_id=tokenizer.pad_id, batch_size=batch_size, lr=lr
+    )
     checkpoint_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=checkpoint_dir.name + ".", dir=checkpoint_dir.parent))
     write_hf_model(

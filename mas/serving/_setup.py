@@ -13,21 +13,17 @@ from __future__ import annotations
 import hashlib
 import logging
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 from mas.checkpointing import ADAPTER_WEIGHTS_FILE
-from mas.config import instantiate
-from mas.devices import resolve_device
 from mas.errors import ConfigError
-from mas.generation.loading import InferenceModel, load_inference_model
+from mas.generation.loading import InferenceModel, load_for_inference
 from mas.segments import SegmentBuilder
 from mas.serving._app import ServerState, create_app
 from mas.serving._engine import Engine
 from mas.serving._metrics import ServeMetrics
 from mas.serving._prefix_cache import PrefixCache
 from mas.serving.options import ServeOptions
-from mas.training.model_setup import check_vocab
 
 __all__ = ["PromptSettings", "build_server", "prompt_settings", "run_server"]
 
@@ -104,22 +100,11 @@ def _model_name(loaded: InferenceModel, opts: ServeOptions) -> str:
 def build_server(opts: ServeOptions) -> ServerState:
     """Load the model and tokenizer, and build the engine (started) and the server state."""
     import torch
-    from torchtune import training
 
-    device = resolve_device(opts.device)
     if opts.seed is not None:
         torch.manual_seed(opts.seed)  # requests without a seed of their own draw from this RNG
-    dtype = training.get_dtype(opts.dtype, device=device)
-    tokenizer = instantiate(opts.tokenizer)
-    loaded = load_inference_model(
-        opts.model,
-        opts.checkpointer,
-        adapter_checkpoint=opts.adapter_checkpoint,
-        device=device,
-        dtype=dtype,
-        attention_backend=opts.attention_backend,
-    )
-    check_vocab(tokenizer, loaded.model)
+    setup = load_for_inference(opts, adapter_checkpoint=opts.adapter_checkpoint)
+    tokenizer, loaded, device, dtype = setup.tokenizer, setup.loaded, setup.device, setup.dtype
     settings = prompt_settings((loaded.adapter_config or {}).get("mas"), opts)
     for note in settings.notes:
         log.warning(note)

@@ -24,6 +24,7 @@ from mas.generation.layout import layout_prompts
 from mas.generation.options import GenerateOptions
 from mas.masks import as_causal, dense_mas_mask
 from mas.segments import SegmentBuilder
+from support.models import varied_tiny_model
 from torchtune.modules import MultiHeadAttention
 
 SYSTEM = "Below is an instruction that describes a task."
@@ -37,18 +38,9 @@ PROMPTS = [
 
 @pytest.fixture
 def model():
-    from mas.models import tiny_llama3_2
-
-    torch.manual_seed(0)
-    m = tiny_llama3_2()
-    with torch.no_grad():
-        # Spread the weights so greedy decoding does not collapse onto one token.
-        for p in m.parameters():
-            p.mul_(3.0 if p.dim() > 1 else 1.0)
-        m.tok_embeddings.weight.mul_(0.05)
-    mas.use_mas_attention(m)
+    m = varied_tiny_model()
     assert m.layers[0].attn.num_kv_heads < m.layers[0].attn.num_heads  # grouped queries
-    return m.eval()
+    return m
 
 
 def _sequences(tokenizer, prompts=PROMPTS):

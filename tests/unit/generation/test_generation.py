@@ -15,6 +15,7 @@ from mas.generation.kv_cache import clear_kv_caches, setup_kv_caches
 from mas.generation.layout import layout_prompts
 from mas.segments import IGNORE_INDEX, SegmentBuilder, SegmentedSequence
 from mas.training import prepare_batch
+from support.models import varied_tiny_model
 
 PROMPTS = [
     {"system": "Below is an instruction that describes a task.", "user": "### Instruction:\nIs ice cold?\n\n### Response:\n"},
@@ -26,17 +27,8 @@ PROMPTS = [
 
 @pytest.fixture
 def model():
-    from mas.models import tiny_llama3_2
-
-    torch.manual_seed(0)
-    m = tiny_llama3_2()
-    with torch.no_grad():
-        # Spread the weights so greedy decoding does not collapse onto one token.
-        for p in m.parameters():
-            p.mul_(3.0 if p.dim() > 1 else 1.0)
-        m.tok_embeddings.weight.mul_(0.05)
-    mas.use_mas_attention(m)
-    return m.eval()
+    m = varied_tiny_model()
+    return m
 
 
 def _recompute_greedy(model, seq: SegmentedSequence, steps: int):
