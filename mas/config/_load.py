@@ -23,6 +23,7 @@ import re
 from pathlib import Path
 from typing import Any, Dict, Optional, Sequence, Set, Type, TypeVar
 
+import yaml
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
@@ -67,8 +68,9 @@ _register_resolvers()
 def _load_file(path: Path, seen: Set[Path]) -> DictConfig:
     try:
         cfg = OmegaConf.load(path)
-    except (OSError, OmegaConfBaseException, ValueError) as e:
-        raise ConfigError(f"{path}: cannot read the config ({type(e).__name__}: {e})") from None
+    except (OSError, OmegaConfBaseException, ValueError, yaml.YAMLError) as e:
+        reason = " ".join(str(e).split())  # PyYAML's messages span lines
+        raise ConfigError(f"{path}: not a readable YAML config ({type(e).__name__}: {reason})") from None
     if not isinstance(cfg, DictConfig):
         raise ConfigError(f"{path}: a config must be a mapping of keys to values")
     if _BASE_KEY in cfg:

@@ -10,6 +10,7 @@ from mas.config import component, option
 from mas.generation._decoding import CompileMode
 from mas.masks import AttentionMode
 from mas.segments import PromptFormat
+from mas.training.model_setup import check_lora_values
 
 __all__ = ["GenerateOptions", "InferenceOptions"]
 
@@ -36,6 +37,10 @@ class InferenceOptions:
     compile_mode: CompileMode = option("default", "torch.compile mode of the decode step (reduce-overhead: CUDA graphs on GPU)")
     stop_check_every: int = option(8, "decoded tokens between host checks of 'every row stopped' (1: every token)", min=1)
     max_cache_len: Optional[int] = option(None, "KV cache slots per sequence (null: generate/eval: longest prompt + max_new_tokens rounded up to 256; serve: the model's max_seq_len)", min=1)
+
+    def check(self) -> None:
+        """Rules across keys (subclasses extend them)."""
+        check_lora_values(self.model)
 
 
 @dataclass(kw_only=True)

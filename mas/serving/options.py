@@ -36,5 +36,6 @@ class ServeOptions(InferenceOptions):
 
     def check(self) -> None:
         """Cross-key rules."""
+        super().check()
         if self.compile_decode:
             raise ConfigError("compile_decode=True is not supported by mas_serve (rows decode at different lengths); set it to False")

@@ -14,6 +14,7 @@ from mas.config import ConfigError
 
 __all__ = [
     "LORA_KEYS",
+    "check_lora_values",
     "check_vocab",
     "lora_settings",
     "tokenizer_vocab_size",
@@ -43,6 +44,24 @@ def check_attention_backend(backend: AttentionBackend, device: torch.device) -> 
             "capability >= 7.5 for its backward pass (torch 2.13 has no CPU backward). Use "
             "attention_backend=auto, which falls back to SDPA with the dense MAS mask."
         )
+
+
+def check_lora_values(model_cfg: Any) -> None:
+    """The LoRA numbers of a model node, checked before anything is built (a rank of 0 would
+    divide by zero inside the builder).
+
+    Raises:
+        ConfigError: naming ``model.<key>`` and its allowed range.
+    """
+    rules = (
+        ("lora_rank", lambda v: v >= 1, ">= 1"),
+        ("lora_alpha", lambda v: v > 0, "> 0"),
+        ("lora_dropout", lambda v: 0 <= v < 1, "in [0, 1)"),
+    )
+    for key, ok, allowed in rules:
+        value = model_cfg.get(key) if model_cfg is not None else None
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and not ok(value):
+            raise ConfigError(f"model.{key} must be {allowed}, got {value!r}")
 
 
 def lora_settings(model_cfg: DictConfig) -> Dict[str, Any]:

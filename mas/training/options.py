@@ -12,6 +12,7 @@ from typing import Any, Literal, Optional
 from mas.attention import AttentionBackend
 from mas.config import ConfigError, component, option
 from mas.masks import AttentionMode
+from mas.training.model_setup import check_lora_values
 
 __all__ = ["DistributedFinetuneOptions", "FinetuneOptions"]
 
@@ -64,6 +65,7 @@ class FinetuneOptions:
 
     def check(self) -> None:
         """Rules across keys."""
+        check_lora_values(self.model)
         if self.resume_from_checkpoint and self.overwrite_output_dir:
             raise ConfigError("resume_from_checkpoint=True and overwrite_output_dir=True contradict each other; set one")
         if self.val_dataset is None and self.val_every_n_steps is not None:
