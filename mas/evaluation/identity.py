@@ -28,9 +28,10 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence
+from typing import Any, Dict, Iterable, List, Mapping, Optional
 
 from mas.errors import ConfigError
+from mas.fingerprint import file_sha256, file_stats, weights_identity
 
 __all__ = [
     "ATTENTION_WORDS",
@@ -47,42 +48,11 @@ __all__ = [
 
 #: Words of a run folder's name that say how it was trained, dropped from its experiment name.
 ATTENTION_WORDS = ("mas", "causal")
-_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 _DATA_SUFFIXES = (".json", ".jsonl", ".csv", ".parquet", ".yaml", ".yml")
-_SMALL_FILE = 1 << 20
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def _stat(path: Path) -> List[int]:
-    info = path.stat()
-    return [info.st_size, info.st_mtime_ns]
-
-
-def base_identity(checkpoint_dir: str | os.PathLike, checkpoint_files: Optional[Sequence[str]] = None) -> Dict[str, Any]:
-    """The base weights' fingerprint: folder, hashes of its small JSON files, weight file stats.
-
-    Args:
-        checkpoint_dir: the checkpointer's folder.
-        checkpoint_files: the weight files it loads (None: every weights file in the folder).
-    """
-    folder = Path(checkpoint_dir).expanduser().resolve()
-    names = list(checkpoint_files) if checkpoint_files else sorted(
-        p.name for p in folder.glob("*") if p.suffix in _WEIGHT_SUFFIXES
-    )  # fmt: skip
-    weights = {name: _stat(folder / name) for name in names if (folder / name).is_file()}
-    configs = {
-        p.name: _sha256(p)[:16]
-        for p in sorted(folder.glob("*.json"))
-        if p.is_file() and p.stat().st_size <= _SMALL_FILE
-    }
-    return {"folder": str(folder), "configs": configs, "weights": weights}
+#: A weight folder's fingerprint (one definition: :func:`mas.fingerprint.weights_identity`).
+base_identity = weights_identity
 
 
 def adapter_step(adapter_path: Optional[Path]) -> Optional[int]:
@@ -104,7 +74,7 @@ def adapter_identity(adapter_path: Optional[Path], weights_file: str) -> Optiona
     return {
         "folder": str(folder),
         "step": adapter_step(folder),
-        "weights_sha256": _sha256(weights) if weights.is_file() else None,
+        "weights_sha256": file_sha256(weights) if weights.is_file() else None,
     }
 
 
@@ -118,7 +88,7 @@ def data_identity(source: Optional[str], split: Optional[str], data_config: Opti
         return {"source": source, "split": split, "data_config": data_config}
     path = path.resolve()
     files: Iterable[Path] = [path] if path.is_file() else [*path.glob("*"), *path.glob("*/*")]
-    stats = {str(p.relative_to(path.parent)): _stat(p) for p in sorted(files) if p.is_file() and p.suffix in _DATA_SUFFIXES}
+    stats = {str(p.relative_to(path.parent)): file_stats(p) for p in sorted(files) if p.is_file() and p.suffix in _DATA_SUFFIXES}
     return {"source": str(path), "split": split, "files": stats}
 
 

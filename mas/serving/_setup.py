@@ -10,13 +10,13 @@ gets a warning at start-up (and, for the attention mode, in every response), as
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional
 
 from mas.checkpointing import ADAPTER_WEIGHTS_FILE
 from mas.errors import ConfigError
+from mas.fingerprint import file_sha256
 from mas.generation.loading import InferenceModel, load_for_inference
 from mas.segments import SegmentBuilder
 from mas.serving._app import ServerState, create_app
@@ -82,7 +82,7 @@ def _adapter_identity(loaded: InferenceModel, opts: ServeOptions) -> str:
     parts = [str(getattr(opts.checkpointer, "checkpoint_dir", "")), str(opts.model.get("_component_", ""))]
     if loaded.adapter_path is not None:
 
-        digest = hashlib.sha256((loaded.adapter_path / ADAPTER_WEIGHTS_FILE).read_bytes()).hexdigest()[:16]
+        digest = file_sha256(loaded.adapter_path / ADAPTER_WEIGHTS_FILE)[:16]
         parts.append(f"{loaded.adapter_path}@{digest}")
     return "|".join(parts)
 

@@ -17,7 +17,6 @@ workers) are left out, so a resumed run may change them.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import shutil
 from pathlib import Path
@@ -26,6 +25,7 @@ from typing import Any, Dict, List, Optional
 from omegaconf import DictConfig, OmegaConf
 
 from mas.errors import ConfigError
+from mas.fingerprint import file_stats, weights_identity
 
 __all__ = ["RUN_FILE", "check_fresh_output_dir", "check_resume_matches", "run_fingerprint", "write_run_file"]
 
@@ -69,13 +69,6 @@ def _plain(value: Any) -> Any:
     return value
 
 
-def _file_identity(path: Path) -> Dict[str, Any]:
-    """Name, size and a hash of the first MiB: cheap, and changes when the file is replaced."""
-    with open(path, "rb") as f:
-        head = hashlib.sha256(f.read(1 << 20)).hexdigest()[:16]
-    return {"name": path.name, "bytes": path.stat().st_size, "sha256_first_mib": head}
-
-
 def run_fingerprint(options: Any, *, recipe: str, base_checkpoint_dir: str, world_size: int) -> Dict[str, Any]:
     """The settings of a run that change its result, as plain JSON values.
 
@@ -89,17 +82,13 @@ def run_fingerprint(options: Any, *, recipe: str, base_checkpoint_dir: str, worl
     settings = {
         f.name: _plain(getattr(options, f.name)) for f in dataclasses.fields(options) if f.name not in _NOT_IDENTITY
     }
-    base = Path(base_checkpoint_dir)
-    weights = sorted(p for p in base.glob("*.safetensors")) if base.is_dir() else []
-    data_files = []
     source = settings.get("dataset", {}).get("source") if isinstance(settings.get("dataset"), dict) else None
-    if source and Path(source).is_file():
-        data_files.append(_file_identity(Path(source)))
+    data = {"file": str(Path(source).resolve()), "stats": file_stats(source)} if source and Path(source).is_file() else None
     return {
         "recipe": recipe,
         "world_size": world_size,
-        "base_weights": [_file_identity(p) for p in weights],
-        "data_files": data_files,
+        "base_weights": weights_identity(base_checkpoint_dir),
+        "data_file": data,
         "settings": settings,
     }
 
