@@ -154,14 +154,11 @@ def bench(args: argparse.Namespace) -> str:
             "",
             f"Throughput and latency: {requests} requests of {args.prompt_len}-{args.prompt_len + 24} prompt tokens and {args.new_tokens} "
             f"generated tokens each (stop tokens ignored), clients sending back to back; the engine has one KV-cache row per client. "
-            "Part of the engine's lead at 1 client is its cache: it hands attention only the written slots of each row, while "
-            "torchtune's KV cache under `mas.generate` hands over (and GQA-expands) every slot of the cache at every step.",
+            "`mas.generate` decodes one batch in lock step (one decode step with sampling and stop checks, native GQA, attention "
+            "over the written slots); the engine keeps a position per row so requests can join and leave between steps, which "
+            "costs it some speed at 1 client and pays off as clients are added.",
             "",
             markdown_table(rows),
-            "",
-            "On a loaded CPU, `mas.generate`'s per-token time can exceed the engine's by far more than its cache explains "
-            "(profiles put it inside SDPA and the linear layers); compare the batched rows with the 1-client engine row for "
-            "what batching itself adds.",
             "",
             f"Time to first token with a {args.system_len}-token system prompt and a 32-token user turn, one request at a time, "
             f"median of {n} (warm requests copied {saved} prompt tokens in all instead of prefilling them):",
