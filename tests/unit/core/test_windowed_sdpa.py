@@ -1,0 +1,115 @@
+"""The windowed SDPA (per query tile, only its key window) against one SDPA call over the whole mask.
+
+The slow twin is the obvious computation: ``scaled_dot_product_attention`` over the full dense
+mask, rows with no allowed key zeroed. Masks come from Eq. 14 written independently
+(``support.masks``), on random pipeline-like and arbitrary layouts, packed or not.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from mas.masks import CAUSAL, PAD, dense_mas_mask
+from mas.windowed_sdpa import MAX_WINDOWED_WORK, SdpaMask, key_windows, prepare_sdpa_mask, windowed_sdpa
+from support.masks import eq14_allowed, layouts
+
+
+def whole_mask_sdpa(q, k, v, mask):
+    """One SDPA call over the whole ``[b, q, kv]`` mask; rows with no key give zeros."""
+    row_has_key = mask.any(-1, keepdim=True)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=(mask | ~row_has_key)[:, None], enable_gqa=True)
+    return out * row_has_key[:, None].to(out.dtype)
+
+
+def random_qkv(batch, q_len, kv_len, heads=4, kv_heads=2, head_dim=8, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randn(batch, heads, q_len, head_dim, generator=gen, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(batch, kv_heads, kv_len, head_dim, generator=gen, dtype=torch.float64, requires_grad=True)
+    v = torch.randn(batch, kv_heads, kv_len, head_dim, generator=gen, dtype=torch.float64, requires_grad=True)
+    return q, k, v
+
+
+def outputs_and_grads(fn, q, k, v):
+    out = fn(q, k, v)
+    grad_out = torch.linspace(-1, 1, out.numel(), dtype=out.dtype).view_as(out)
+    grads = torch.autograd.grad(out, (q, k, v), grad_out)
+    return out, grads
+
+
+def assert_windowed_equals_whole(mask, tile):
+    mask = torch.as_tensor(mask)
+    batch, q_len, kv_len = mask.shape
+    q, k, v = random_qkv(batch, q_len, kv_len)
+    row_has_key = mask.any(-1, keepdim=True)
+    windowed = SdpaMask((mask | ~row_has_key)[:, None], row_has_key[:, None], key_windows(mask, tile))
+    want, want_grads = outputs_and_grads(lambda q, k, v: whole_mask_sdpa(q, k, v, mask), q, k, v)
+    got, got_grads = outputs_and_grads(lambda q, k, v: windowed_sdpa(q, k, v, windowed, enable_gqa=True), q, k, v)
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+    for g, w in zip(got_grads, want_grads):
+        torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-10)
+
+
+@settings(max_examples=40, deadline=None)
+@given(layout=layouts(max_len=200, max_batch=3), tile=st.sampled_from([1, 7, 16, 128]))
+def test_windowed_equals_whole_mask_on_pipeline_layouts(layout, tile):
+    """Packed and padded rows, left and right padding, query windows of a KV-cache prefill."""
+    assert_windowed_equals_whole(eq14_allowed(layout), tile)
+
+
+@settings(max_examples=25, deadline=None)
+@given(layout=layouts(max_len=64, max_batch=2, contiguous=False), tile=st.sampled_from([1, 5, 16]))
+def test_windowed_equals_whole_mask_on_arbitrary_ids(layout, tile):
+    """Any ids in any order (masks that are not intervals): the windows still cover every key."""
+    assert_windowed_equals_whole(eq14_allowed(layout), tile)
+
+
+def test_windows_cover_every_allowed_key_and_every_query_once():
+    gen = torch.Generator().manual_seed(3)
+    mask = torch.rand(2, 50, 60, generator=gen) < 0.05
+    mask[:, 10:20] = False  # a tile of queries with no key
+    windows = key_windows(mask, tile=8)
+    covered_queries = [i for q0, q1, _, _ in windows for i in range(q0, q1)]
+    assert covered_queries == list(range(50))
+    for q0, q1, k0, k1 in windows:
+        outside = mask[:, q0:q1].clone()
+        outside[:, :, k0:k1] = False
+        assert not outside.any(), f"tile {q0}:{q1} has an allowed key outside [{k0}, {k1})"
+
+
+def packed_row(lengths, pack_length):
+    """Segment and document ids of one pack: per example a system, a user and an answer part."""
+    segments, documents, next_segment = [], [], 0
+    for document, length in enumerate(lengths):
+        answer = 7
+        system = (length - answer) // 4
+        segments += [next_segment] * system + [next_segment + 1] * (length - answer - system) + [CAUSAL] * answer
+        documents += [document] * length
+        next_segment += 2
+    pad = pack_length - len(segments)
+    return torch.tensor([segments + [PAD] * pad]), torch.tensor([documents + [len(lengths)] * pad])
+
+
+def test_a_pack_of_examples_is_windowed_and_a_padded_batch_is_not():
+    """The plan pays only where it saves work: a 1024-token pack of ~125-token examples uses about
+    a fifth of the score matrix; a batch of rows padded to its length uses one call."""
+    segments, documents = packed_row([125, 118, 131, 122, 127, 120, 133, 119], 1024)
+    packed = prepare_sdpa_mask(dense_mas_mask(segments, documents))
+    assert packed.windows is not None
+    work = sum((q1 - q0) * (k1 - k0) for q0, q1, k0, k1 in packed.windows) / 1024**2
+    assert work < 0.3
+
+    rows = torch.full((4, 256), PAD)
+    for row, length in enumerate([130, 250, 200, 256]):
+        rows[row, :length] = 0
+        rows[row, length - 7 : length] = CAUSAL
+    padded = prepare_sdpa_mask(dense_mas_mask(rows))
+    assert padded.windows is None
+
+
+def test_no_windows_on_a_mask_that_would_not_save_work():
+    mask = torch.ones(1, 512, 512, dtype=torch.bool)
+    assert prepare_sdpa_mask(mask).windows is None
+    assert MAX_WINDOWED_WORK < 1.0
