@@ -39,6 +39,7 @@ from torchtune.modules import MultiHeadAttention
 from mas.block_mask import create_mas_block_mask
 from mas.errors import ConfigError
 from mas.masks import AttentionMode, as_causal, dense_mas_mask, materialize_mask_mod, validate_attention_mode
+from mas.windowed_sdpa import SdpaMask, prepare_sdpa_mask, windowed_sdpa
 
 __all__ = [
     "AttentionBackend",
@@ -82,30 +83,23 @@ def block_mask_to_dense(block_mask: BlockMask) -> Tensor:
     return materialize_mask_mod(block_mask.mask_mod, batch_size, q_len, kv_len, device)
 
 
-def _sdpa_ready(mask: Tensor) -> tuple[Tensor, Tensor]:
-    """(SDPA mask ``[b, 1, q, kv]``, rows with at least one key ``[b, 1, q, 1]``).
+def _sdpa_mask_of(mask: AttentionMask) -> SdpaMask:
+    """The SDPA-ready twin of ``mask`` (with its key windows), cached on the mask.
 
-    Rows that allow no key (left-padding queries) attend everywhere for a finite softmax; their
-    output is zeroed afterwards, which is what FlexAttention returns for them.
+    A batch pays for the dense twin of a BlockMask and for the window plan once, not once per
+    layer. A dense mask changed in place (its version counter moved) is prepared again. Inside
+    ``torch.compile`` nothing is cached and no windows are planned (the plan reads the mask on
+    the host).
     """
-    row_has_key = mask.any(-1, keepdim=True)  # [b, q, 1]
-    return (mask | ~row_has_key)[:, None], row_has_key[:, None]
-
-
-def _sdpa_ready_from_block_mask(block_mask: BlockMask) -> tuple[Tensor, Tensor]:
-    # Cached on the BlockMask: a batch pays for the dense twin once, not once per layer.
-    cached = getattr(block_mask, "_mas_sdpa_mask", None)
-    if cached is None:
-        cached = _sdpa_ready(block_mask_to_dense(block_mask))
-        block_mask._mas_sdpa_mask = cached
-    return cached
-
-
-def _sdpa_with_mask(
-    q: Tensor, k: Tensor, v: Tensor, sdpa_mask: Tensor, row_has_key: Tensor, dropout_p: float, enable_gqa: bool = False
-) -> Tensor:
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=sdpa_mask, dropout_p=dropout_p, enable_gqa=enable_gqa)
-    return out * row_has_key.to(out.dtype)
+    is_block_mask = isinstance(mask, BlockMask)
+    if torch.compiler.is_compiling():
+        return prepare_sdpa_mask(block_mask_to_dense(mask) if is_block_mask else mask, windowed=False)
+    version = None if is_block_mask else mask._version
+    cached = getattr(mask, "_mas_sdpa_mask", None)
+    if cached is None or cached[0] != version:
+        cached = (version, prepare_sdpa_mask(block_mask_to_dense(mask) if is_block_mask else mask))
+        mask._mas_sdpa_mask = cached
+    return cached[1]
 
 
 class MASAttention:
@@ -165,10 +159,7 @@ class MASAttention:
                 if dropout_p > 0.0:
                     raise ValueError("FlexAttention does not support attention dropout; set it to 0")
                 return _flex(q, k, v, mask, enable_gqa)
-            sdpa_mask, row_has_key = _sdpa_ready_from_block_mask(mask)
-        else:
-            sdpa_mask, row_has_key = _sdpa_ready(mask)
-        return _sdpa_with_mask(q, k, v, sdpa_mask, row_has_key, dropout_p, enable_gqa)
+        return windowed_sdpa(q, k, v, _sdpa_mask_of(mask), dropout_p, enable_gqa)
 
 
 def use_mas_attention(model: nn.Module, backend: AttentionBackend = "auto") -> nn.Module:

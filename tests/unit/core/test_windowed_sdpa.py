@@ -113,3 +113,17 @@ def test_no_windows_on_a_mask_that_would_not_save_work():
     mask = torch.ones(1, 512, 512, dtype=torch.bool)
     assert prepare_sdpa_mask(mask).windows is None
     assert MAX_WINDOWED_WORK < 1.0
+
+
+def test_attention_layer_uses_the_windows_and_rereads_a_mask_changed_in_place():
+    """``MASAttention`` caches the prepared mask on the mask; an in-place change invalidates it."""
+    from mas.attention import MASAttention
+
+    segments, documents = packed_row([125, 118, 131, 122, 127, 120, 133, 119], 1024)
+    mask = dense_mas_mask(segments, documents)
+    q, k, v = random_qkv(1, 1024, 1024)
+    attend = MASAttention("sdpa")
+    torch.testing.assert_close(attend(q, k, v, mask, 0.0, False), whole_mask_sdpa(q, k, v, mask))
+    assert mask._mas_sdpa_mask[1].windows is not None
+    mask[:, 500:, :400] = True  # queries of later examples now see the first examples too
+    torch.testing.assert_close(attend(q, k, v, mask, 0.0, False), whole_mask_sdpa(q, k, v, mask))
