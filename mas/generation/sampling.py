@@ -2,12 +2,19 @@
 
 Two ways to draw from the same filtered distribution:
 
-- :func:`sample_next_token` draws with ``torch.multinomial`` and a ``torch.Generator`` (the
-  serving engine, one row at a time);
 - :func:`sample_with_noise` takes the randomness as a tensor of ``Exp(1)`` noise and picks
-  ``argmax(p / noise)``, which is a draw from ``p`` too (the exponential-race form of the
-  Gumbel-max trick). It has no generator argument and no data-dependent shape, so it traces
-  into a compiled decode step and never reads the device from the host.
+  ``argmax(p / noise)``, a draw from ``p`` (the exponential-race form of the Gumbel-max trick).
+  It has no generator argument and no data-dependent shape, so it traces into a compiled decode
+  step and never reads the device from the host. ``mas.generate`` draws every token this way.
+- :func:`sample_with_generator` is one token choice of ``mas.generate``'s decode loop: one
+  :func:`exponential_noise` draw of the logits' shape from a generator, then
+  :func:`sample_with_noise`. The serving engine calls it per sequence with that sequence's own
+  generator, so a seeded request draws exactly the tokens ``mas.generate`` draws for that prompt
+  alone (batch size 1, same seed).
+- :func:`sample_next_token` draws with ``torch.multinomial`` (the per-token reference loop in
+  tests and benchmarks). Torch 2.13 happens to implement a one-sample multinomial as the same
+  exponential race, but nothing here relies on that: generation and serving both draw through
+  :func:`sample_with_noise`.
 
 Greedy decoding (``temperature == 0``) is ``argmax`` on both paths.
 """
@@ -19,7 +26,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-__all__ = ["exponential_noise", "filtered_probs", "sample_next_token", "sample_with_noise"]
+__all__ = ["exponential_noise", "filtered_probs", "sample_next_token", "sample_with_generator", "sample_with_noise"]
 
 
 def filtered_probs(logits: Tensor, *, temperature: float, top_k: Optional[int] = None, top_p: Optional[float] = None) -> Tensor:
@@ -110,3 +117,31 @@ def exponential_noise(shape: torch.Size, device: torch.device, generator: Option
     noise = torch.empty(shape, device=device, dtype=torch.float32).exponential_(generator=generator)
     # A zero would turn a filtered-out token's 0 / 0 into NaN, which argmax could pick.
     return noise.clamp_min_(torch.finfo(torch.float32).tiny)
+
+
+def sample_with_generator(
+    logits: Tensor,
+    *,
+    temperature: float = 0.0,
+    top_k: Optional[int] = None,
+    top_p: Optional[float] = None,
+    generator: Optional[torch.Generator] = None,
+) -> Tensor:
+    """One token choice as ``mas.generate``'s decode loop makes it (no host read).
+
+    When sampling, draws exactly one ``exponential_noise(logits.shape)`` from ``generator`` on
+    the logits' device, as each step of :func:`mas.generation.decode_tokens` does (prefill's
+    first token, then one draw per decode step); greedy draws nothing. So calling it once per
+    token with a generator seeded ``s`` on the model's device gives the tokens of
+    ``mas.generate(..., seed=s, batch_size=1)`` for that prompt.
+
+    Args:
+        logits (Tensor): ``[b, vocab]`` next-token logits (``b == 1`` for one sequence's stream).
+        temperature, top_k, top_p: as in :func:`sample_next_token`.
+        generator (Optional[torch.Generator]): the noise's RNG (None: the device's default RNG).
+
+    Returns:
+        Tensor: ``[b]`` token ids (int64), on the logits' device.
+    """
+    noise = exponential_noise(logits.shape, logits.device, generator) if temperature > 0.0 else None
+    return sample_with_noise(logits, noise, temperature=temperature, top_k=top_k, top_p=top_p)

@@ -15,8 +15,12 @@ touches the model: it submits :class:`SequenceHandle` objects and receives :clas
 through a callback (thread-safe on its side). A sequence that fails inside the model fails
 alone: a failing batched step is retried row by row, and only rows that fail alone are dropped.
 
-Greedy tokens equal ``mas.generate``'s for the same prompt (tests/unit/serving/test_serving_engine.py):
-the same prefill function and mask, positions equal to slots, every unwritten slot masked.
+Tokens equal ``mas.generate``'s for the same prompt alone (tests/unit/serving/test_serving_engine.py):
+the same prefill function and mask, positions equal to slots, every unwritten slot masked, and
+the same token choice (:func:`mas.generation.sampling.sample_with_generator`: one ``Exp(1)``
+noise draw per token from the sequence's own generator, seeded as ``mas.generate`` seeds its
+one). Greedy always; sampled with a ``seed``, token for token equal to
+``mas.generate(..., seed=seed, batch_size=1)``, whatever else shares the batch.
 """
 
 from __future__ import annotations
@@ -33,7 +37,8 @@ import torch
 from torch import Tensor, nn
 
 from mas.attention import AttentionBackend, use_mas_attention
-from mas.generation import forward_one_token, layout_prompts, prefill, sample_next_token
+from mas.generation import forward_one_token, layout_prompts, prefill
+from mas.generation.sampling import sample_with_generator
 from mas.masks import CAUSAL, AttentionMode
 from mas.segments import SegmentedSequence
 from mas.serving._prefix_cache import PrefixCache
@@ -73,7 +78,13 @@ class SamplingParams:
         max_tokens (int): tokens to generate at most (a stop token is not counted).
         temperature (float): 0: greedy.
         top_p (Optional[float]), top_k (Optional[int]): sampling filters.
-        seed (Optional[int]): seeds this sequence's own generator (reproducible sampling).
+        seed (Optional[int]): seeds this sequence's own generator, on the model's device, as
+            ``mas.generate`` seeds its one: the tokens equal ``mas.generate(..., seed=seed,
+            batch_size=1)`` for this prompt alone (same temperature, top_p, top_k), whatever
+            else is decoding. (With ``batch_size > 1``, ``mas.generate`` draws one noise tensor
+            for the whole batch from one generator, so its rows share a stream; batch size 1
+            is the reference.) None: the device's default RNG (seeded by the server's ``seed``
+            key), so the draw depends on the other sequences.
         stop (Sequence[str]): strings that end the text (not included).
         ignore_stop_tokens (bool): generate exactly ``max_tokens`` (benchmarks, tests).
     """
@@ -379,13 +390,21 @@ class Engine:
         self._rows[row_index] = row
         if self.metrics is not None:
             self.metrics.prompt_tokens.inc(len(prompt))
-        self._accept(row_index, self._sample(row, logits))
+        self._accept(row_index, int(self._sample(row, logits)[0]))
 
-    def _sample(self, row: _Row, logits: Tensor) -> int:
-        """``logits``: ``[1, vocab]``."""
+    def _sample(self, row: _Row, logits: Tensor) -> Tensor:
+        """This row's next token, chosen as ``mas.generate`` chooses it, from the row's own
+        generator (so other rows never shift its draws).
+
+        Args:
+            row (_Row): the sequence.
+            logits (Tensor): ``[1, vocab]`` its next-token logits.
+
+        Returns:
+            Tensor: ``[1]`` the token id, on the device (not read yet).
+        """
         p = row.handle.params
-        token = sample_next_token(logits, temperature=p.temperature, top_k=p.top_k, top_p=p.top_p, generator=row.generator)
-        return int(token[0])
+        return sample_with_generator(logits, temperature=p.temperature, top_k=p.top_k, top_p=p.top_p, generator=row.generator)
 
     def _accept(self, row_index: int, token: int) -> None:
         """A sampled token: stop, or hand it out and keep it for the next decode step."""
@@ -469,13 +488,16 @@ class Engine:
                     log.exception("decode failed for sequence %d", self._rows[i].handle.id)
                     self._fail(i, f"the model failed on this request: {type(e).__name__}: {e}")
         self.steps += 1
+        chosen = {}
         for i, logits_i in per_row.items():
             row = self._rows[i]
             row.tokens.append(row.next_token)  # the forward wrote it at slot `length`
             row.segment_ids.append(CAUSAL)
             try:
-                token = self._sample(row, logits_i)
+                chosen[i] = self._sample(row, logits_i)
             except Exception as e:
                 self._fail(i, f"sampling failed: {type(e).__name__}: {e}")
-                continue
-            self._accept(i, token)
+        if chosen:
+            tokens = torch.cat(list(chosen.values())).tolist()  # the step's one host read
+            for i, token in zip(chosen, tokens):
+                self._accept(i, token)

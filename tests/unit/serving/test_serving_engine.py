@@ -229,3 +229,68 @@ def test_stop_cancels_in_flight_sequences(model, tokenizer):
     engine.stop(drain_timeout_s=0.0)
     assert running.wait().error.status == 503 and queued.wait().error.status == 503
     assert not engine.is_alive()
+
+
+def _expected_sampled(model, tokenizer, prompts, max_new_tokens, **sampling) -> List[List[int]]:
+    """Seeded ``mas.generate`` with batch size 1, one prompt at a time (the contract's reference)."""
+    reference = copy.deepcopy(model)
+    return [
+        mas.generate(reference, tokenizer, [p], max_new_tokens=max_new_tokens, batch_size=1, reuse_system_cache=False, **sampling).tokens[0]
+        for p in prompts
+    ]
+
+
+SAMPLINGS = [dict(temperature=1.0), dict(temperature=0.8, top_k=20), dict(temperature=1.3, top_p=0.9)]
+
+
+@pytest.mark.parametrize("sampling", SAMPLINGS, ids=["plain", "top_k", "top_p"])
+def test_seeded_sampling_equals_generate_alone(model, tokenizer, sampling):
+    prompts = [{"system": SYSTEM, "user": USERS[0]}, {"user": USERS[3]}]
+    seeds = [0, 7]
+    engine = _engine(model, tokenizer, "mas", rows=1, stop_tokens=[])
+    try:
+        for seed in seeds:
+            expected = _expected_sampled(model, tokenizer, prompts, 12, seed=seed, stop_tokens=[], **sampling)
+            got = [_submit(engine, tokenizer, _messages(p.get("system"), p["user"]), 12, seed=seed, **sampling).wait().tokens for p in prompts]
+            assert got == expected, seed
+        greedy = _expected(model, tokenizer, prompts[:1], "mas", max_new_tokens=12)[0]
+        # The check can fail: sampling chose other tokens than greedy decoding would.
+        assert expected[0] != greedy
+    finally:
+        engine.stop()
+
+
+def test_seeded_sequence_draws_the_same_alone_and_batched(model, tokenizer):
+    sampling = dict(temperature=1.0, top_p=0.95)
+    target = _messages(SYSTEM, USERS[1])
+    expected = _expected_sampled(model, tokenizer, [{"system": SYSTEM, "user": USERS[1]}], 16, seed=3, stop_tokens=[], **sampling)[0]
+    engine = _engine(model, tokenizer, "mas", rows=4, stop_tokens=[])
+    try:
+        alone = _submit(engine, tokenizer, target, 16, seed=3, **sampling).wait().tokens
+        # Batched: other seeded and unseeded sequences decode around it, one of them already
+        # running when it joins, another admitted after it.
+        first = _submit(engine, tokenizer, _messages(None, USERS[0]), 30, temperature=1.0)
+        while len(first.tokens) < 3 and not first.done.is_set():
+            time.sleep(0.001)
+        second = _submit(engine, tokenizer, _messages(SYSTEM, USERS[2]), 20, seed=3, **sampling)
+        batched = _submit(engine, tokenizer, target, 16, seed=3, **sampling)
+        third = _submit(engine, tokenizer, _messages(None, USERS[3]), 10, temperature=0.7, top_k=5)
+        for c in (first, second, batched, third):
+            c.wait()
+        assert alone == expected
+        assert batched.tokens == expected
+        assert engine.steps > 0 and len(second.tokens) == 20
+    finally:
+        engine.stop()
+
+
+def test_unseeded_sampling_still_generates(model, tokenizer):
+    engine = _engine(model, tokenizer, "mas", rows=2, stop_tokens=[])
+    try:
+        got = [_submit(engine, tokenizer, _messages(None, u), 8, temperature=1.0, top_k=10).wait() for u in USERS[:2]]
+        assert [len(c.tokens) for c in got] == [8, 8]
+        assert all(c.error is None and c.events[-1].finish_reason == "length" for c in got)
+        vocab = model.tok_embeddings.num_embeddings
+        assert all(0 <= t < vocab for c in got for t in c.tokens)
+    finally:
+        engine.stop()
