@@ -1,6 +1,7 @@
 """`tune run mas_serve`: the real server process on 127.0.0.1, called with the official `openai`
 client and `httpx`. Greedy tokens equal `mas.generate` (alone, batched, with a prefix-cache hit,
-turn by turn, MAS and causal adapters); bad requests get OpenAI-style 4xx bodies naming the field;
+turn by turn, MAS and causal adapters), and so do seeded sampled tokens (``mas.generate`` with
+batch size 1, the same seed), alone or batched; bad requests get OpenAI-style 4xx bodies naming the field;
 a disconnecting client frees its slot; a burst completes with nothing lost or leaked; over
 capacity is a 429; SIGTERM finishes or cancels in-flight requests cleanly.
 
@@ -165,12 +166,13 @@ class _Reference:
         self.attention = loaded.trained_attention
         self._memo: Dict[str, List[int]] = {}
 
-    def tokens(self, prompt, max_new_tokens: int = MAX_TOKENS) -> List[int]:
+    def tokens(self, prompt, max_new_tokens: int = MAX_TOKENS, **sampling) -> List[int]:
+        """``mas.generate`` for ``prompt`` alone; ``sampling``: temperature, top_k, top_p, seed."""
         import mas
 
-        key = json.dumps([prompt, max_new_tokens])
+        key = json.dumps([prompt, max_new_tokens, sampling], sort_keys=True)
         if key not in self._memo:
-            out = mas.generate(self.model, self.tokenizer, [prompt], attention=self.attention, max_new_tokens=max_new_tokens, batch_size=1)
+            out = mas.generate(self.model, self.tokenizer, [prompt], attention=self.attention, max_new_tokens=max_new_tokens, batch_size=1, **sampling)
             self._memo[key] = out.tokens[0]
         return self._memo[key]
 
@@ -235,6 +237,31 @@ def test_chat_served_turn_by_turn_equals_the_whole_conversation(server, referenc
     assert turn2["mas"]["token_ids"] == [reference.tokens({"messages": conversation})]
     # Only the new turn was prefilled: the whole first prompt came from the cache.
     assert turn2["usage"]["prompt_tokens_details"]["cached_tokens"] >= turn1["usage"]["prompt_tokens"]
+
+
+def test_seeded_sampling_equals_generate_alone_and_batched(server, reference):
+    """A seeded request with temperature > 0 draws what ``mas.generate(seed=..., batch_size=1)``
+    draws for that prompt, whatever else the server decodes; choice ``j`` of ``n`` uses ``seed + j``."""
+    cases = [
+        (_chat_messages(SYSTEM, USERS[0]), dict(temperature=1.0, seed=11)),
+        (_chat_messages(None, USERS[2]), dict(temperature=0.8, top_k=40, seed=5)),
+        (_chat_messages(SYSTEM, USERS[3]), dict(temperature=1.2, top_p=0.9, seed=0)),
+    ]
+    extra = {"max_tokens": 12, "ignore_eos": True}
+    alone = [_chat(server, m, **extra, **s)["mas"]["token_ids"][0] for m, s in cases]
+    # Concurrent: the seeded requests again, among unseeded ones.
+    noise = [(_chat_messages(None, u), dict(temperature=1.0)) for u in USERS]
+    jobs = cases + noise
+    with concurrent.futures.ThreadPoolExecutor(len(jobs)) as pool:
+        replies = list(pool.map(lambda job: _chat(server, job[0], **extra, **job[1]), jobs))
+    batched = [r["mas"]["token_ids"][0] for r in replies[: len(cases)]]
+    expected = [reference.tokens({"messages": m}, 12, stop_tokens=[], **s) for m, s in cases]
+    assert alone == expected
+    assert batched == expected
+    assert all(len(r["mas"]["token_ids"][0]) == 12 for r in replies[len(cases):])  # unseeded ones ran too
+    messages, sampling = cases[0]
+    two = _chat(server, messages, n=2, **extra, **sampling)["mas"]["token_ids"]
+    assert two == [expected[0], reference.tokens({"messages": messages}, 12, stop_tokens=[], **{**sampling, "seed": 12})]
 
 
 LONG = "word " * 600
