@@ -27,6 +27,7 @@ the unwritten tail beyond the mask is sliced off (it is never attended).
 
 from __future__ import annotations
 
+import functools
 import logging
 from typing import Literal, Optional, Union, get_args
 
@@ -37,6 +38,7 @@ from torch.nn.attention.flex_attention import BlockMask, flex_attention
 from torchtune.modules import MultiHeadAttention
 
 from mas.block_mask import create_mas_block_mask
+from mas.compile_budget import CompiledWithBudget, compile_with_budget
 from mas.errors import ConfigError
 from mas.masks import AttentionMode, as_causal, dense_mas_mask, materialize_mask_mod, validate_attention_mode
 from mas.windowed_sdpa import SdpaMask, prepare_sdpa_mask, windowed_sdpa
@@ -58,21 +60,34 @@ log = logging.getLogger(__name__)
 AttentionBackend = Literal["auto", "flex", "sdpa"]
 AttentionMask = Union[Tensor, BlockMask]
 
-_compiled_flex = None
+#: Compiled FlexAttention signatures per process (dynamo's default limit is 8). Lengths bucketed to
+#: 128-token tiles up to 4,096 tokens are 32 query lengths; a run that trains and evaluates
+#: (grad on and off) at one batch size stays within 64. Past it: one warning, then uncompiled.
+FLEX_SHAPE_BUDGET = 64
+
+
+@functools.lru_cache(maxsize=None)
+def _compiled_flex() -> CompiledWithBudget[Tensor]:
+    # Built on first use, not at import: importing mas changes no compiler state.
+    return compile_with_budget(
+        flex_attention,
+        name="FlexAttention",
+        max_shapes=FLEX_SHAPE_BUDGET,
+        fix="pad batches to a multiple of 128 tokens (pad_to_multiple_of: 128) or pack to one length, and keep drop_last",
+    )
 
 
 def _flex(q: Tensor, k: Tensor, v: Tensor, block_mask: BlockMask, enable_gqa: bool = False) -> Tensor:
-    """``flex_attention``, compiled once per process with static shapes.
+    """``flex_attention``, compiled with static shapes and a budget of :data:`FLEX_SHAPE_BUDGET`.
 
     ``dynamic=False``: a dynamic-shape recompile breaks the CPU kernel in torch 2.13 and costs
-    speed on CUDA. Inside an already compiled model the call is traced as is.
+    speed on CUDA. Each new shape compiles once; past the budget it warns once and runs
+    uncompiled (:mod:`mas.compile_budget`) instead of torch's silent fallback after 8 shapes.
+    Inside an already compiled model the call is traced as is.
     """
-    global _compiled_flex
     if torch.compiler.is_compiling():
         return flex_attention(q, k, v, block_mask=block_mask, enable_gqa=enable_gqa)
-    if _compiled_flex is None:
-        _compiled_flex = torch.compile(flex_attention, dynamic=False)
-    return _compiled_flex(q, k, v, block_mask=block_mask, enable_gqa=enable_gqa)
+    return _compiled_flex()(q, k, v, block_mask=block_mask, enable_gqa=enable_gqa)
 
 
 def block_mask_to_dense(block_mask: BlockMask) -> Tensor:

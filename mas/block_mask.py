@@ -17,13 +17,15 @@ tests check against Eq. 14 and against ``create_block_mask`` itself.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
-from typing import Optional, Tuple
+from typing import Callable, Optional, Tuple
 
 import torch
 from torch import Tensor
 from torch.nn.attention.flex_attention import BlockMask, create_block_mask
 
+from mas.compile_budget import CompiledWithBudget, compile_with_budget
 from mas.masks import PAD, mas_mask_mod
 
 __all__ = ["create_mas_block_mask", "create_mas_block_mask_reference"]
@@ -158,16 +160,24 @@ def _block_tables(segment_ids: Tensor, docs: Tensor, query_start: int, query_len
     )
 
 
-_compiled_block_tables = None
+#: Compiled block-table signatures per process: one per (batch, length, query window) shape.
+#: Training pads to 128-token buckets (32 up to 4,096 tokens); prefill does not compile them.
+BLOCK_TABLES_SHAPE_BUDGET = 64
 
 
-def _block_tables_fn(compile: bool):
-    global _compiled_block_tables
-    if not compile:
-        return _block_tables
-    if _compiled_block_tables is None:
-        _compiled_block_tables = torch.compile(_block_tables, dynamic=False)
-    return _compiled_block_tables
+@functools.lru_cache(maxsize=None)
+def _compiled_block_tables() -> CompiledWithBudget[Tuple[Tensor, ...]]:
+    # Built on first use, not at import: importing mas changes no compiler state.
+    return compile_with_budget(
+        _block_tables,
+        name="BlockMask table builder",
+        max_shapes=BLOCK_TABLES_SHAPE_BUDGET,
+        fix="pad batches to a multiple of 128 tokens (pad_to_multiple_of: 128), or build masks whose shapes vary with compile_block_tables=False",
+    )
+
+
+def _block_tables_fn(compile: bool) -> Callable[..., Tuple[Tensor, ...]]:
+    return _compiled_block_tables() if compile else _block_tables
 
 
 def create_mas_block_mask(
@@ -195,7 +205,8 @@ def create_mas_block_mask(
         validate (bool): check the ids first (a device sync on CUDA); the training loop checks
             its CPU batch instead and passes False.
         compile (bool): build the tables with ``torch.compile`` (one fused graph per shape:
-            fewer kernel launches on CUDA, a compile per new shape).
+            fewer kernel launches on CUDA, a compile per new shape, at most
+            :data:`BLOCK_TABLES_SHAPE_BUDGET` shapes, then a warning and the eager build).
 
     Returns:
         BlockMask: ``seq_lengths == (query_len, s)``, one head (broadcast over heads).
