@@ -53,9 +53,12 @@ sys.path.insert(0, str(REPO / "recipes"))  # the top-level recipe modules (not a
 
 from mas.assets import COMMONSENSE_TRAIN_SAMPLE  # noqa: E402
 from mas.config import load_config  # noqa: E402
+from mas.data import pack_sequences, pad_token_id  # noqa: E402
 from mas.data.formats import PREAMBLE  # noqa: E402
 from mas.masks import PAD, as_causal  # noqa: E402
+from mas.segments import IGNORE_INDEX, SegmentedSequence  # noqa: E402
 from mas.testing.benchlib import BENCHMARKS_FILE, machine_description, markdown_table, update_section  # noqa: E402
+from mas.testing.profiling import ProfileSummary, profile_calls  # noqa: E402
 
 NAME = "bench_training"
 TITLE = "LoRA training step on real rows: the recipe's own step, torchtune's recipe, packing (`tools/bench_training.py`)"
@@ -97,7 +100,36 @@ def useful_flops(model: torch.nn.Module, real_tokens: int, keys_per_token: float
 
 
 def keys_per_real_token(batch: Dict[str, torch.Tensor], attention: str) -> float:
-    """Mean number of keys a real query may attend to under the batch's mask (no [s, s] tensor)."""
+    """Mean number of keys a real query may attend to under the batch's mask (no [s, s] tensor).
+
+    A real query at position ``i`` sees every earlier key of its document (causal part) and, in
+    a prompt segment, the rest of its segment run. Vectorised over ``[b, s]``; the per-token
+    loop :func:`keys_per_real_token_loop` is its slow twin.
+    """
+    segments = batch["segment_ids"]
+    if attention == "causal":
+        segments = as_causal(segments)
+    documents = batch.get("document_ids")
+    if documents is None:
+        documents = torch.zeros_like(segments)
+    b, s = segments.shape
+    positions = torch.arange(s).expand(b, s)  # [b, s]
+    new_document = torch.ones((b, s), dtype=torch.bool)
+    new_document[:, 1:] = documents[:, 1:] != documents[:, :-1]
+    document_start = torch.cummax(torch.where(new_document, positions, 0), dim=1).values  # [b, s]
+    new_run = new_document.clone()
+    new_run[:, 1:] |= segments[:, 1:] != segments[:, :-1]
+    # [b, s]: where the run of equal (segment, document) after position i starts (s: none).
+    run_starts = torch.where(new_run, positions, s)
+    following = torch.cat([run_starts[:, 1:], torch.full((b, 1), s)], dim=1)
+    run_end = torch.flip(torch.cummin(torch.flip(following, [1]), dim=1).values, [1])
+    visible = positions - document_start + 1 + torch.where(segments >= 0, run_end - positions - 1, 0)
+    real = segments != PAD
+    return float(visible[real].sum()) / max(int(real.sum()), 1)
+
+
+def keys_per_real_token_loop(batch: Dict[str, torch.Tensor], attention: str) -> float:
+    """:func:`keys_per_real_token` token by token (the obviously correct twin; O(s * segment))."""
     segments = batch["segment_ids"]
     if attention == "causal":
         segments = as_causal(segments)
@@ -145,17 +177,27 @@ class Variant:
 
 
 class CountingBatches:
-    """Wrap a loader's iterator: count real/padded tokens of each CPU batch before the step."""
+    """Wrap a loader's iterator and keep each CPU batch, to count its tokens after the timing.
+
+    ``next()`` only keeps a reference (the step's time holds the recipe's data loading, not the
+    benchmark's counting); :meth:`counts` reads the ``k``-th batch of the round afterwards.
+    """
 
     def __init__(self, batches: Iterator[Dict[str, torch.Tensor]], attention: str) -> None:
         self.batches, self.attention = batches, attention
-        self.last: List[Dict[str, Any]] = []
+        self.seen: List[Any] = []
 
     def __iter__(self) -> "CountingBatches":
         return self
 
     def __next__(self) -> Dict[str, torch.Tensor]:
         batch = next(self.batches)
+        self.seen.append(batch)
+        return batch
+
+    def counts(self, k: int) -> Dict[str, Any]:
+        """Real and padded tokens, examples and mean visible keys of the ``k``-th batch."""
+        batch = self.seen[k]
         # The recipe's loader yields dicts of collated tensors (or its prepared host batches).
         fields = batch if isinstance(batch, dict) else vars(batch)
         fields = {k: fields.get(k) for k in ("tokens", "segment_ids", "document_ids")}
@@ -164,15 +206,12 @@ class CountingBatches:
         examples = int(real[:, 0].sum()) if documents is None else sum(
             len(set(documents[b][real[b]].tolist())) for b in range(real.shape[0])
         )
-        self.last.append(
-            {
-                "real": int(real.sum()),
-                "padded": fields["tokens"].numel(),
-                "examples": examples,
-                "keys": keys_per_real_token(fields, self.attention),
-            }
-        )
-        return batch
+        return {
+            "real": int(real.sum()),
+            "padded": fields["tokens"].numel(),
+            "examples": examples,
+            "keys": keys_per_real_token(fields, self.attention),
+        }
 
 
 def our_recipe(name: str, attention: str, overrides: List[str], out: Path, args: argparse.Namespace) -> Variant:
@@ -315,10 +354,15 @@ def torchtune_recipe(out: Path, args: argparse.Namespace, steps_per_round: int, 
 
 
 # ----------------------------------------------------------------------------- timing
-def run_rounds(variants: List[Variant], args: argparse.Namespace, device: torch.device) -> None:
+def run_rounds(
+    variants: List[Variant], args: argparse.Namespace, device: torch.device, after_warmup: Optional[Callable[[], None]] = None
+) -> None:
     """``args.rounds`` rounds; in each, every variant runs ``args.steps`` steps from the epoch's
-    start; the first step of a round (iterator start-up) is not timed."""
+    start; the first step of a round (iterator start-up) is not timed. ``after_warmup`` is
+    called once round 0 (warm-up, compiles) is over."""
     for round_index in range(args.rounds + 1):  # round 0 is warm-up
+        if round_index == 1 and after_warmup is not None:
+            after_warmup()
         for v in variants:
             v.start_round()
             if device.type == "cuda":
@@ -348,7 +392,7 @@ def run_rounds(variants: List[Variant], args: argparse.Namespace, device: torch.
                         torch.cuda.synchronize(device)
                     elapsed = time.perf_counter() - begin
                     if k and round_index:
-                        counts = counter.last[k]
+                        counts = counter.counts(k)
                         v.step_times.append(elapsed)
                         v.real_tokens.append(counts["real"])
                         v.padded_tokens.append(counts["padded"])
@@ -430,18 +474,327 @@ def report(variants: List[Variant], args: argparse.Namespace, device: torch.devi
     )
 
 
+# ----------------------------------------------------------------------------- Llama-3.2-1B shape
+#: torchtune's ``llama3_2_1b`` (tied LM head, GQA 32/8 heads of 64 dims, scaled RoPE), built by the
+#: tiny model's builders, which take every dimension (the same torchtune component).
+LLAMA3_2_1B: Dict[str, int] = dict(
+    vocab_size=128_256, num_layers=16, num_heads=32, num_kv_heads=8, embed_dim=2048, intermediate_dim=8192, max_seq_len=131_072
+)
+#: Real tokens/s of the eager step before issue 12 on an H200 (8 x 256 padded, full logits; the
+#: probe of 2026-11-30 in BENCHMARKS.md): the base of the ">= 2x" target.
+EAGER_BEFORE_REAL_TOKENS_S = 14_900.0
+PACKED_MFU_TARGET = 0.40
+
+
+def model_dims(args: argparse.Namespace) -> Dict[str, int]:
+    """Llama-3.2-1B's dimensions, shrunk by ``--layers`` / ``--dim`` / ``--vocab`` (CPU checks)."""
+    dims = dict(LLAMA3_2_1B)
+    if args.layers:
+        dims["num_layers"] = args.layers
+    if args.dim:
+        if args.dim % 256:
+            raise SystemExit(f"--dim {args.dim}: use a multiple of 256 (64-dim heads, 4 query heads per KV head, as in Llama-3.2-1B)")
+        heads = args.dim // 64
+        dims.update(embed_dim=args.dim, num_heads=heads, num_kv_heads=heads // 4, intermediate_dim=4 * args.dim)
+    if args.vocab:
+        dims["vocab_size"] = args.vocab
+    return dims
+
+
+def synthetic_rows(
+    examples: List[Any], count: int, vocab_size: int, *, seed: int = 0, pad_id: int = 0, pack_length: Optional[int] = None
+) -> List[Dict[str, List[int]]]:
+    """Rows shaped like real ones, with random token ids of a larger vocabulary.
+
+    Each row copies the segment layout (system, user and answer lengths; labels on the answer)
+    of a real tokenized example drawn at random, and draws its ids uniformly from
+    ``[0, vocab_size)``: the bundled tokenizer is the tiny one, the model has Llama 3's vocabulary.
+
+    Args:
+        examples (List[SegmentedSequence]): the real tokenized rows (the recipe's dataset).
+        count (int): rows to draw.
+        vocab_size (int): ids are drawn below it.
+        seed (int): generator seed (the same rows for every variant).
+        pad_id (int): padding id of packs.
+        pack_length (Optional[int]): pack the rows (:func:`mas.data.packing.pack_sequences`,
+            as the recipe's ``dataset.packed``) into packs of this many tokens.
+
+    Returns:
+        List[Dict[str, List[int]]]: dataset items (``tokens``, ``labels``, ``segment_ids``; packs
+        also ``document_ids``, ``input_pos``).
+    """
+    generator = torch.Generator().manual_seed(seed)
+    picks = torch.randint(len(examples), (count,), generator=generator).tolist()
+    rows = []
+    for index in picks:
+        example = examples[index]
+        tokens = torch.randint(vocab_size, (len(example),), generator=generator).tolist()
+        labels = [IGNORE_INDEX if label == IGNORE_INDEX else token for token, label in zip(tokens, example.labels)]
+        rows.append(SegmentedSequence(tokens, labels, list(example.segment_ids)))
+    if pack_length:
+        return pack_sequences(rows, pack_length, pad_id=pad_id)
+    return [{"tokens": r.tokens, "labels": r.labels, "segment_ids": r.segment_ids} for r in rows]
+
+
+@dataclass
+class SyntheticSpec:
+    """One variant of the 1B-shape run: attention, compile, and rows or packs per step."""
+
+    name: str
+    attention: str
+    compiled: bool
+    layout: str
+    overrides: List[str]
+    pack_length: Optional[int] = None
+
+
+def synthetic_recipe(spec: SyntheticSpec, out: Path, args: argparse.Namespace, dims: Dict[str, int]) -> Variant:
+    """This project's recipe on the paper config ``llama3_2_1b_<attention>``, set up and ready to
+    step: base weights of the model's shape written with a seeded random init and loaded by the
+    recipe's checkpointer; its loader then replaced by one over :func:`synthetic_rows` (the
+    recipe's own ``_dataloader``: collation, padding, host-side preparation, pinning)."""
+    import mas_lora_finetune
+
+    cuda = args.device == "cuda"
+    run_dir = out / spec.name.replace(" ", "_").replace(",", "")
+    cfg = load_config(
+        f"llama3_2_1b_{spec.attention}",
+        [
+            f"output_dir={run_dir}",
+            "model._component_=mas.models.lora_tiny_llama3_2",
+            *(f"model.{k}={v}" for k, v in dims.items()),
+            "checkpointer._component_=mas.models.tiny_hf_checkpointer",
+            "~checkpointer.checkpoint_files",
+            "~checkpointer.model_type",
+            f"checkpointer.checkpoint_dir={args.base_dir}",
+            "checkpointer.pretrain_steps=0",
+            *(f"checkpointer.{k}={v}" for k, v in dims.items()),
+            "tokenizer._component_=mas.models.tiny_llama3_tokenizer",
+            "~tokenizer.path",
+            f"dataset.source={COMMONSENSE_TRAIN_SAMPLE}",
+            f"dataset.rows='{TRAIN_ROWS}'",
+            "~val_dataset",
+            "~metric_logger",
+            "shuffle=False",
+            "progress_bar=False",
+            f"device={args.device}",
+            f"dtype={'bf16' if cuda else 'fp32'}",
+            f"optimizer.fused={cuda}",
+            f"compile={spec.compiled}",
+            *spec.overrides,
+        ],
+    )
+    recipe = mas_lora_finetune.MASLoRAFinetuneRecipe(cfg)
+    recipe.setup()
+    batch = recipe.opts.batch_size
+    per_pack = (spec.pack_length // 100 + 1) if spec.pack_length else 1  # rows are >= ~100 tokens
+    count = (args.steps + 2) * batch * per_pack
+    rows = synthetic_rows(
+        recipe.dataset.examples, count, dims["vocab_size"], seed=0, pad_id=pad_token_id(recipe.tokenizer), pack_length=spec.pack_length
+    )
+    recipe.loader, recipe.sampler = recipe._dataloader(rows, shuffle=False)
+    state: Dict[str, Any] = {}
+
+    def start_round() -> None:
+        state["batches"] = CountingBatches(recipe._micro_batches(0, 0), spec.attention)
+
+    def step() -> None:
+        recipe._optimizer_step(state["batches"])
+
+    variant = Variant(spec.name, "mas_lora_finetune", spec.attention, spec.layout, recipe.model, start_round, step)
+    variant.counter = state  # type: ignore[attr-defined]
+    variant.examples_source = recipe.dataset.examples  # type: ignore[attr-defined]
+    return variant
+
+
+def synthetic_specs(args: argparse.Namespace) -> List[SyntheticSpec]:
+    """MAS and causal, eager and compiled, at the paper's unpacked setting; MAS compiled packed."""
+    rows = [f"batch_size={args.batch}", "pad_to_multiple_of=128", "tokenizer.max_seq_len=256"]
+    layout = f"{args.batch} rows, cutoff 256, padded to 128"
+    specs = [
+        SyntheticSpec(f"{label}, {'compiled' if compiled else 'eager'}", attention, compiled, layout, rows)
+        for compiled in (False, True)
+        for attention, label in (("mas", "MAS"), ("causal", "causal"))
+    ]
+    for setting in args.packs:
+        length, packs = (int(x) for x in setting.split("x"))
+        overrides = ["dataset.packed=True", f"dataset.pack_length={length}", f"batch_size={packs}", "tokenizer.max_seq_len=256"]
+        layout = f"{packs} pack{'s' if packs > 1 else ''} of {length}"
+        specs.append(SyntheticSpec(f"MAS, compiled, packed {setting}", "mas", True, layout, overrides, pack_length=length))
+    return specs
+
+
+def synthetic_table(variants: List[Variant], device: torch.device) -> tuple[List[Dict[str, str]], Dict[str, float], Dict[str, float]]:
+    """Table rows, real tokens/s and useful FLOP/s of each variant (medians over timed steps)."""
+    rows, rates, flops = [], {}, {}
+    for v in variants:
+        real_rate = statistics.median(r / t for r, t in zip(v.real_tokens, v.step_times))
+        padded_rate = statistics.median(p / t for p, t in zip(v.padded_tokens, v.step_times))
+        flops[v.name] = statistics.median(useful_flops(v.model, r, k) / t for r, k, t in zip(v.real_tokens, v.keys, v.step_times))
+        rates[v.name] = real_rate
+        row = {
+            "variant": v.name,
+            "batch": v.layout,
+            "real tokens/s": f"{real_rate:,.0f}",
+            "padded tokens/s": f"{padded_rate:,.0f}",
+            "real / padded": f"{sum(v.real_tokens) / sum(v.padded_tokens):.0%}",
+            "examples/step": f"{statistics.mean(v.examples):.1f}",
+            "step (ms)": f"{statistics.median(v.step_times) * 1e3:.1f}",
+        }
+        if device.type == "cuda":
+            row["peak mem (GiB)"] = f"{v.peak_gib:.2f}"
+            row["MFU"] = f"{flops[v.name] / (PEAK_BF16_TFLOPS * 1e12):.1%}"
+        else:
+            row["useful GFLOP/s"] = f"{flops[v.name] / 1e9:.2f}"
+        rows.append(row)
+    return rows, rates, flops
+
+
+def synthetic_report(
+    variants: List[Variant], args: argparse.Namespace, device: torch.device, dims: Dict[str, int], compile_stats: Dict[str, Any]
+) -> str:
+    rows, rates, flops = synthetic_table(variants, device)
+    full_shape = dims == LLAMA3_2_1B
+
+    def ratio(a: str, b: str) -> str:
+        return f"{rates[a] / rates[b]:.3f}" if a in rates and b in rates else "n/a"
+
+    notes = [
+        f"- MAS / causal step time on the same batches (causal real tokens/s / MAS): eager {ratio('causal, eager', 'MAS, eager')}, "
+        f"compiled {ratio('causal, compiled', 'MAS, compiled')} (target <= 1.03)",
+        f"- compiled / eager real tokens/s: MAS {ratio('MAS, compiled', 'MAS, eager')}, causal {ratio('causal, compiled', 'causal, eager')}",
+    ]
+    if device.type == "cuda" and full_shape:
+        notes.append(
+            f"- compiled MAS / the eager step before issue 12 ({EAGER_BEFORE_REAL_TOKENS_S:,.0f} real tokens/s, full logits, "
+            f"2026-11-30 probe): {rates['MAS, compiled'] / EAGER_BEFORE_REAL_TOKENS_S:.2f}x (target >= 2x)"
+        )
+    for v in variants:
+        if "packed" in v.name:
+            line = f"- {v.name} / MAS, compiled (rows) real tokens/s: {ratio(v.name, 'MAS, compiled')}"
+            if device.type == "cuda":
+                mfu = flops[v.name] / (PEAK_BF16_TFLOPS * 1e12)
+                line += f"; MFU {mfu:.1%} (target >= {PACKED_MFU_TARGET:.0%}: {'met' if mfu >= PACKED_MFU_TARGET else 'missed'})"
+            notes.append(line)
+    notes.append(
+        f"- dynamo after the warm-up round: {compile_stats['new_graphs']} new graph(s) (recompiles), graph breaks "
+        f"{compile_stats['graph_breaks'] or 'none'}"
+    )
+    examples = variants[0].examples_source  # type: ignore[attr-defined]
+    lengths = [len(e) for e in examples]
+    answers = [sum(1 for label in e.labels if label != IGNORE_INDEX) for e in examples]
+    shape = "Llama-3.2-1B shape" if full_shape else f"Llama-3.2-1B shape SHRUNK for a check ({dims})"
+    argv = f"--device {device.type} --model {args.model} --rounds {args.rounds} --steps {args.steps}"
+    if not full_shape:
+        argv += "".join(f" --{k} {getattr(args, k)}" for k in ("layers", "dim", "vocab") if getattr(args, k))
+    return "\n".join(
+        [
+            f"### {device.type}, {args.model}",
+            "",
+            f"Measured {datetime.date.today().isoformat()} with `python tools/bench_training.py {argv}`.",
+            f"Machine: {machine_description(device)}.",
+            f"Model: {shape} ({dims['num_layers']} layers, {dims['embed_dim']} dims, {dims['num_heads']}/{dims['num_kv_heads']} heads, "
+            f"vocabulary {dims['vocab_size']:,}, tied LM head), random weights (seeded init written as a Hugging Face checkpoint "
+            f"and loaded by the recipe's checkpointer), {'bf16' if device.type == 'cuda' else 'fp32'}; the paper configs "
+            f"`llama3_2_1b_mas` / `llama3_2_1b_causal` (LoRA r=32, alpha=64, dropout 0.05 on q and v; AdamW; "
+            f"`CEWithChunkedOutputLoss` with the LM head on target rows only), `compile` as the table says "
+            f"(per layer + loss; backend {os.environ.get('TORCH_COMPILE_BACKEND', 'inductor')}). "
+            f"Rows: synthetic, each the segment layout of one of the bundled {len(examples)} Commonsense170K rows tokenized "
+            f"by the bundled tokenizer (mean {statistics.mean(lengths):.0f} tokens, answer {statistics.mean(answers):.1f}), "
+            f"drawn at random, with random ids in the model's vocabulary; the same rows for every variant. Unpacked: the "
+            f"paper's setting (batch {args.batch}, cutoff 256, `pad_to_multiple_of: 128`); packed: whole rows in fixed packs "
+            f"with the document mask. Attention: {'FlexAttention with a BlockMask' if device.type == 'cuda' else 'SDPA with the dense mask'}. "
+            f"A step is the recipe's `_optimizer_step` (loader, collation, mask, forward, loss, backward, clip, AdamW); "
+            f"{args.rounds} rounds of {args.steps} steps per variant, interleaved, after one warm-up round (compiles); the "
+            "first step of a round is not timed; medians over the timed steps. MFU: useful FLOPs (frozen 4N + LoRA 6n per real "
+            f"token, the tied LM head counted once, masked attention; padding excluded) / {PEAK_BF16_TFLOPS:.0f} TFLOP/s "
+            "(H100/H200 SXM dense bf16).",
+            "",
+            markdown_table(rows),
+            "",
+            *notes,
+        ]
+    )
+
+
+def profile_variant(v: Variant, device: torch.device, steps: int, trace_path: Optional[Path]) -> ProfileSummary:
+    """Profile ``steps`` steps of ``v`` after one untimed step (iterator start-up)."""
+    v.start_round()
+    v.step()
+    return profile_calls(v.step, steps, device, trace_path=trace_path)
+
+
+def run_synthetic(args: argparse.Namespace, device: torch.device) -> Optional[str]:
+    """The 1B-shape run; returns the report (written unless --no-write or shrunk)."""
+    from torch._dynamo.utils import counters
+
+    dims = model_dims(args)
+    os.environ["TORCH_COMPILE_BACKEND"] = args.compile_backend  # read by torchtune's compile_model / compile_loss
+    profile_dir = Path(args.profile_dir) if args.profile_dir else None
+    key = f"{device.type}-{args.model}"
+    writes = not args.no_write and dims == LLAMA3_2_1B
+    if not args.no_write and not writes:
+        print("a shrunk shape (--layers/--dim/--vocab) is a check, not a benchmark: BENCHMARKS.md is left as it is")
+    with tempfile.TemporaryDirectory(prefix="bench_training_") as tmp:
+        counters.clear()
+        variants = [synthetic_recipe(spec, Path(tmp), args, dims) for spec in synthetic_specs(args)]
+        compile_stats: Dict[str, Any] = {}
+
+        def warmed_up() -> None:
+            compile_stats["graphs_after_warmup"] = counters["stats"]["unique_graphs"]
+
+        run_rounds(variants, args, device, after_warmup=warmed_up)
+        compile_stats["new_graphs"] = counters["stats"]["unique_graphs"] - compile_stats.get("graphs_after_warmup", 0)
+        compile_stats["graph_breaks"] = dict(counters["graph_break"])
+        text = synthetic_report(variants, args, device, dims, compile_stats)
+        print(text, flush=True)
+        if writes:  # the timings are safe before the profiler runs
+            update_section(BENCHMARKS_FILE, NAME, TITLE, key, text)
+        if args.profile_steps:
+            profiles = []
+            by_name = {v.name: v for v in variants}
+            medians = {v.name: statistics.median(v.step_times) * 1e3 for v in variants}
+            targets = [name for name in by_name if "packed" in name][:1] + ["MAS, compiled"]
+            for name in targets:
+                slug = name.replace(", ", "_").replace(" ", "_")
+                trace = profile_dir / f"bench_training_{args.model}_{slug}.trace.json.gz" if profile_dir else None
+                steps = 1 if "packed" in name else args.profile_steps
+                summary = profile_variant(by_name[name], device, steps, trace)
+                profiles.append(summary.markdown(f"the {name} step ({by_name[name].layout})", "step", measured_ms=medians[name]))
+            text = "\n\n".join([text, *profiles])
+            print("\n\n".join(profiles), flush=True)
+            if profile_dir:
+                profile_dir.mkdir(parents=True, exist_ok=True)
+                (profile_dir / f"bench_training_{args.model}_profile.md").write_text("\n\n".join(profiles) + "\n")
+            if writes:
+                update_section(BENCHMARKS_FILE, NAME, TITLE, key, text)
+    return text
+
+
 def main(argv: Optional[List[str]] = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument(
+        "--model", default="tiny", choices=["tiny", "llama3_2_1b"],
+        help="tiny: the embedded model, beside torchtune's recipe; llama3_2_1b: the paper config's step on synthetic rows",
+    )
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--steps", type=int, default=6, help="steps per variant per round (the first is not timed)")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument(
-        "--packs", nargs="+", default=["1024x1", "256x4"],
-        help="packed settings LENGTHxPACKS (the first also runs causal): 1024x1 is the packed overlay, 256x4 tiny_mas_throughput",
+        "--packs", nargs="+", default=None,
+        help="packed settings LENGTHxPACKS. tiny (default 1024x1 256x4; the first also runs causal): 1024x1 is the packed "
+        "overlay, 256x4 tiny_mas_throughput; llama3_2_1b (default 2048x4, llama3_2_1b_mas_throughput): MAS compiled",
     )
-    parser.add_argument("--base-dir", default="/tmp/mas_runs/tiny_llama3_2", help="the tiny base checkpoint (written on first use)")
+    parser.add_argument("--base-dir", default=None, help="the base checkpoint, written on first use (default: per model, under /tmp/mas_runs)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    shape = parser.add_argument_group("llama3_2_1b only")
+    shape.add_argument("--layers", type=int, default=None, help="fewer layers (a CPU check of the code path; never written)")
+    shape.add_argument("--dim", type=int, default=None, help="a smaller model width, a multiple of 256 (CPU check)")
+    shape.add_argument("--vocab", type=int, default=None, help="a smaller vocabulary (CPU check)")
+    shape.add_argument("--compile-backend", default="inductor", help="torch.compile backend of compile=True (eager: a fast CPU check)")
+    shape.add_argument("--profile-steps", type=int, default=2, help="profile the compiled packed step (1) and this many compiled row steps; 0: none")
+    shape.add_argument("--profile-dir", default=None, help="also write the profile summary and Chrome traces here")
     parser.add_argument("--no-write", action="store_true")
     args = parser.parse_args(argv)
     if args.threads:
@@ -450,6 +803,13 @@ def main(argv: Optional[List[str]] = None) -> None:
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     logging.basicConfig(level=logging.WARNING)
     device = torch.device(args.device)
+    if args.model == "llama3_2_1b":
+        args.packs = args.packs or ["2048x4"]
+        args.base_dir = args.base_dir or "/tmp/mas_runs/random_llama3_2_1b"
+        run_synthetic(args, device)
+        return
+    args.packs = args.packs or ["1024x1", "256x4"]
+    args.base_dir = args.base_dir or "/tmp/mas_runs/tiny_llama3_2"
     with tempfile.TemporaryDirectory(prefix="bench_training_") as tmp:
         out = Path(tmp)
         rows16 = [f"batch_size={args.batch}", "pad_to_multiple_of=16"]
