@@ -26,6 +26,7 @@ from typing import Callable, List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor, nn
 
+from mas.compile_budget import compile_with_budget
 from mas.generation.layout import PromptBatch
 from mas.generation.sampling import exponential_noise, sample_with_noise
 from mas.masks import PAD
@@ -113,10 +114,25 @@ def decode_step(
     return next_token, emitted, done, slot + 1, position + 1
 
 
+#: Compiled decode-step signatures per mode and process (dynamo's default limit is 8): at most 13
+#: widths (64 to 131,072 slots) for a full and a last, smaller batch of one cache length is 26.
+DECODE_SHAPE_BUDGET = 64
+
+
 @functools.lru_cache(maxsize=None)
 def compiled_decode_step(mode: str = "default") -> Callable[..., Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]]:
-    """:func:`decode_step` under ``torch.compile`` (static shapes), one wrapper per mode."""
-    return torch.compile(decode_step, dynamic=False, mode=mode)
+    """:func:`decode_step` under ``torch.compile`` (static shapes, one graph), one wrapper per mode.
+
+    Past :data:`DECODE_SHAPE_BUDGET` signatures (widths x batch sizes x cache lengths x sampling
+    settings) it warns once and decodes uncompiled (:mod:`mas.compile_budget`), never silently.
+    """
+    return compile_with_budget(
+        decode_step,
+        name=f"compiled decode step (mode {mode})",
+        max_shapes=DECODE_SHAPE_BUDGET,
+        fix="use one max_cache_len, batch_size and sampling setting for every generate call in a process",
+        mode=mode,
+    )
 
 
 @dataclass
