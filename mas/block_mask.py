@@ -28,7 +28,11 @@ from torch.nn.attention.flex_attention import BlockMask, create_block_mask
 from mas.compile_budget import CompiledWithBudget, compile_with_budget
 from mas.masks import PAD, mas_mask_mod
 
-__all__ = ["create_mas_block_mask", "create_mas_block_mask_reference"]
+__all__ = ["FLEX_TILE", "create_mas_block_mask", "create_mas_block_mask_reference"]
+
+#: FlexAttention's tile (the default ``block_size``). Callers whose lengths vary pad them to a
+#: multiple of it where flex runs, so the compiled kernel sees few shapes.
+FLEX_TILE = 128
 
 # Sentinels for min/max reductions over blocks that hold no token of the kind asked for.
 _BIG = torch.iinfo(torch.int64).max // 4

@@ -13,7 +13,8 @@ from typing import List, Sequence
 import torch
 from torch import nn
 
-from mas.attention import build_attention_mask
+from mas.attention import build_attention_mask, uses_flex
+from mas.block_mask import FLEX_TILE
 from mas.data.collate import collate_segmented
 from mas.segments import SegmentedSequence, counts_as_target
 
@@ -58,7 +59,10 @@ def answer_logprobs(
         for i, seq in enumerate(chunk):
             if not any(counts_as_target(s) for s in seq.segment_ids):
                 raise ValueError(f"sequence {start + i} has no answer tokens to score")
-        batch = collate_segmented([{"tokens": s.tokens, "labels": s.labels, "segment_ids": s.segment_ids} for s in chunk])
+        # Where compiled FlexAttention runs, lengths in tiles: a few compiled shapes, not one per batch.
+        multiple = FLEX_TILE if uses_flex(backend, device) else None  # type: ignore[arg-type]
+        items = [{"tokens": s.tokens, "labels": s.labels, "segment_ids": s.segment_ids} for s in chunk]
+        batch = collate_segmented(items, pad_to_multiple_of=multiple)
         segment_ids = batch["segment_ids"].to(device)
         mask = build_attention_mask(segment_ids, attention=attention, backend=backend)
         tokens = batch["tokens"].to(device)

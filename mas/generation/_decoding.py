@@ -23,8 +23,10 @@ from mas.attention import (
     MASAttention,
     build_attention_mask,
     use_mas_attention,
+    uses_flex,
     validate_attention_backend,
 )
+from mas.block_mask import FLEX_TILE
 from mas.generation.decode_loop import compiled_decode_step, decode_step, decode_tokens, forward_one_token
 from mas.generation.gqa_attention import native_gqa_attention
 from mas.generation.kv_cache import read_prefix, setup_kv_caches, write_prefix
@@ -125,6 +127,23 @@ def default_cache_len(prompt_lengths: Sequence[int], max_new_tokens: int, model_
     """
     needed = max(prompt_lengths, default=0) + max_new_tokens
     return min(-(-needed // CACHE_LEN_MULTIPLE) * CACHE_LEN_MULTIPLE, model_max_seq_len)
+
+
+def prompt_slots(
+    sequences: Sequence[SegmentedSequence], prefix_len: int, *, room: int, flex: bool
+) -> int:
+    """Prompt slots of a batch: the longest prompt, and where FlexAttention runs the prefill's
+    query part rounded up to a multiple of its tile (at most ``room`` slots).
+
+    A compiled flex kernel compiles once per shape (:data:`~mas.attention.FLEX_SHAPE_BUDGET`),
+    so prompts of any length share a few query lengths; the extra slots are left padding,
+    never attended, and change no logit.
+    """
+    longest = max(len(seq) for seq in sequences)
+    if not flex:
+        return longest
+    bucketed = prefix_len + -(-(longest - prefix_len) // FLEX_TILE) * FLEX_TILE
+    return max(longest, min(bucketed, room))
 
 
 def _model_dtype(model: nn.Module) -> torch.dtype:
@@ -344,7 +363,10 @@ def _generate_batch(
         prefixes = [system_prefix(s) for s in sequences]
         if prefixes[0] is not None and all(p is not None and p.tokens == prefixes[0].tokens for p in prefixes):
             prefix = prefixes[0]
-    batch = layout_prompts(sequences, pad_id, prefix_len=len(prefix) if prefix else 0)
+    prefix_len = len(prefix) if prefix else 0
+    flex = uses_flex(settings.attention_backend, device)
+    slots = prompt_slots(sequences, prefix_len, room=cache_len - settings.max_new_tokens, flex=flex)
+    batch = layout_prompts(sequences, pad_id, prefix_len=prefix_len, num_slots=slots)
     needed = batch.num_slots + settings.max_new_tokens
     if needed > cache_len:
         longest = max(range(len(sequences)), key=lambda i: len(sequences[i]))

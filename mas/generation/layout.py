@@ -19,7 +19,7 @@ position for RoPE, so the layout does not change any logit.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import List, Sequence
+from typing import List, Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -62,7 +62,9 @@ class PromptBatch:
         )
 
 
-def layout_prompts(sequences: Sequence[SegmentedSequence], pad_id: int, prefix_len: int = 0) -> PromptBatch:
+def layout_prompts(
+    sequences: Sequence[SegmentedSequence], pad_id: int, prefix_len: int = 0, num_slots: Optional[int] = None
+) -> PromptBatch:
     """Place prompts in slots (see module docstring).
 
     Args:
@@ -70,6 +72,8 @@ def layout_prompts(sequences: Sequence[SegmentedSequence], pad_id: int, prefix_l
             ``prefix_len`` tokens must be identical.
         pad_id (int): token id for padding slots.
         prefix_len (int): length of the shared prefix to keep at slots ``[0, prefix_len)``.
+        num_slots (Optional[int]): slots of the batch, at least the longest prompt (more left
+            padding, so compiled prefill sees few shapes); default the longest prompt.
 
     Returns:
         PromptBatch: the batch on CPU.
@@ -84,6 +88,10 @@ def layout_prompts(sequences: Sequence[SegmentedSequence], pad_id: int, prefix_l
             raise ValueError(f"prompt {i} does not start with the shared prefix")
     tails = [len(seq) - prefix_len for seq in sequences]
     width = prefix_len + max(tails)
+    if num_slots is not None:
+        if num_slots < width:
+            raise ValueError(f"num_slots {num_slots} is shorter than the longest prompt ({width} slots)")
+        width = num_slots
     b = len(sequences)
     tokens = torch.full((b, width), pad_id, dtype=torch.long)
     segment_ids = torch.full((b, width), PAD, dtype=torch.long)

@@ -72,3 +72,83 @@ def test_compiled_flex_on_cpu_equals_dense_twin_and_never_recompiles_a_seen_shap
     finally:
         torch._dynamo.reset()
         attention._compiled_flex.cache_clear()
+
+
+# ---------------------------------------------------------------------------------------------
+# Callers whose lengths vary bucket them to the flex tile, so the budget covers their shapes.
+# ---------------------------------------------------------------------------------------------
+
+
+def test_prefill_slots_are_tiles_of_queries_where_flex_runs():
+    from mas.generation._decoding import prompt_slots
+    from mas.segments import SegmentedSequence
+
+    def prompts(*lengths):
+        return [SegmentedSequence(list(range(n)), [-100] * n, [0] * n) for n in lengths]
+
+    assert prompt_slots(prompts(30, 70), 0, room=1000, flex=False) == 70
+    assert prompt_slots(prompts(30, 70), 0, room=1000, flex=True) == 128
+    assert prompt_slots(prompts(30, 200), 0, room=1000, flex=True) == 256
+    # After a cached 40-token prefix the query part (slots 40..) is what is bucketed.
+    assert prompt_slots(prompts(60, 170), 40, room=1000, flex=True) == 40 + 256
+    # Never past the cache's room for the new tokens, never below the longest prompt.
+    assert prompt_slots(prompts(30, 200), 0, room=220, flex=True) == 220
+    assert prompt_slots(prompts(30, 200), 0, room=150, flex=True) == 200
+
+
+def _flex_query_lengths(monkeypatch):
+    """Record the query length of every call of the compiled flex wrapper."""
+    seen = []
+    real = attention._flex
+
+    def spy(q, k, v, block_mask, enable_gqa=False):
+        seen.append(q.shape[-2])
+        return real(q, k, v, block_mask, enable_gqa)
+
+    monkeypatch.setattr(attention, "_flex", spy)
+    return seen
+
+
+@pytest.mark.slow
+def test_flex_prefill_in_tiles_generates_the_dense_tokens(monkeypatch, llama3_tokenizer):
+    """Prompts of different lengths prefill as one tile-sized query length on the flex path, and
+    the extra left padding changes no token (dense SDPA with the natural width is the twin)."""
+    import mas
+    from mas.segments import SegmentBuilder
+    from support.models import varied_tiny_model
+
+    builder = SegmentBuilder(llama3_tokenizer)
+    prompts = [{"user": "Name a colour."}, {"system": "You are terse.", "user": "Why is the sea salty? Say why, briefly."}]
+    seqs = [builder(mas.generation.prompt_messages(p, i), for_generation=True) for i, p in enumerate(prompts)]
+    model = varied_tiny_model()
+    common = dict(max_new_tokens=6, batch_size=1, stop_tokens=[], max_cache_len=256)
+    dense = mas.generate(model, seqs, attention_backend="sdpa", **common)
+    seen = _flex_query_lengths(monkeypatch)
+    mas.use_mas_attention(model, "flex")  # the kernel choice is the model's; the mask's form follows
+    flex = mas.generate(model, seqs, attention_backend="flex", **common)
+    assert flex.tokens == dense.tokens
+    assert seen and all(n % 128 == 0 for n in seen), seen
+    assert attention._compiled_flex().uncompiled_calls == 0
+
+
+@pytest.mark.slow
+def test_flex_scoring_pads_to_tiles_and_equals_dense_scores(monkeypatch, llama3_tokenizer):
+    import mas
+    from mas.data import instruction_messages
+    from mas.evaluation.loglik import answer_logprobs, drop_final_eos
+    from mas.segments import SegmentBuilder
+    from support.models import varied_tiny_model
+
+    builder = SegmentBuilder(llama3_tokenizer)
+    eos = llama3_tokenizer.eos_id
+    sequences = [
+        drop_final_eos(builder(instruction_messages(question, "", answer)), eos)
+        for question, answer in [("Is ice cold?", "true"), ("Which is heavier, a stone or a feather?", "a stone")]
+    ]
+    model = varied_tiny_model()
+    dense = answer_logprobs(model, sequences, backend="sdpa", batch_size=1)
+    seen = _flex_query_lengths(monkeypatch)
+    mas.use_mas_attention(model, "flex")
+    flex = answer_logprobs(model, sequences, backend="flex", batch_size=1)
+    assert flex == pytest.approx(dense, abs=1e-3)
+    assert seen and set(seen) == {128}, seen  # two batch lengths, one compiled shape
