@@ -14,6 +14,17 @@ Every variant is a real recipe object, set up from a config, timed on its own tr
   ``train()`` loop runs unchanged; a metric logger stamps the time at each step's log call
   (``log_every_n_steps: 1``), so a step is one turn of its loop.
 
+``--model llama3_2_1b`` (for a GPU): the same recipe object on the paper configs
+``llama3_2_1b_mas`` / ``llama3_2_1b_causal`` (bf16, LoRA r=32 alpha=64 on q and v) with a
+Llama-3.2-1B-shape model of random weights (no weights are downloaded: a seeded init is written
+as a Hugging Face checkpoint and loaded by the recipe's checkpointer) and synthetic rows: each
+the segment layout of a bundled row drawn at random (its prompt and answer lengths), with
+random ids in the 128K vocabulary. Variants: MAS and causal, eager and ``compile=True``, at the
+paper's unpacked setting (batch 8, cutoff 256, padded to a multiple of 128), and MAS compiled in
+packs of 2048. It adds MAS/causal and compiled/eager ratios, dynamo's recompile count and a
+``torch.profiler`` summary of one compiled packed step (top kernels, GPU-busy fraction).
+``--layers/--dim/--vocab`` shrink the shape for a CPU check of the whole path (never written).
+
 Data: the bundled Commonsense170K rows (``mas/assets/commonsense/train_sample``, 550 training
 rows, ~100-135 tokens each with a 6-9 token answer), in file order. Variants run in turn, round
 after round, each round the same first steps of the epoch, so the ratios are fair on a shared
@@ -28,6 +39,7 @@ Usage::
 
     python tools/bench_training.py                 # CPU, the embedded tiny model
     python tools/bench_training.py --device cuda   # the same on a GPU (bf16)
+    python tools/bench_training.py --device cuda --model llama3_2_1b --profile-dir gpu_logs
 """
 
 from __future__ import annotations
@@ -85,18 +97,28 @@ def matmul_params(model: torch.nn.Module) -> Dict[str, int]:
             lora += p.numel()
         else:
             frozen += p.numel()
+    head = 0
     if "output.weight" not in names:  # tied: the head is the embedding matrix, used once more
-        frozen += model.tok_embeddings.weight.numel()
-    return {"frozen": frozen, "lora": lora}
+        head = model.tok_embeddings.weight.numel()
+        frozen += head
+    else:
+        head = dict(model.named_parameters())["output.weight"].numel()
+    return {"frozen": frozen, "lora": lora, "head": head}
 
 
-def useful_flops(model: torch.nn.Module, real_tokens: int, keys_per_token: float) -> float:
-    """FLOPs of one step's real tokens (frozen 4N + LoRA 6n + masked attention), per the module doc."""
+def useful_flops(model: torch.nn.Module, real_tokens: int, keys_per_token: float, head_tokens: Optional[int] = None) -> float:
+    """FLOPs of one step's real tokens (frozen 4N + LoRA 6n + masked attention), per the module doc.
+
+    ``head_tokens``: count the LM head at only this many positions (the targets: a position
+    without one needs no logits) instead of at every real token.
+    """
     params = matmul_params(model)
     attn = model.layers[0].attn
     dim = attn.num_heads * attn.head_dim
     per_token = 4 * params["frozen"] + 6 * params["lora"] + 12 * len(model.layers) * keys_per_token * dim
-    return real_tokens * per_token
+    if head_tokens is None:
+        return real_tokens * per_token
+    return real_tokens * (per_token - 4 * params["head"]) + head_tokens * 4 * params["head"]
 
 
 def keys_per_real_token(batch: Dict[str, torch.Tensor], attention: str) -> float:
@@ -173,6 +195,7 @@ class Variant:
     padded_tokens: List[int] = field(default_factory=list)
     examples: List[int] = field(default_factory=list)
     keys: List[float] = field(default_factory=list)
+    targets: List[int] = field(default_factory=list)
     peak_gib: Optional[float] = None
 
 
@@ -211,6 +234,7 @@ class CountingBatches:
             "padded": fields["tokens"].numel(),
             "examples": examples,
             "keys": keys_per_real_token(fields, self.attention),
+            "targets": getattr(batch, "num_targets", None),
         }
 
 
@@ -354,6 +378,17 @@ def torchtune_recipe(out: Path, args: argparse.Namespace, steps_per_round: int, 
 
 
 # ----------------------------------------------------------------------------- timing
+def model_bytes(model: torch.nn.Module) -> int:
+    """Bytes of the model's parameters and buffers (each storage once)."""
+    seen, total = set(), 0
+    for t in [*model.parameters(), *model.buffers()]:
+        key = t.untyped_storage().data_ptr()
+        if key not in seen:
+            seen.add(key)
+            total += t.untyped_storage().nbytes()
+    return total
+
+
 def run_rounds(
     variants: List[Variant], args: argparse.Namespace, device: torch.device, after_warmup: Optional[Callable[[], None]] = None
 ) -> None:
@@ -368,6 +403,7 @@ def run_rounds(
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
                 torch.cuda.reset_peak_memory_stats(device)
+                resident = torch.cuda.memory_allocated(device)
             if hasattr(v, "torchtune"):
                 stamps, dataset, pad_id = v.torchtune  # type: ignore[attr-defined]
                 v.step()  # its whole loop: args.steps steps, stamped by the logger
@@ -398,8 +434,11 @@ def run_rounds(
                         v.padded_tokens.append(counts["padded"])
                         v.examples.append(counts["examples"])
                         v.keys.append(counts["keys"])
+                        v.targets.append(counts["targets"])
             if device.type == "cuda":
-                peak = torch.cuda.max_memory_allocated(device) / 2**30
+                # Every variant's model stays resident: count this one's weights, plus what its
+                # steps allocated above the memory held at the start of its turn.
+                peak = (torch.cuda.max_memory_allocated(device) - resident + model_bytes(v.model)) / 2**30
                 v.peak_gib = max(v.peak_gib or 0.0, peak)
 
 
@@ -676,9 +715,17 @@ def synthetic_report(
                 mfu = flops[v.name] / (PEAK_BF16_TFLOPS * 1e12)
                 line += f"; MFU {mfu:.1%} (target >= {PACKED_MFU_TARGET:.0%}: {'met' if mfu >= PACKED_MFU_TARGET else 'missed'})"
             notes.append(line)
+            if device.type == "cuda":
+                strict = statistics.median(
+                    useful_flops(v.model, r, k, head_tokens=n) / t for r, k, n, t in zip(v.real_tokens, v.keys, v.targets, v.step_times)
+                )
+                notes.append(
+                    f"  - counting the LM head only at the {statistics.mean(v.targets):.0f} target positions per step (the only "
+                    f"logits the recipe computes; `lm_head_on_targets_only`), MFU is {strict / (PEAK_BF16_TFLOPS * 1e12):.1%}"
+                )
     notes.append(
-        f"- dynamo after the warm-up round: {compile_stats['new_graphs']} new graph(s) (recompiles), graph breaks "
-        f"{compile_stats['graph_breaks'] or 'none'}"
+        f"- dynamo: {compile_stats['graphs']} graph(s) compiled in all, {compile_stats['new_graphs']} of them after the warm-up "
+        f"round (recompiles; target 0), graph breaks {compile_stats['graph_breaks'] or 'none'}"
     )
     examples = variants[0].examples_source  # type: ignore[attr-defined]
     lengths = [len(e) for e in examples]
@@ -706,7 +753,9 @@ def synthetic_report(
             f"with the document mask. Attention: {'FlexAttention with a BlockMask' if device.type == 'cuda' else 'SDPA with the dense mask'}. "
             f"A step is the recipe's `_optimizer_step` (loader, collation, mask, forward, loss, backward, clip, AdamW); "
             f"{args.rounds} rounds of {args.steps} steps per variant, interleaved, after one warm-up round (compiles); the "
-            "first step of a round is not timed; medians over the timed steps. MFU: useful FLOPs (frozen 4N + LoRA 6n per real "
+            "first step of a round is not timed; medians over the timed steps. Peak memory: the variant's weights and "
+            "buffers plus the most its steps allocated above what was resident at the start of its turn (all variants' "
+            "models stay resident). MFU: useful FLOPs (frozen 4N + LoRA 6n per real "
             f"token, the tied LM head counted once, masked attention; padding excluded) / {PEAK_BF16_TFLOPS:.0f} TFLOP/s "
             "(H100/H200 SXM dense bf16).",
             "",
@@ -744,7 +793,8 @@ def run_synthetic(args: argparse.Namespace, device: torch.device) -> Optional[st
             compile_stats["graphs_after_warmup"] = counters["stats"]["unique_graphs"]
 
         run_rounds(variants, args, device, after_warmup=warmed_up)
-        compile_stats["new_graphs"] = counters["stats"]["unique_graphs"] - compile_stats.get("graphs_after_warmup", 0)
+        compile_stats["graphs"] = counters["stats"]["unique_graphs"]
+        compile_stats["new_graphs"] = compile_stats["graphs"] - compile_stats.get("graphs_after_warmup", 0)
         compile_stats["graph_breaks"] = dict(counters["graph_break"])
         text = synthetic_report(variants, args, device, dims, compile_stats)
         print(text, flush=True)

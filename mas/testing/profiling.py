@@ -1,7 +1,7 @@
 """What limits a benchmarked step: a ``torch.profiler`` summary the benchmark scripts print.
 
-:func:`profile_calls` runs a function a few times under the profiler and returns a
-:class:`ProfileSummary`: on CUDA the top device kernels by total time, how many kernels one call
+:func:`profile_calls` runs a function a few times under the profiler (:class:`ProfilerWindow`
+profiles a window that a loop opens and closes) and returns a :class:`ProfileSummary`: on CUDA the top device kernels by total time, how many kernels one call
 launches, and the fraction of the calls' wall time the GPU was busy (the union of kernel and
 copy intervals, so overlapping streams are not counted twice). A low busy fraction means the
 step is launch- or host-bound; a high one with a GEMM on top means it is compute-bound. On a CPU
@@ -27,7 +27,7 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
 
 import torch
 
-__all__ = ["DEVICE_CATEGORIES", "ProfileSummary", "busy_microseconds", "device_activity", "profile_calls"]
+__all__ = ["DEVICE_CATEGORIES", "ProfileSummary", "ProfilerWindow", "busy_microseconds", "device_activity", "profile_calls"]
 
 #: Chrome-trace categories of work on the device: kernels, copies and fills.
 DEVICE_CATEGORIES = ("kernel", "gpu_memcpy", "gpu_memset")
@@ -140,6 +140,62 @@ def _cpu_top(profiler: torch.profiler.profile, top: int) -> List[Tuple[str, floa
     return [(a.key, a.self_cpu_time_total / 1e3, a.count) for a in averages]
 
 
+class ProfilerWindow:
+    """``torch.profiler`` over a window that a loop opens and closes itself (e.g. a few decode
+    steps in the middle of a generation): :meth:`start`, the calls, then :meth:`stop`.
+
+    Args:
+        device (torch.device): CUDA adds device activity and synchronises at both ends.
+        top (int): entries of the top list.
+        trace_path (Optional[os.PathLike]): also keep the Chrome trace there (gzip-compressed
+            when the name ends in ``.gz``); open it in https://ui.perfetto.dev.
+    """
+
+    def __init__(self, device: torch.device, *, top: int = 10, trace_path: Optional[os.PathLike] = None) -> None:
+        self.device, self.top, self.trace_path = device, top, trace_path
+        self.on_cuda = device.type == "cuda"
+        self._profiler: Optional[torch.profiler.profile] = None
+        self._begin = 0.0
+
+    def start(self) -> None:
+        activities = [torch.profiler.ProfilerActivity.CPU]
+        if self.on_cuda:
+            activities.append(torch.profiler.ProfilerActivity.CUDA)
+            torch.cuda.synchronize(self.device)
+        self._profiler = torch.profiler.profile(activities=activities)
+        self._profiler.start()
+        self._begin = time.perf_counter()
+
+    def stop(self, calls: int) -> ProfileSummary:
+        """End the window of ``calls`` calls and summarise it."""
+        if self._profiler is None:
+            raise RuntimeError("ProfilerWindow.stop() before start()")
+        if self.on_cuda:
+            torch.cuda.synchronize(self.device)
+        wall_ms = (time.perf_counter() - self._begin) * 1e3
+        profiler, self._profiler = self._profiler, None
+        profiler.stop()
+        with tempfile.TemporaryDirectory(prefix="mas_profile_") as tmp:
+            raw = Path(tmp) / "trace.json"
+            profiler.export_chrome_trace(str(raw))
+            events = json.loads(raw.read_text()).get("traceEvents", [])
+            if self.trace_path is not None:
+                _keep_trace(raw, Path(self.trace_path))
+        kernels, count, busy_us = device_activity(events, self.top)
+        if count:
+            return ProfileSummary(calls, wall_ms, "CUDA kernels", kernels, count, busy_us / 1e3)
+        return ProfileSummary(calls, wall_ms, "CPU ops (self time)", _cpu_top(profiler, self.top))
+
+
+def _keep_trace(raw: Path, target: Path) -> None:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    if target.name.endswith(".gz"):
+        with raw.open("rb") as source, gzip.open(target, "wb") as sink:
+            shutil.copyfileobj(source, sink)
+    else:
+        shutil.copyfile(raw, target)
+
+
 def profile_calls(
     fn: Callable[[], object],
     calls: int,
@@ -155,37 +211,14 @@ def profile_calls(
         calls (int): calls to profile.
         device (torch.device): CUDA adds device activity and synchronises around the calls.
         top (int): entries of the top list.
-        trace_path (Optional[os.PathLike]): also keep the Chrome trace there (gzip-compressed
-            when the name ends in ``.gz``); open it in https://ui.perfetto.dev.
+        trace_path (Optional[os.PathLike]): also keep the Chrome trace there (see
+            :class:`ProfilerWindow`).
 
     Returns:
         ProfileSummary: the summary.
     """
-    activities = [torch.profiler.ProfilerActivity.CPU]
-    on_cuda = device.type == "cuda"
-    if on_cuda:
-        activities.append(torch.profiler.ProfilerActivity.CUDA)
-        torch.cuda.synchronize(device)
-    with torch.profiler.profile(activities=activities) as profiler:
-        begin = time.perf_counter()
-        for _ in range(calls):
-            fn()
-        if on_cuda:
-            torch.cuda.synchronize(device)
-        wall_ms = (time.perf_counter() - begin) * 1e3
-    with tempfile.TemporaryDirectory(prefix="mas_profile_") as tmp:
-        raw = Path(tmp) / "trace.json"
-        profiler.export_chrome_trace(str(raw))
-        events = json.loads(raw.read_text()).get("traceEvents", [])
-        if trace_path is not None:
-            target = Path(trace_path)
-            target.parent.mkdir(parents=True, exist_ok=True)
-            if target.name.endswith(".gz"):
-                with raw.open("rb") as source, gzip.open(target, "wb") as sink:
-                    shutil.copyfileobj(source, sink)
-            else:
-                shutil.copyfile(raw, target)
-    kernels, count, busy_us = device_activity(events, top)
-    if count:
-        return ProfileSummary(calls, wall_ms, "CUDA kernels", kernels, count, busy_us / 1e3)
-    return ProfileSummary(calls, wall_ms, "CPU ops (self time)", _cpu_top(profiler, top))
+    window = ProfilerWindow(device, top=top, trace_path=trace_path)
+    window.start()
+    for _ in range(calls):
+        fn()
+    return window.stop(calls)

@@ -1,0 +1,195 @@
+"""The benchmark scripts' own logic, and their GPU code paths exercised on a CPU.
+
+The scripts (``tools/bench_training.py``, ``tools/bench_generation.py``) are what a lent GPU runs
+in its few minutes (``tools/run_gpu_checks.sh``), so every path they take there runs here first
+at a shrunk size, with ``--no-write``: BENCHMARKS.md is never touched (``update_section`` is
+patched to fail). No assertion is on a timing; they check counts, shapes and what is reported.
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+
+import bench_generation
+import bench_training
+from mas.masks import CAUSAL, PAD
+from mas.segments import IGNORE_INDEX, SegmentedSequence
+from mas.testing import segment_row
+from mas.testing.profiling import ProfileSummary, busy_microseconds, device_activity, profile_calls
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _examples(n: int = 12) -> list:
+    """Hand-made rows of varied layouts: system, user, answer (labels on the answer)."""
+    rows = []
+    for i in range(n):
+        layout = segment_row(3 + i % 4, 5 + 2 * i, 2 + i % 3)
+        tokens = list(range(100, 100 + len(layout)))
+        labels = [t if s == CAUSAL else IGNORE_INDEX for t, s in zip(tokens, layout)]
+        rows.append(SegmentedSequence(tokens, labels, layout))
+    return rows
+
+
+def _no_write(monkeypatch, module) -> None:
+    def refuse(*args, **kwargs):
+        raise AssertionError("a --no-write run tried to write BENCHMARKS.md")
+
+    monkeypatch.setattr(module, "update_section", refuse)
+
+
+# ----------------------------------------------------------------------------- bench_training
+@pytest.mark.parametrize("attention", ["mas", "causal"])
+def test_keys_per_real_token_equals_its_loop_twin(attention):
+    """The vectorised count of visible keys equals the per-token loop: padded rows and packs."""
+    rows = bench_training.synthetic_rows(_examples(), 6, vocab_size=500, seed=1)
+    longest = max(len(r["tokens"]) for r in rows)
+    segments = torch.full((len(rows), longest + 5), PAD)
+    for b, r in enumerate(rows):
+        segments[b, : len(r["segment_ids"])] = torch.tensor(r["segment_ids"])
+    padded = {"segment_ids": segments}
+    packs = bench_training.synthetic_rows(_examples(), 20, vocab_size=500, seed=2, pack_length=96)
+    packed = {k: torch.tensor([p[k] for p in packs]) for k in ("segment_ids", "document_ids")}
+    for batch in (padded, packed):
+        fast = bench_training.keys_per_real_token(batch, attention)
+        slow = bench_training.keys_per_real_token_loop(batch, attention)
+        assert fast == pytest.approx(slow, rel=1e-12)
+    # MAS sees more keys than causal on the same layout (the prompt segments are bidirectional).
+    if attention == "mas":
+        assert bench_training.keys_per_real_token(padded, "mas") > bench_training.keys_per_real_token(padded, "causal")
+
+
+def test_synthetic_rows_copy_real_layouts_with_random_ids():
+    examples = _examples()
+    rows = bench_training.synthetic_rows(examples, 30, vocab_size=50_000, seed=0)
+    layouts = {tuple(e.segment_ids) for e in examples}
+    assert len(rows) == 30
+    assert all(tuple(r["segment_ids"]) in layouts for r in rows)
+    for r in rows:
+        assert max(r["tokens"]) < 50_000
+        assert [label != IGNORE_INDEX for label in r["labels"]] == [s == CAUSAL for s in r["segment_ids"]]
+        assert all(label in (IGNORE_INDEX, token) for label, token in zip(r["labels"], r["tokens"]))
+    assert any(max(r["tokens"]) >= 1024 for r in rows)  # ids beyond the tiny tokenizer's
+    again = bench_training.synthetic_rows(examples, 30, vocab_size=50_000, seed=0)
+    assert again == rows  # the same rows for every variant
+
+
+def test_useful_flops_counts_the_tied_head_once_and_optionally_at_targets_only():
+    from mas.models import lora_tiny_llama3_2
+
+    model = lora_tiny_llama3_2(["q_proj", "v_proj"], lora_rank=4, lora_alpha=8)
+    params = bench_training.matmul_params(model)
+    assert params["head"] == model.tok_embeddings.weight.numel()
+    everywhere = bench_training.useful_flops(model, 100, 10.0)
+    targets_only = bench_training.useful_flops(model, 100, 10.0, head_tokens=7)
+    assert everywhere - targets_only == pytest.approx(4 * params["head"] * (100 - 7))
+
+
+@pytest.mark.slow
+def test_1b_shape_training_benchmark_runs_shrunk_on_cpu(tmp_path, monkeypatch, capsys):
+    """The whole --model llama3_2_1b path (recipe set-up from the paper configs, synthetic rows,
+    eager and compiled variants, packing, report, profiler) at 2 layers of 256 dims."""
+    _no_write(monkeypatch, bench_training)
+    bench_training.main(
+        [
+            "--model", "llama3_2_1b", "--layers", "2", "--dim", "256", "--vocab", "4096",
+            "--rounds", "1", "--steps", "2", "--packs", "512x1", "--compile-backend", "eager",
+            "--base-dir", str(tmp_path / "base"), "--profile-dir", str(tmp_path / "profiles"),
+            "--profile-steps", "1", "--no-write",
+        ]
+    )
+    out = capsys.readouterr().out
+    table = {m.group(1): m.group(0) for m in re.finditer(r"^\| ((?:MAS|causal), [^|]+?) \|.*$", out, re.M)}
+    assert set(table) == {"MAS, eager", "causal, eager", "MAS, compiled", "causal, compiled", "MAS, compiled, packed 512x1"}
+
+    def real_share(name: str) -> int:
+        return int(re.search(r"\| (\d+)% \|", table[name]).group(1))
+
+    # Packing removes most of the padding of rows padded to a multiple of 128.
+    assert real_share("MAS, compiled, packed 512x1") > real_share("MAS, compiled") + 15
+    assert "MAS / causal step time" in out and "compiled / eager real tokens/s" in out and "dynamo:" in out
+    profile = (tmp_path / "profiles" / "bench_training_llama3_2_1b_profile.md").read_text()
+    assert "top CPU ops" in profile and "aten::mm" in profile
+    assert (tmp_path / "profiles" / "bench_training_llama3_2_1b_MAS_compiled_packed_512x1.trace.json.gz").stat().st_size > 0
+
+
+# ----------------------------------------------------------------------------- bench_generation
+@pytest.mark.slow
+def test_generation_benchmark_profiles_compiled_decode_on_cpu(tmp_path, monkeypatch, capsys):
+    _no_write(monkeypatch, bench_generation)
+    bench_generation.main(
+        [
+            "--prompt-lens", "48", "--batch-sizes", "1", "--new-tokens", "16", "--rounds", "1",
+            "--profile-steps", "6", "--profile-dir", str(tmp_path), "--no-write",
+        ]
+    )
+    out = capsys.readouterr().out
+    assert "| MAS compiled (default) |" in out
+    assert "reduce-overhead" not in out.split("**Decode throughput**")[1]  # CUDA graphs need CUDA
+    assert "Profile of batch-1 decode steps compiled with mode default" in out
+    assert "(6 tokens, `torch.profiler`)" in out
+    assert (tmp_path / "bench_generation_decode_profile.md").exists()
+
+
+def test_profile_decode_steps_needs_enough_tokens():
+    from mas.generation import GenerationSettings
+
+    settings = GenerationSettings(attention="mas", max_new_tokens=8, max_cache_len=64, stop_tokens=[], compile_decode=True)
+    with pytest.raises(ValueError, match="--new-tokens"):
+        bench_generation.profile_decode_steps(torch.nn.Linear(1, 1), None, settings, steps=6)
+
+
+# ----------------------------------------------------------------------------- profiling
+def test_device_activity_counts_overlaps_once_and_ranks_by_total():
+    events = [
+        {"ph": "X", "cat": "kernel", "name": "gemm", "ts": 0.0, "dur": 10.0},
+        {"ph": "X", "cat": "kernel", "name": "softmax", "ts": 5.0, "dur": 10.0},  # overlaps gemm (two streams)
+        {"ph": "X", "cat": "gpu_memcpy", "name": "Memcpy HtoD", "ts": 30.0, "dur": 2.0},
+        {"ph": "X", "cat": "kernel", "name": "gemm", "ts": 40.0, "dur": 20.0},
+        {"ph": "X", "cat": "cpu_op", "name": "aten::mm", "ts": 0.0, "dur": 100.0},  # host work: not device time
+        {"ph": "i", "cat": "kernel", "name": "marker", "ts": 1.0},
+    ]
+    top, count, busy_us = device_activity(events, top=2)
+    assert top == [("gemm", 0.03, 2), ("softmax", 0.01, 1)]
+    assert count == 4
+    assert busy_us == 15.0 + 2.0 + 20.0
+    assert busy_microseconds([(0, 1), (1, 2), (5, 6)]) == 3
+
+
+def test_profile_summary_reports_busy_fraction_and_kernels_per_call():
+    summary = ProfileSummary(calls=4, wall_ms=10.0, kind="CUDA kernels", top=[("gemm|x", 3.0, 8)], device_events=40, busy_ms=6.0)
+    text = summary.markdown("a decode", per="token", measured_ms=2.0)
+    assert summary.busy_fraction == pytest.approx(0.6)
+    assert "GPU busy 6.0 ms of 10.0 ms profiled wall time (60%)" in text
+    assert "1.500 ms of kernels per token = 75% of the 2.000 ms measured" in text
+    assert "10.0 device kernels and copies per token" in text
+    assert "`gemm\\|x`" in text  # a pipe in a kernel name does not break the table
+
+
+def test_profile_calls_on_cpu_lists_operators(tmp_path):
+    x = torch.randn(128, 128)
+    summary = profile_calls(lambda: x @ x, 3, torch.device("cpu"), top=3, trace_path=tmp_path / "t.json.gz")
+    assert summary.kind == "CPU ops (self time)" and summary.busy_ms is None
+    assert summary.top[0][0] == "aten::mm" and summary.top[0][2] == 3
+    assert (tmp_path / "t.json.gz").stat().st_size > 0
+
+
+# ----------------------------------------------------------------------------- run_gpu_checks.sh
+def test_gpu_check_script_parses_and_fits_its_slot():
+    script = REPO / "tools" / "run_gpu_checks.sh"
+    subprocess.run(["bash", "-n", str(script)], check=True)
+    dry = subprocess.run(
+        ["bash", str(script), "/tmp/mas_gpu_checks_dry_run"], env={"GPU_CHECKS_DRY_RUN": "1", "PATH": "/usr/bin:/bin"},
+        capture_output=True, text=True, check=True,
+    )
+    steps = re.findall(r"^=== (\w+) \(limit (\d+) s\)", dry.stdout, re.M)
+    assert [name for name, _ in steps] == [
+        "gpu_tests", "bench_training_tiny", "bench_training_1b", "bench_generation", "bench_masks", "bench_distributed",
+    ]
+    assert sum(int(s) for _, s in steps) <= 9.5 * 60
+    assert "--model llama3_2_1b" in dry.stdout and "--profile-dir" in dry.stdout
