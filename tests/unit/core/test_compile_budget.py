@@ -135,3 +135,26 @@ def test_bad_budget_and_policy_are_refused():
         compile_with_budget(_scaled_sine, name="x", max_shapes=0, fix="")
     with pytest.raises(ValueError, match="on_exceed must be"):
         compile_with_budget(_scaled_sine, name="x", max_shapes=1, fix="", on_exceed="ignore")
+
+
+
+def test_training_layer_compile_goes_dynamic_instead_of_spending_the_limit(monkeypatch):
+    """The training recipe compiles layers with torchtune's ``compile_model`` (``dynamic=None``):
+    the second length recompiles once with dynamic shapes, so 16 lengths never reach dynamo's
+    limit of 8 and none runs uncompiled (the budgeted static wrappers above are for code that
+    must stay static: flex's CPU kernel, CUDA graphs)."""
+    from torchtune import training
+
+    from mas.models import tiny_llama3_2
+
+    monkeypatch.setenv("TORCH_COMPILE_BACKEND", "eager")
+    torch.manual_seed(0)
+    model = tiny_llama3_2().eval()
+    training.compile_model(model, verbose=False)
+    counters = torch._dynamo.utils.counters
+    counters.clear()
+    with torch.no_grad():
+        for s in range(4, 4 + 2 * DEFAULT_LIMIT):
+            model(torch.randint(0, 100, (1, s)))
+    assert 1 <= counters["stats"]["unique_graphs"] <= 2
+    assert not [k for k in counters["unimplemented"] if "recompile limit" in k.lower()]
