@@ -11,14 +11,19 @@ Measured on one model with random weights (tiny on CPU, Llama-3.2-1B shape on CU
   attending over the whole cache), "after" is ``mas.generate``'s loop (one step with sampling
   and stops, a host check every 8 tokens, native grouped-query attention, width bucketed);
 - greedy tokens/s of ``mas.generate`` against torchtune's ``generate`` on the same model and prompt;
-- on CUDA, batch-1 decode tokens/s with the compiled decode step, as a fraction of the
+- the compiled decode step in each ``torch.compile`` mode side by side (CUDA: ``default`` and
+  ``reduce-overhead``, i.e. CUDA graphs; CPU: ``default``); on CUDA as a fraction of the
   memory-bandwidth roofline (every weight and the written KV cache read once per token, at the
-  device-to-device copy bandwidth measured in the same run).
+  device-to-device copy bandwidth measured in the same run);
+- a ``torch.profiler`` summary of a few compiled decode steps per mode, taken inside a real
+  generation after the prefill (top kernels, GPU-busy fraction, kernels per token), so a missed
+  target comes with what limits it.
 
 Usage::
 
     python tools/bench_generation.py                   # CPU, tiny model
     python tools/bench_generation.py --device cuda     # GPU, Llama-3.2-1B shape, bf16
+    python tools/bench_generation.py --device cuda --profile-dir gpu_logs   # also keep the traces
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ import argparse
 import datetime
 import statistics
 import time
+from pathlib import Path
 from typing import Dict, List, Optional
 
 import torch
@@ -35,6 +41,7 @@ from mas import use_mas_attention
 from mas.generation import (
     DecodeState,
     GenerationSettings,
+    compiled_decode_step,
     decode_one_token,
     forward_one_token,
     generate_batch,
@@ -46,6 +53,7 @@ from mas.generation.kv_cache import clear_kv_caches, setup_kv_caches
 from mas.segments import SegmentedSequence
 from mas.testing import benchmark_model, random_prompt
 from mas.testing.benchlib import BENCHMARKS_FILE, interleaved_median_ms, machine_description, markdown_table, update_section
+from mas.testing.profiling import ProfilerWindow, ProfileSummary
 
 NAME = "bench_generation"
 TITLE = "Generation: MAS vs causal prefill and decode, torchtune's generate, roofline (`tools/bench_generation.py`)"
@@ -62,6 +70,42 @@ def copy_bandwidth_gbs(device: torch.device) -> float:
     y = torch.empty_like(x)
     ms = interleaved_median_ms({"copy": lambda: y.copy_(x)}, device, warmup=3, min_repeats=10)["copy"]
     return 2 * x.numel() / (ms / 1e3) / 1e9
+
+
+def compile_modes(device: torch.device) -> List[str]:
+    """``torch.compile`` modes of the decode step to compare: CUDA graphs need CUDA."""
+    return ["default", "reduce-overhead"] if device.type == "cuda" else ["default"]
+
+
+def profile_decode_steps(
+    model, seq: SegmentedSequence, settings: GenerationSettings, steps: int, trace_path: Optional[Path] = None, skip: int = 4
+) -> ProfileSummary:
+    """Profile ``steps`` decode steps of one ``mas.generate`` generation, after ``skip`` steps.
+
+    The generation runs with the compiled step of ``settings.compile_mode`` (warmed up by the
+    timed rounds), wrapped so that the profiler window opens before decode step ``skip + 1``
+    and closes after ``skip + steps``: prefill and the first steps stay out of the summary.
+    """
+    if settings.max_new_tokens < skip + steps + 1:
+        raise ValueError(f"--profile-steps {steps} needs --new-tokens >= {skip + steps + 1}")
+    device = model.tok_embeddings.weight.device
+    compiled = compiled_decode_step(settings.compile_mode)
+    window = ProfilerWindow(device, trace_path=trace_path)
+    calls = 0
+
+    def step(*args, **kwargs):
+        nonlocal calls
+        calls += 1
+        if calls == skip + 1:
+            window.start()
+        out = compiled(*args, **kwargs)
+        if calls == skip + steps:
+            summary.append(window.stop(steps))
+        return out
+
+    summary: List[ProfileSummary] = []
+    generate_batch(model, [seq], settings, step=step)
+    return summary[0]
 
 
 def per_token_loop_tokens_per_s(model, seq: SegmentedSequence, cache_len: int, new_tokens: int, forward=None) -> float:
@@ -125,24 +169,34 @@ def bench(args: argparse.Namespace) -> str:
                 }
             )
 
-    # Decode after a MAS and after a causal prefill, and torchtune's generate, batch 1.
+    # Decode after a MAS and after a causal prefill, and torchtune's generate, batch 1. The
+    # compiled step in each compile mode side by side: reduce-overhead replays CUDA graphs (one
+    # launch per token), default launches every kernel from the host.
     length = args.prompt_lens[0]
     seq = prompt(length, vocab)
-    mode = "reduce-overhead" if device.type == "cuda" else "default"
+    # The prefill timings left caches made outside inference mode; generate_batch makes them
+    # inside it, and a compiled step guards on that (one recompile in a timed round otherwise).
+    clear_kv_caches(model)
+    modes = compile_modes(device)
+    mode = modes[-1]  # the "before" loop gets the best mode of the device
+    compiled_names = {m: f"MAS compiled ({m})" for m in modes}
     decode: Dict[str, List[float]] = {
         "MAS, before (per-token loop)": [],
         "MAS compiled, before (per-token loop)": [],
         "MAS": [],
         "causal": [],
-        "MAS compiled": [],
+        **{name: [] for name in compiled_names.values()},
         "torchtune generate": [],
     }
     settings = {
         "MAS": GenerationSettings(attention="mas", max_new_tokens=args.new_tokens, max_cache_len=cache_len, stop_tokens=[]),
         "causal": GenerationSettings(attention="causal", max_new_tokens=args.new_tokens, max_cache_len=cache_len, stop_tokens=[]),
-        "MAS compiled": GenerationSettings(
-            attention="mas", max_new_tokens=args.new_tokens, max_cache_len=cache_len, stop_tokens=[], compile_decode=True, compile_mode=mode
-        ),
+        **{
+            name: GenerationSettings(
+                attention="mas", max_new_tokens=args.new_tokens, max_cache_len=cache_len, stop_tokens=[], compile_decode=True, compile_mode=m
+            )
+            for m, name in compiled_names.items()
+        },
     }
     compiled_forward = torch.compile(forward_one_token, dynamic=False, mode=mode)
     before = {
@@ -186,10 +240,16 @@ def bench(args: argparse.Namespace) -> str:
 
     notes = [
         f"- decode after a MAS prefill / after a causal prefill: {median['MAS'] / median['causal']:.3f} (target >= 0.98)",
-        f"- mas.generate (eager) / torchtune generate: {median['MAS'] / median['torchtune generate']:.2f}x; compiled: {median['MAS compiled'] / median['torchtune generate']:.2f}x",
+        f"- mas.generate (eager) / torchtune generate: {median['MAS'] / median['torchtune generate']:.2f}x; compiled "
+        f"({mode}): {median[compiled_names[mode]] / median['torchtune generate']:.2f}x",
         f"- decode loop after / before issue 12: eager {median['MAS'] / median['MAS, before (per-token loop)']:.2f}x, "
-        f"compiled {median['MAS compiled'] / median['MAS compiled, before (per-token loop)']:.2f}x",
+        f"compiled ({mode}) {median[compiled_names[mode]] / median['MAS compiled, before (per-token loop)']:.2f}x",
     ]
+    if len(modes) > 1:
+        notes.append(
+            f"- compiled decode, reduce-overhead (CUDA graphs) / default: "
+            f"{median[compiled_names['reduce-overhead']] / median[compiled_names['default']]:.2f}x"
+        )
     if device.type == "cuda":
         params = sum(p.numel() for p in model.parameters())
         layer = model.layers[0].attn
@@ -197,11 +257,26 @@ def bench(args: argparse.Namespace) -> str:
         bytes_per_token = params * 2 + kv_bytes
         bandwidth = copy_bandwidth_gbs(device)
         roofline = bandwidth * 1e9 / bytes_per_token
+        reached = "; ".join(
+            f"{m}: {median[name]:,.0f} tokens/s = {median[name] / roofline:.0%}" for m, name in compiled_names.items()
+        )
         notes.append(
             f"- roofline: {params / 1e9:.2f}B bf16 parameters + KV cache = {bytes_per_token / 1e9:.2f} GB read per token; "
             f"measured copy bandwidth {bandwidth:,.0f} GB/s -> {roofline:,.0f} tokens/s; compiled batch-1 decode reaches "
-            f"{median['MAS compiled']:,.0f} tokens/s = {median['MAS compiled'] / roofline:.0%} of the roofline"
+            f"{reached} of the roofline (target >= 50%)"
         )
+    profiles = []
+    if args.profile_steps:
+        for m, name in compiled_names.items():
+            trace = Path(args.profile_dir) / f"bench_generation_decode_{m}.trace.json.gz" if args.profile_dir else None
+            summary = profile_decode_steps(model, seq, settings[name], args.profile_steps, trace)
+            profiles.append(
+                summary.markdown(f"batch-1 decode steps compiled with mode {m} ({name})", "token", measured_ms=1e3 / median[name])
+            )
+        if args.profile_dir:
+            Path(args.profile_dir).mkdir(parents=True, exist_ok=True)
+            (Path(args.profile_dir) / "bench_generation_decode_profile.md").write_text("\n\n".join(profiles) + "\n")
+    clear_kv_caches(model)
     return "\n".join(
         [
             f"### {device.type}",
@@ -210,7 +285,7 @@ def bench(args: argparse.Namespace) -> str:
             f"Machine: {machine_description(device)}.",
             f"Model: {args.model} shape, random weights, {str(dtype).replace('torch.', '')}. Prompts: random tokens, a system segment (1/4) "
             f"and a user segment (3/4). Prefill on {'compiled FlexAttention (BlockMask)' if device.type == 'cuda' else 'SDPA with the dense mask'}; "
-            f"decode: SDPA over the KV cache ({'compile mode ' + mode}). Medians of interleaved repeats; decode over {args.new_tokens} new tokens after a {length}-token prompt, {args.rounds} rounds.",
+            f"decode: SDPA over the KV cache (compiled step: modes {', '.join(modes)}). Medians of interleaved repeats; decode over {args.new_tokens} new tokens after a {length}-token prompt, {args.rounds} rounds.",
             "",
             "**Prefill latency**",
             "",
@@ -221,6 +296,7 @@ def bench(args: argparse.Namespace) -> str:
             markdown_table(decode_rows),
             "",
             *notes,
+            *(f"\n{p}" for p in profiles),
         ]
     )
 
@@ -233,6 +309,8 @@ def main(argv: Optional[List[str]] = None) -> None:
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--profile-steps", type=int, default=16, help="decode steps profiled per compile mode (0: none)")
+    parser.add_argument("--profile-dir", default=None, help="also write the profile summaries and Chrome traces here")
     parser.add_argument("--no-write", action="store_true")
     args = parser.parse_args(argv)
     args.model = args.model or ("llama3_2_1b" if args.device == "cuda" else "tiny")
