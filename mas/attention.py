@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import functools
 import logging
-from typing import Literal, Optional, Union, get_args
+from typing import Literal, Optional, Sequence, Union, get_args
 
 import torch
 import torch.nn.functional as F
@@ -41,7 +41,7 @@ from mas.block_mask import create_mas_block_mask
 from mas.compile_budget import CompiledWithBudget, compile_with_budget
 from mas.errors import ConfigError
 from mas.masks import AttentionMode, as_causal, dense_mas_mask, materialize_mask_mod, validate_attention_mode
-from mas.windowed_sdpa import SdpaMask, prepare_sdpa_mask, windowed_sdpa
+from mas.windowed_sdpa import SdpaMask, Window, prepare_sdpa_mask, sdpa_mask_of, windowed_mas_mask, windowed_sdpa
 
 __all__ = [
     "AttentionBackend",
@@ -99,22 +99,21 @@ def block_mask_to_dense(block_mask: BlockMask) -> Tensor:
 
 
 def _sdpa_mask_of(mask: AttentionMask) -> SdpaMask:
-    """The SDPA-ready twin of ``mask`` (with its key windows), cached on the mask.
+    """The SDPA-ready twin of ``mask``, prepared once per batch (cached on the mask).
 
-    A batch pays for the dense twin of a BlockMask and for the window plan once, not once per
-    layer. A dense mask changed in place (its version counter moved) is prepared again. Inside
-    ``torch.compile`` nothing is cached and no windows are planned (the plan reads the mask on
-    the host).
+    A BlockMask pays for its dense twin once, not once per layer; a dense mask is handled by
+    :func:`mas.windowed_sdpa.sdpa_mask_of` (masks from :func:`build_attention_mask` arrive
+    prepared).
     """
-    is_block_mask = isinstance(mask, BlockMask)
+    if not isinstance(mask, BlockMask):
+        return sdpa_mask_of(mask)
     if torch.compiler.is_compiling():
-        return prepare_sdpa_mask(block_mask_to_dense(mask) if is_block_mask else mask, windowed=False)
-    version = None if is_block_mask else mask._version
+        return prepare_sdpa_mask(block_mask_to_dense(mask), windowed=False)
     cached = getattr(mask, "_mas_sdpa_mask", None)
-    if cached is None or cached[0] != version:
-        cached = (version, prepare_sdpa_mask(block_mask_to_dense(mask) if is_block_mask else mask))
+    if cached is None:
+        cached = prepare_sdpa_mask(block_mask_to_dense(mask))
         mask._mas_sdpa_mask = cached
-    return cached[1]
+    return cached
 
 
 class MASAttention:
@@ -239,6 +238,7 @@ def build_attention_mask(
     block_size: int = 128,
     validate: bool = True,
     compile_block_tables: Optional[bool] = None,
+    key_windows: Optional[Sequence[Window]] = None,
 ) -> AttentionMask:
     """The one place a mask is built: training, prefill, scoring and the system-prompt cache.
 
@@ -276,6 +276,9 @@ def build_attention_mask(
             None (default): on CUDA, where the eager build is launch-bound (~2 ms at 8 x 1024 on
             an H200, ~0.2 ms compiled, identical tables: tests/gpu). Callers whose shapes change
             every batch (prefill) pass False: one compile per new shape costs more than it saves.
+        key_windows (Optional[Sequence[Window]]): the CPU dense mask's query-tile key windows,
+            planned on the CPU batch by :func:`mas.windowed_sdpa.plan_key_windows` (the training
+            loader does, so the step reads no id); default: planned here. Ignored elsewhere.
 
     Returns:
         AttentionMask: ``BlockMask`` with ``seq_lengths == (query_len, s)``, or bool
@@ -287,8 +290,10 @@ def build_attention_mask(
     attention = validate_attention_mode(attention)
     layout = segment_ids if attention == "mas" else as_causal(segment_ids)
     if not uses_flex(backend, segment_ids.device):
-        return dense_mas_mask(
-            layout, document_ids, query_start=query_start, query_len=query_len, validate=validate
+        if segment_ids.device.type != "cpu":
+            return dense_mas_mask(layout, document_ids, query_start=query_start, query_len=query_len, validate=validate)
+        return windowed_mas_mask(
+            layout, document_ids, query_start=query_start, query_len=query_len, validate=validate, key_windows=key_windows
         )
     if compile_block_tables is None:
         compile_block_tables = segment_ids.is_cuda

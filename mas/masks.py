@@ -218,19 +218,27 @@ def mas_mask_mod(
 
 
 def materialize_mask_mod(
-    mask_mod: MaskMod, batch_size: int, q_len: int, kv_len: int, device: torch.device
+    mask_mod: MaskMod,
+    batch_size: int,
+    q_len: int,
+    kv_len: int,
+    device: torch.device,
+    *,
+    q_offset: int = 0,
+    kv_offset: int = 0,
 ) -> Tensor:
     """Evaluate a ``mask_mod`` on every (query, key) pair by broadcasting.
 
-    This is the slow, obviously correct twin of a BlockMask: it builds the full matrix.
+    This is the slow, obviously correct twin of a BlockMask: it builds the full matrix (or the
+    block of it at ``q_offset``, ``kv_offset``).
 
     Returns:
-        Tensor: bool ``[b, q_len, kv_len]``.
+        Tensor: bool ``[b, q_len, kv_len]``: queries ``q_offset + i``, keys ``kv_offset + j``.
     """
     b = torch.arange(batch_size, device=device)[:, None, None]
     h = torch.zeros((), dtype=torch.long, device=device)
-    q_idx = torch.arange(q_len, device=device)[None, :, None]
-    kv_idx = torch.arange(kv_len, device=device)[None, None, :]
+    q_idx = torch.arange(q_offset, q_offset + q_len, device=device)[None, :, None]
+    kv_idx = torch.arange(kv_offset, kv_offset + kv_len, device=device)[None, None, :]
     dense = mask_mod(b, h, q_idx, kv_idx)
     # [b, q_len, kv_len]: a mask_mod that ignores some indices broadcasts to fewer dims.
     return dense.expand(batch_size, q_len, kv_len).clone()

@@ -21,23 +21,45 @@ the contiguous key window that some query of the tile may attend (over the whole
 
 Keys outside a tile's window are masked for every query of the tile, so leaving them out is
 exact: the softmax over the window equals the softmax over the row (tests compare with one SDPA
-call over the whole mask, outputs and gradients). The window plan is computed once per mask from
-the CPU tensor (no device sync) and cached on it, so the layers of a forward pass and their
-backward share it. When the windows would save little (a padded batch whose padding queries see
-every key) one call over the whole mask runs, as before.
+call over the whole mask, outputs and gradients). When the windows would save little (a padded
+batch whose padding queries see every key) one call over the whole mask runs.
+
+Two ways in, both giving an :class:`SdpaMask` that every layer of a forward pass (and their
+backward) shares, cached on the mask tensor:
+
+- :func:`windowed_mas_mask` builds a MAS mask on the CPU from the ids: the windows come from the
+  ids in ``O(s)`` per tile, and the rule is evaluated only inside them (the ~80% of a pack's
+  score matrix outside every window is never computed). Its slow twin is
+  :func:`mas.masks.dense_mas_mask`.
+- :func:`sdpa_mask_of` prepares any dense mask (a caller's own, or one changed in place) by
+  reading it: the windows are the key ranges of its ``True`` entries.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import List, Optional, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["QUERY_TILE", "SdpaMask", "key_windows", "prepare_sdpa_mask", "windowed_sdpa"]
+from mas.masks import dense_mas_mask, mas_mask_mod, materialize_mask_mod, validate_segment_ids
+
+__all__ = [
+    "MAX_WINDOWED_WORK",
+    "QUERY_TILE",
+    "MaskTile",
+    "SdpaMask",
+    "Window",
+    "key_windows",
+    "plan_key_windows",
+    "prepare_sdpa_mask",
+    "sdpa_mask_of",
+    "windowed_mas_mask",
+    "windowed_sdpa",
+]
 
 #: Queries per tile. 128 (the flex tile) measured best on CPU for 1024-2048-token packs of
 #: ~130-token examples (32 and 64 give less work but more calls).
@@ -50,22 +72,40 @@ MAX_WINDOWED_WORK: float = 0.85
 #: One query tile and its key window: ``(q_start, q_end, k_start, k_end)``, ends exclusive.
 Window = Tuple[int, int, int, int]
 
+_CACHE_ATTRIBUTE = "_mas_sdpa_mask"
+
+
+@dataclass(frozen=True)
+class MaskTile:
+    """Queries ``[q_start, q_end)`` against keys ``[k_start, k_end)`` and their SDPA mask.
+
+    Attributes:
+        window (Window): ``(q_start, q_end, k_start, k_end)``.
+        attn_mask (Tensor): bool ``[b, 1, q_end - q_start, k_end - k_start]``; rows that allow no
+            key allow every key of the tile (a finite softmax) and are zeroed afterwards.
+    """
+
+    window: Window
+    attn_mask: Tensor
+
 
 @dataclass(frozen=True)
 class SdpaMask:
     """A dense mask made ready for SDPA, built once per batch and shared by every layer.
 
     Attributes:
-        attn_mask (Tensor): bool ``[b, 1, q, kv]``; rows that allow no key allow every key
-            (a finite softmax) and are zeroed through ``row_has_key``.
-        row_has_key (Tensor): bool ``[b, 1, q, 1]``.
-        windows (Optional[List[Window]]): the query tiles and their key windows, or None for
-            one call over the whole mask.
+        tiles (List[MaskTile]): the query tiles in order, covering every query once (one tile
+            over the whole mask when windows would not pay).
+        row_has_key (Tensor): bool ``[b, 1, q, 1]``: queries that may attend at least one key.
     """
 
-    attn_mask: Tensor
+    tiles: List[MaskTile]
     row_has_key: Tensor
-    windows: Optional[List[Window]]
+
+    @property
+    def windows(self) -> Optional[List[Window]]:
+        """The windows, or None for one call over the whole mask."""
+        return [tile.window for tile in self.tiles] if len(self.tiles) > 1 else None
 
 
 def key_windows(mask: Tensor, tile: int = QUERY_TILE) -> List[Window]:
@@ -82,45 +122,209 @@ def key_windows(mask: Tensor, tile: int = QUERY_TILE) -> List[Window]:
     """
     _, q_len, kv_len = mask.shape
     n_tiles = math.ceil(q_len / tile)
+    if n_tiles < 2:  # one tile: the whole mask, nothing to read (decoding, short rows)
+        return [(0, q_len, 0, kv_len)]
     any_query = mask.any(0)  # [q, kv]
     per_tile = F.pad(any_query, (0, 0, 0, n_tiles * tile - q_len)).view(n_tiles, tile, kv_len).any(1)
     key_index = torch.arange(kv_len, device=mask.device)
     first = torch.where(per_tile, key_index, kv_len).amin(1).tolist()
     last = torch.where(per_tile, key_index, -1).amax(1).tolist()
-    windows = []
-    for t in range(n_tiles):
-        q_start, q_end = t * tile, min(q_len, (t + 1) * tile)
-        k_start, k_end = (first[t], last[t] + 1) if last[t] >= 0 else (0, 1)
-        windows.append((q_start, q_end, k_start, k_end))
-    return windows
+    return [_window(t, tile, q_len, first[t], last[t] + 1) for t in range(n_tiles)]
 
 
-def _worth_windows(windows: List[Window], q_len: int, kv_len: int) -> bool:
+def _window(t: int, tile: int, q_len: int, k_start: int, k_end: int) -> Window:
+    q_start, q_end = t * tile, min(q_len, (t + 1) * tile)
+    return (q_start, q_end, k_start, k_end) if k_end > k_start else (q_start, q_end, 0, 1)
+
+
+def _worth_windows(windows: List[Window], q_len: int, kv_len: int, max_work: float) -> bool:
     if len(windows) < 2:
         return False
     work = sum((q_end - q_start) * (k_end - k_start) for q_start, q_end, k_start, k_end in windows)
-    return work <= MAX_WINDOWED_WORK * q_len * kv_len
+    return work <= max_work * q_len * kv_len
 
 
-def prepare_sdpa_mask(mask: Tensor, *, windowed: bool = True) -> SdpaMask:
-    """Turn a dense mask into an :class:`SdpaMask` (plan the key windows on a CPU mask).
+def _whole(mask: Tensor) -> SdpaMask:
+    row_has_key = mask.any(-1, keepdim=True)  # [b, q, 1]
+    _, q_len, kv_len = mask.shape
+    tile = MaskTile((0, q_len, 0, kv_len), (mask | ~row_has_key)[:, None])
+    return SdpaMask([tile], row_has_key[:, None])
+
+
+def _from_tiles(windows: List[Window], tile_masks: List[Tensor]) -> SdpaMask:
+    """Tiles from each window's bool ``[b, tq, tk]`` mask (every allowed key lies in the window)."""
+    has_key = [m.any(-1, keepdim=True) for m in tile_masks]
+    tiles = [MaskTile(w, (m | ~h)[:, None]) for w, m, h in zip(windows, tile_masks, has_key)]
+    return SdpaMask(tiles, torch.cat(has_key, dim=1)[:, None])
+
+
+def prepare_sdpa_mask(
+    mask: Tensor, *, windowed: bool = True, tile: int = QUERY_TILE, max_work: float = MAX_WINDOWED_WORK
+) -> SdpaMask:
+    """Turn a dense mask into an :class:`SdpaMask`, planning key windows by reading it.
 
     Args:
         mask (Tensor): bool ``[b, q, kv]``.
         windowed (bool): plan key windows; only for a CPU mask outside ``torch.compile`` (the
             plan reads the mask on the host). Default True.
+        tile (int): queries per tile.
+        max_work (float): use windows when they cover at most this fraction of the scores.
 
     Returns:
         SdpaMask: the SDPA-ready mask, with windows where they save work.
     """
-    row_has_key = mask.any(-1, keepdim=True)  # [b, q, 1]
-    attn_mask = (mask | ~row_has_key)[:, None]
-    windows = None
     if windowed and mask.device.type == "cpu" and not torch.compiler.is_compiling():
-        planned = key_windows(mask)
-        if _worth_windows(planned, mask.shape[1], mask.shape[2]):
-            windows = planned
-    return SdpaMask(attn_mask, row_has_key[:, None], windows)
+        windows = key_windows(mask, tile)
+        if _worth_windows(windows, mask.shape[1], mask.shape[2], max_work):
+            return _from_tiles(windows, [mask[:, q0:q1, k0:k1] for q0, q1, k0, k1 in windows])
+    return _whole(mask)
+
+
+def sdpa_mask_of(mask: Tensor) -> SdpaMask:
+    """The :class:`SdpaMask` of a dense mask, cached on it (re-prepared after an in-place change).
+
+    Inside ``torch.compile`` nothing is cached and no windows are planned.
+
+    Args:
+        mask (Tensor): bool ``[b, q, kv]``.
+    """
+    if torch.compiler.is_compiling():
+        return prepare_sdpa_mask(mask, windowed=False)
+    cached = getattr(mask, _CACHE_ATTRIBUTE, None)
+    if cached is None or cached[0] != _version(mask):
+        cached = (_version(mask), prepare_sdpa_mask(mask))
+        setattr(mask, _CACHE_ATTRIBUTE, cached)
+    return cached[1]
+
+
+def _version(mask: Tensor) -> Optional[int]:
+    # Inference tensors (``torch.inference_mode``) keep no version counter; no code here changes a
+    # mask in place (generation builds a new one per call).
+    return None if mask.is_inference() else mask._version
+
+
+def _reach(ids: Tensor) -> Tuple[Tensor, Tensor]:
+    """Per position, the first and the last position of its id's value in the row.
+
+    Args:
+        ids (Tensor): ``[b, s]`` integer ids (any values, in any order).
+
+    Returns:
+        Tuple[Tensor, Tensor]: ``(first, last)``, each ``[b, s]``.
+    """
+    batch_size, seq_len = ids.shape
+    _, inverse = torch.unique(ids, return_inverse=True)
+    n_values = int(inverse.max()) + 1 if inverse.numel() else 1
+    keys = inverse + n_values * torch.arange(batch_size)[:, None]  # distinct per row
+    positions = torch.arange(seq_len).expand(batch_size, seq_len)
+    size = batch_size * n_values
+    first = torch.full((size,), seq_len).scatter_reduce(0, keys.flatten(), positions.flatten(), "amin")
+    last = torch.full((size,), -1).scatter_reduce(0, keys.flatten(), positions.flatten(), "amax")
+    return first[keys], last[keys]
+
+
+def plan_key_windows(
+    segment_ids: Tensor,
+    document_ids: Optional[Tensor] = None,
+    *,
+    query_start: int = 0,
+    query_len: Optional[int] = None,
+    tile: int = QUERY_TILE,
+) -> List[Window]:
+    """Key windows that contain every key the MAS rule can allow, from the CPU ids alone.
+
+    Query position ``p`` may attend key ``k`` only if ``k`` lies in its document (``k >=`` the
+    document's first position) and ``k <= p`` or ``k`` is in its prompt segment (``k <=`` the
+    segment's last position). The window of a tile is the union over its queries and rows. The
+    windows of a MAS layout also hold every key of the same layout made causal (a causal mask
+    allows a subset), so one plan serves both attention modes. Reads the ids on the host: the
+    training loader plans on its CPU batch, before the step.
+
+    Args:
+        segment_ids (Tensor): ``[b, s]`` CPU segment ids.
+        document_ids (Optional[Tensor]): ``[b, s]`` document ids, or None.
+        query_start (int): key position of the first query.
+        query_len (Optional[int]): number of queries; default ``s - query_start``.
+        tile (int): queries per tile.
+
+    Returns:
+        List[Window]: ``(q_start, q_end, k_start, k_end)`` per tile of queries.
+    """
+    kv_len = segment_ids.shape[1]
+    if query_len is None:
+        query_len = kv_len - query_start
+    n_tiles = math.ceil(query_len / tile)
+    if n_tiles < 2:  # one tile: the whole mask, nothing to read (decoding, short rows)
+        return [(0, query_len, 0, kv_len)]
+    positions = torch.arange(kv_len)
+    if document_ids is not None:
+        lowest = _reach(document_ids)[0]
+    else:
+        lowest = torch.zeros_like(segment_ids)
+    segment_last = _reach(segment_ids)[1]
+    highest = torch.where(segment_ids >= 0, torch.maximum(segment_last, positions), positions)
+    q_slice = slice(query_start, query_start + query_len)
+    pad = n_tiles * tile - query_len
+    low = F.pad(lowest[:, q_slice], (0, pad), value=kv_len).view(-1, n_tiles, tile).amin(2).amin(0).tolist()
+    high = F.pad(highest[:, q_slice], (0, pad), value=-1).view(-1, n_tiles, tile).amax(2).amax(0).tolist()
+    return [_window(t, tile, query_len, low[t], min(kv_len, high[t] + 1)) for t in range(n_tiles)]
+
+
+def windowed_mas_mask(
+    segment_ids: Tensor,
+    document_ids: Optional[Tensor] = None,
+    *,
+    query_start: int = 0,
+    query_len: Optional[int] = None,
+    validate: bool = True,
+    tile: int = QUERY_TILE,
+    max_work: float = MAX_WINDOWED_WORK,
+    key_windows: Optional[Sequence[Window]] = None,
+) -> Tensor:
+    """The dense MAS mask of :func:`mas.masks.dense_mas_mask`, built window by window on the CPU.
+
+    Equal to ``dense_mas_mask`` (tests), but the rule is evaluated only inside each query tile's
+    key window (planned from the ids), and the :class:`SdpaMask` that attention needs is built on
+    the way and cached on the returned tensor, so no layer reads the mask again.
+
+    Args:
+        segment_ids (Tensor): ``[b, s]`` CPU segment ids (see :mod:`mas.masks`).
+        document_ids (Optional[Tensor]): ``[b, s]`` document ids of packed rows, or None.
+        query_start (int): key position of the first query.
+        query_len (Optional[int]): number of queries; default ``s - query_start``.
+        validate (bool): check the ids first.
+        tile (int): queries per tile.
+        max_work (float): build window by window when the windows cover at most this fraction of
+            the scores; else the whole mask at once.
+        key_windows (Optional[Sequence[Window]]): windows planned already by
+            :func:`plan_key_windows` (on the CPU batch, for the MAS layout of these ids), so the
+            build reads no id on the host; default: plan them here.
+
+    Returns:
+        Tensor: bool ``[b, query_len, s]``.
+    """
+    if validate:
+        validate_segment_ids(segment_ids, document_ids)
+    batch_size, kv_len = segment_ids.shape
+    if query_len is None:
+        query_len = kv_len - query_start
+    if key_windows is None:
+        windows = plan_key_windows(segment_ids, document_ids, query_start=query_start, query_len=query_len, tile=tile)
+    else:
+        windows = list(key_windows)
+    if not _worth_windows(windows, query_len, kv_len, max_work):
+        mask = dense_mas_mask(segment_ids, document_ids, query_start=query_start, query_len=query_len, validate=False)
+        setattr(mask, _CACHE_ATTRIBUTE, (_version(mask), _whole(mask)))
+        return mask
+    mask_mod = mas_mask_mod(segment_ids, document_ids, query_start=query_start, validate=False)
+    mask = torch.zeros(batch_size, query_len, kv_len, dtype=torch.bool)
+    tile_masks = []
+    for q0, q1, k0, k1 in windows:
+        tile_mask = materialize_mask_mod(mask_mod, batch_size, q1 - q0, k1 - k0, mask.device, q_offset=q0, kv_offset=k0)
+        mask[:, q0:q1, k0:k1] = tile_mask
+        tile_masks.append(tile_mask)
+    setattr(mask, _CACHE_ATTRIBUTE, (_version(mask), _from_tiles(windows, tile_masks)))
+    return mask
 
 
 def windowed_sdpa(
@@ -132,16 +336,17 @@ def windowed_sdpa(
         q (Tensor): ``[b, n_h, s_q, h_d]``.
         k (Tensor): ``[b, n_kv, s_kv, h_d]``.
         v (Tensor): ``[b, n_kv, s_kv, h_d]``.
-        mask (SdpaMask): from :func:`prepare_sdpa_mask`, with ``[b, 1, s_q, s_kv]`` masks.
+        mask (SdpaMask): from :func:`prepare_sdpa_mask` or :func:`windowed_mas_mask`, for
+            ``s_q`` queries and ``s_kv`` keys.
         dropout_p (float): attention dropout.
         enable_gqa (bool): ``n_kv < n_h`` (grouped-query attention without copies).
 
     Returns:
         Tensor: ``[b, n_h, s_q, h_d]``; rows that allow no key are zero.
     """
-    if mask.windows is None:
+    if len(mask.tiles) == 1:
         out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask.attn_mask, dropout_p=dropout_p, enable_gqa=enable_gqa
+            q, k, v, attn_mask=mask.tiles[0].attn_mask, dropout_p=dropout_p, enable_gqa=enable_gqa
         )
     else:
         out = torch.cat(
@@ -150,11 +355,12 @@ def windowed_sdpa(
                     q[:, :, q_start:q_end],
                     k[:, :, k_start:k_end],
                     v[:, :, k_start:k_end],
-                    attn_mask=mask.attn_mask[:, :, q_start:q_end, k_start:k_end],
+                    attn_mask=tile.attn_mask,
                     dropout_p=dropout_p,
                     enable_gqa=enable_gqa,
                 )
-                for q_start, q_end, k_start, k_end in mask.windows
+                for tile in mask.tiles
+                for q_start, q_end, k_start, k_end in [tile.window]
             ],
             dim=2,
         )

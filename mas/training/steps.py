@@ -4,8 +4,9 @@ A batch from :func:`mas.data.collate_segmented` becomes model inputs in two phas
 
 1. :func:`prepare_host_batch`, on the CPU (in the DataLoader, so in its workers when there are
    any): the ids are checked, the leakage guard is applied to the labels, the targets are
-   shifted, counted and their flat positions listed. Every value the step needs on the host is
-   read here, where reading costs no device sync.
+   shifted, counted and their flat positions listed, and the CPU attention's key windows are
+   planned. Every value the step needs on the host is read here, where reading costs no device
+   sync.
 2. :func:`prepare_batch`, on the step's device: a (non-blocking) copy and the attention mask,
    built once from ``segment_ids`` (MAS, or the same layout made causal for the baseline). No
    host read of a device tensor.
@@ -14,7 +15,7 @@ A batch from :func:`mas.data.collate_segmented` becomes model inputs in two phas
 from __future__ import annotations
 
 from dataclasses import dataclass, fields, replace
-from typing import Any, Dict, Optional, Union
+from typing import Any, Dict, List, Optional, Union
 
 import torch
 from torch import Tensor, nn
@@ -23,6 +24,7 @@ from mas.attention import AttentionBackend, AttentionMask, build_attention_mask
 from mas.masks import PAD, AttentionMode, validate_attention_mode, validate_segment_ids
 from mas.segments import IGNORE_INDEX, ignore_leaking_labels
 from mas.training.loss import summed_target_rows_loss
+from mas.windowed_sdpa import Window, plan_key_windows
 
 __all__ = ["HostBatch", "PreparedBatch", "prepare_batch", "prepare_host_batch", "summed_token_loss"]
 
@@ -44,6 +46,9 @@ class HostBatch:
         target_values (Tensor): ``[n]`` those targets, ``targets.flatten()[target_index]``.
         num_targets (int): ``n``, the targets that count in the loss.
         num_tokens (int): real (non-padding) tokens, for throughput.
+        key_windows (List[Window]): per 128-query tile, the keys its queries may see (MAS layout,
+            so also the causal one): the CPU dense mask is built and attended only there
+            (:mod:`mas.windowed_sdpa`); a BlockMask has its own tiles and ignores them.
     """
 
     tokens: Tensor
@@ -55,6 +60,7 @@ class HostBatch:
     target_values: Tensor
     num_targets: int
     num_tokens: int
+    key_windows: List[Window]
 
     def pin_memory(self) -> "HostBatch":
         """Page-locked copies (the DataLoader calls this with ``pin_memory=True``)."""
@@ -98,6 +104,7 @@ def prepare_host_batch(batch: Union[Dict[str, Tensor], HostBatch]) -> HostBatch:
         target_values=flat_targets.index_select(0, target_index),
         num_targets=target_index.numel(),
         num_tokens=int((segment_ids != PAD).sum()),
+        key_windows=plan_key_windows(segment_ids, batch.get("document_ids")),
     )
 
 
@@ -164,7 +171,12 @@ def prepare_batch(
     segment_ids = to_device(host.segment_ids)
     # Ids were checked on the CPU batch, so building the mask on the GPU needs no device sync.
     mask = build_attention_mask(
-        segment_ids, to_device(host.document_ids), attention=attention, backend=backend, validate=False
+        segment_ids,
+        to_device(host.document_ids),
+        attention=attention,
+        backend=backend,
+        validate=False,
+        key_windows=host.key_windows,
     )
     return PreparedBatch(
         tokens=to_device(host.tokens),

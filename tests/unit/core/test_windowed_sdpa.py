@@ -1,8 +1,12 @@
-"""The windowed SDPA (per query tile, only its key window) against one SDPA call over the whole mask.
+"""The windowed SDPA and the windowed mask builder against their slow twins.
 
-The slow twin is the obvious computation: ``scaled_dot_product_attention`` over the full dense
-mask, rows with no allowed key zeroed. Masks come from Eq. 14 written independently
-(``support.masks``), on random pipeline-like and arbitrary layouts, packed or not.
+- windowed SDPA (per query tile, only its key window) vs one ``scaled_dot_product_attention``
+  call over the full dense mask, rows with no allowed key zeroed (outputs and gradients);
+- ``windowed_mas_mask`` (the rule evaluated only inside windows planned from the ids) vs
+  ``dense_mas_mask`` and Eq. 14 written independently (``support.masks``).
+
+Layouts are random: pipeline-like and arbitrary ids, packed or not, left and right padding,
+query windows of a KV-cache prefill.
 """
 
 from __future__ import annotations
@@ -13,7 +17,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from mas.masks import CAUSAL, PAD, dense_mas_mask
-from mas.windowed_sdpa import MAX_WINDOWED_WORK, SdpaMask, key_windows, prepare_sdpa_mask, windowed_sdpa
+from mas.windowed_sdpa import MAX_WINDOWED_WORK, key_windows, prepare_sdpa_mask, sdpa_mask_of, windowed_mas_mask, windowed_sdpa
 from support.masks import eq14_allowed, layouts
 
 
@@ -43,8 +47,8 @@ def assert_windowed_equals_whole(mask, tile):
     mask = torch.as_tensor(mask)
     batch, q_len, kv_len = mask.shape
     q, k, v = random_qkv(batch, q_len, kv_len)
-    row_has_key = mask.any(-1, keepdim=True)
-    windowed = SdpaMask((mask | ~row_has_key)[:, None], row_has_key[:, None], key_windows(mask, tile))
+    windowed = prepare_sdpa_mask(mask, tile=tile, max_work=1.0)
+    assert windowed.windows == (key_windows(mask, tile) if q_len > tile else None)
     want, want_grads = outputs_and_grads(lambda q, k, v: whole_mask_sdpa(q, k, v, mask), q, k, v)
     got, got_grads = outputs_and_grads(lambda q, k, v: windowed_sdpa(q, k, v, windowed, enable_gqa=True), q, k, v)
     torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
@@ -52,7 +56,7 @@ def assert_windowed_equals_whole(mask, tile):
         torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-10)
 
 
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=25, deadline=None)
 @given(layout=layouts(max_len=200, max_batch=3), tile=st.sampled_from([1, 7, 16, 128]))
 def test_windowed_equals_whole_mask_on_pipeline_layouts(layout, tile):
     """Packed and padded rows, left and right padding, query windows of a KV-cache prefill."""
@@ -127,3 +131,59 @@ def test_attention_layer_uses_the_windows_and_rereads_a_mask_changed_in_place():
     assert mask._mas_sdpa_mask[1].windows is not None
     mask[:, 500:, :400] = True  # queries of later examples now see the first examples too
     torch.testing.assert_close(attend(q, k, v, mask, 0.0, False), whole_mask_sdpa(q, k, v, mask))
+
+
+def assert_windowed_builder_equals_dense(layout, tile):
+    segments, documents = layout.torch_ids()
+    kwargs = dict(query_start=layout.query_start, query_len=layout.query_len)
+    built = windowed_mas_mask(segments, documents, tile=tile, max_work=1.0, **kwargs)
+    assert torch.equal(built, dense_mas_mask(segments, documents, **kwargs))
+    assert torch.equal(built, torch.as_tensor(eq14_allowed(layout)))
+    # The SdpaMask cached by the builder gives what one call over the whole mask gives.
+    batch, q_len, kv_len = built.shape
+    q, k, v = random_qkv(batch, q_len, kv_len)
+    prepared = sdpa_mask_of(built)  # cached by the builder when it planned windows
+    torch.testing.assert_close(
+        windowed_sdpa(q, k, v, prepared, enable_gqa=True), whole_mask_sdpa(q, k, v, built), rtol=1e-10, atol=1e-10
+    )
+
+
+@settings(max_examples=25, deadline=None)
+@given(layout=layouts(max_len=200, max_batch=3), tile=st.sampled_from([1, 7, 16, 128]))
+def test_windowed_builder_equals_dense_mask_on_pipeline_layouts(layout, tile):
+    assert_windowed_builder_equals_dense(layout, tile)
+
+
+@settings(max_examples=25, deadline=None)
+@given(layout=layouts(max_len=64, max_batch=2, contiguous=False), tile=st.sampled_from([1, 5, 16]))
+def test_windowed_builder_equals_dense_mask_on_arbitrary_ids(layout, tile):
+    """Ids out of order, documents interleaved: the windows planned from ids still hold every key."""
+    assert_windowed_builder_equals_dense(layout, tile)
+
+
+def test_windowed_builder_plans_a_pack_from_its_ids_and_skips_most_of_the_matrix():
+    segments, documents = packed_row([125, 118, 131, 122, 127, 120, 133, 119], 1024)
+    built = windowed_mas_mask(segments, documents)
+    prepared = built._mas_sdpa_mask[1]  # attached by the builder: no layer reads the mask again
+    assert torch.equal(built, dense_mas_mask(segments, documents))
+    assert prepared.windows is not None
+    read = key_windows(built)  # the tightest windows, from reading the mask
+    planned_work = read_work = 0
+    for (q0, q1, k0, k1), (r_q0, r_q1, r_k0, r_k1) in zip(prepared.windows, read):
+        assert (q0, q1) == (r_q0, r_q1) and k0 <= r_k0 and r_k1 <= k1
+        planned_work += (q1 - q0) * (k1 - k0)
+        read_work += (q1 - q0) * (r_k1 - r_k0)
+    assert planned_work <= 1.05 * read_work  # the id plan is nearly as tight (padding tail aside)
+
+
+def test_masks_built_under_inference_mode_are_prepared_once():
+    """Inference tensors keep no version counter (generation runs under inference_mode)."""
+    from mas.attention import MASAttention
+
+    segments, documents = packed_row([125, 118, 131], 512)
+    with torch.inference_mode():
+        mask = windowed_mas_mask(segments, documents)
+        q, k, v = (t.detach() for t in random_qkv(1, 512, 512))
+        got = MASAttention("sdpa")(q, k, v, mask, 0.0, False)
+        assert sdpa_mask_of(mask) is mask._mas_sdpa_mask[1]
+    torch.testing.assert_close(got, whole_mask_sdpa(q, k, v, mask))
