@@ -14,7 +14,9 @@ decode step). It gives that call its own budget instead of the global limit:
   this wrapper alone, so a caller that buckets its lengths gets every bucket compiled, and no
   global dynamo setting changes (other users of the same code object keep theirs);
 - ``fullgraph=True``: a graph break would be another silent slowdown, and with it dynamo raises
-  ``FailOnRecompileLimitHit`` at the limit instead of falling back quietly;
+  ``FailOnRecompileLimitHit`` at the limit instead of falling back quietly (a function that
+  cannot be one graph is recompiled in pieces, with one warning: then the budget's limit is
+  dynamo's quiet one again);
 - past the budget, one loud one-line warning names the function, the budget and the fix, and
   the call runs uncompiled (``on_exceed="warn"``, correct but slow), or it raises
   :class:`RecompileBudgetExceeded` (``on_exceed="raise"``).
@@ -29,7 +31,7 @@ import logging
 from typing import Any, Callable, Generic, Literal, TypeVar
 
 import torch
-from torch._dynamo.exc import FailOnRecompileLimitHit
+from torch._dynamo.exc import FailOnRecompileLimitHit, Unsupported
 
 __all__ = ["CompiledWithBudget", "OnExceed", "RecompileBudgetExceeded", "compile_with_budget"]
 
@@ -80,13 +82,17 @@ class CompiledWithBudget(Generic[R]):
         self.fix = fix
         self.on_exceed = on_exceed
         self.uncompiled_calls = 0
-        self._compiled = torch.compile(
-            fn,
+        self._compile_kwargs = compile_kwargs
+        self._compiled = self._compile(fullgraph=True)
+
+    def _compile(self, fullgraph: bool) -> Callable[..., R]:
+        return torch.compile(
+            self.fn,
             dynamic=False,  # a dynamic-shape recompile breaks flex's CPU kernel in torch 2.13
-            fullgraph=True,
-            recompile_limit=max_shapes,
+            fullgraph=fullgraph,
+            recompile_limit=self.max_shapes,
             isolate_recompiles=True,
-            **compile_kwargs,
+            **self._compile_kwargs,
         )
 
     def message(self) -> str:
@@ -104,6 +110,12 @@ class CompiledWithBudget(Generic[R]):
         except FailOnRecompileLimitHit:
             if self.on_exceed == "raise":
                 raise RecompileBudgetExceeded(self.message()) from None
+        except Unsupported as graph_break:
+            # A model whose step cannot be one graph (e.g. a quantized weight type dynamo cannot
+            # trace whole) still runs compiled, in pieces; the budget stays isolated.
+            log.warning("%s has a graph break (%s); compiling it in pieces", self.name, str(graph_break).splitlines()[0])
+            self._compiled = self._compile(fullgraph=False)
+            return self._compiled(*args, **kwargs)
         if self.uncompiled_calls == 0:
             log.warning("%s; running it uncompiled (slow) from now on for new shapes", self.message())
         self.uncompiled_calls += 1

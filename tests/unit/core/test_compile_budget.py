@@ -158,3 +158,22 @@ def test_training_layer_compile_goes_dynamic_instead_of_spending_the_limit(monke
             model(torch.randint(0, 100, (1, s)))
     assert 1 <= counters["stats"]["unique_graphs"] <= 2
     assert not [k for k in counters["unimplemented"] if "recompile limit" in k.lower()]
+
+
+def _with_graph_break(x: torch.Tensor) -> torch.Tensor:
+    y = x.sin()
+    torch._dynamo.graph_break()
+    return y.cos()
+
+
+def test_a_function_with_a_graph_break_still_runs_compiled_in_pieces(caplog):
+    """fullgraph=True must not turn a model dynamo cannot trace whole into a crash."""
+    backend = CompileCounter()
+    fn = compile_with_budget(_with_graph_break, name="broken step", max_shapes=4, fix="-", backend=backend)
+    with caplog.at_level(logging.WARNING, logger="mas.compile_budget"):
+        x = torch.randn(5)
+        torch.testing.assert_close(fn(x), x.sin().cos())
+        torch.testing.assert_close(fn(x), x.sin().cos())
+    assert backend.frame_count == 2  # the two pieces, compiled once
+    assert fn.uncompiled_calls == 0
+    assert sum("graph break" in r.getMessage() for r in caplog.records) == 1
