@@ -265,23 +265,12 @@ def bench(args: argparse.Namespace) -> str:
             f"measured copy bandwidth {bandwidth:,.0f} GB/s -> {roofline:,.0f} tokens/s; compiled batch-1 decode reaches "
             f"{reached} of the roofline (target >= 50%)"
         )
-    profiles = []
-    if args.profile_steps:
-        for m, name in compiled_names.items():
-            trace = Path(args.profile_dir) / f"bench_generation_decode_{m}.trace.json.gz" if args.profile_dir else None
-            summary = profile_decode_steps(model, seq, settings[name], args.profile_steps, trace)
-            profiles.append(
-                summary.markdown(f"batch-1 decode steps compiled with mode {m} ({name})", "token", measured_ms=1e3 / median[name])
-            )
-        if args.profile_dir:
-            Path(args.profile_dir).mkdir(parents=True, exist_ok=True)
-            (Path(args.profile_dir) / "bench_generation_decode_profile.md").write_text("\n\n".join(profiles) + "\n")
-    clear_kv_caches(model)
-    return "\n".join(
+    timings = "\n".join(
         [
             f"### {device.type}",
             "",
-            f"Measured {datetime.date.today().isoformat()} with `python tools/bench_generation.py --device {device.type} --model {args.model}`.",
+            f"Measured {datetime.date.today().isoformat()} with `python tools/bench_generation.py --device {device.type} --model {args.model} "
+            f"--rounds {args.rounds} --new-tokens {args.new_tokens}`.",
             f"Machine: {machine_description(device)}.",
             f"Model: {args.model} shape, random weights, {str(dtype).replace('torch.', '')}. Prompts: random tokens, a system segment (1/4) "
             f"and a user segment (3/4). Prefill on {'compiled FlexAttention (BlockMask)' if device.type == 'cuda' else 'SDPA with the dense mask'}; "
@@ -296,9 +285,25 @@ def bench(args: argparse.Namespace) -> str:
             markdown_table(decode_rows),
             "",
             *notes,
-            *(f"\n{p}" for p in profiles),
         ]
     )
+    print(timings, flush=True)
+    if not args.no_write:  # the timings are safe before the profiler runs
+        update_section(BENCHMARKS_FILE, NAME, TITLE, args.device, timings)
+    profiles = []
+    if args.profile_steps:
+        for m, name in compiled_names.items():
+            trace = Path(args.profile_dir) / f"bench_generation_decode_{m}.trace.json.gz" if args.profile_dir else None
+            summary = profile_decode_steps(model, seq, settings[name], args.profile_steps, trace)
+            profiles.append(
+                summary.markdown(f"batch-1 decode steps compiled with mode {m} ({name})", "token", measured_ms=1e3 / median[name])
+            )
+        if args.profile_dir:
+            Path(args.profile_dir).mkdir(parents=True, exist_ok=True)
+            (Path(args.profile_dir) / "bench_generation_decode_profile.md").write_text("\n\n".join(profiles) + "\n")
+        print("\n" + "\n\n".join(profiles), flush=True)
+    clear_kv_caches(model)
+    return "\n\n".join([timings, *profiles])
 
 
 def main(argv: Optional[List[str]] = None) -> None:
@@ -314,8 +319,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     parser.add_argument("--no-write", action="store_true")
     args = parser.parse_args(argv)
     args.model = args.model or ("llama3_2_1b" if args.device == "cuda" else "tiny")
-    report = bench(args)
-    print(report)
+    report = bench(args)  # prints (and writes) the timings, then profiles
     if not args.no_write:
         update_section(BENCHMARKS_FILE, NAME, TITLE, args.device, report)
 
