@@ -435,7 +435,7 @@ def run_rounds(
                         v.examples.append(counts["examples"])
                         v.keys.append(counts["keys"])
                         v.targets.append(counts["targets"])
-            if device.type == "cuda":
+            if device.type == "cuda" and round_index:  # not the warm-up: compiling allocates too
                 # Every variant's model stays resident: count this one's weights, plus what its
                 # steps allocated above the memory held at the start of its turn.
                 peak = (torch.cuda.max_memory_allocated(device) - resident + model_bytes(v.model)) / 2**30
