@@ -151,6 +151,11 @@ class SegmentedDataset(Dataset):
     def _as_item(sequence: SegmentedSequence) -> Dict[str, List[int]]:
         return {"tokens": sequence.tokens, "labels": sequence.labels, "segment_ids": sequence.segment_ids}
 
+    @property
+    def longest_item(self) -> int:
+        """Tokens of the longest item (a pack's length when packed), before batch padding."""
+        return max(len(item["tokens"]) for item in self._items)
+
     def __len__(self) -> int:
         return len(self._items)
 

@@ -207,10 +207,27 @@ class LoRAFinetuneRecipe:
         )
         return loader, sampler
 
+    def _check_fits_model(self, dataset: Any, key: str) -> None:
+        """A batch longer than the model's positions would fail inside torchtune's forward."""
+        model_len = getattr(self.model, "max_seq_len", None)
+        if model_len is None:
+            return
+        multiple = self.opts.pad_to_multiple_of or 1
+        longest = -(-dataset.longest_item // multiple) * multiple
+        if longest > model_len:
+            what = f"{key}.pack_length={dataset.stats.pack_length}" if dataset.stats.packs else (
+                f"its longest example padded to a multiple of pad_to_multiple_of={multiple} ({longest} tokens)"
+            )
+            raise ConfigError(
+                f"{key}: {what} is longer than the model's max_seq_len={model_len}; "
+                f"lower {key}.pack_length / tokenizer.max_seq_len, or raise model.max_seq_len"
+            )
+
     def _setup_data(self) -> None:
         self.dataset = instantiate(self.opts.dataset, self.tokenizer)
         if self.parallel.is_main:
             log.info("train data: %s", self.dataset.stats.summary())
+        self._check_fits_model(self.dataset, "dataset")
         per_step = self.opts.batch_size * self.parallel.world_size
         if len(self.dataset) < per_step:
             raise ConfigError(
@@ -223,6 +240,7 @@ class LoRAFinetuneRecipe:
             val_dataset = instantiate(self.opts.val_dataset, self.tokenizer)
             if self.parallel.is_main:
                 log.info("validation data: %s", val_dataset.stats.summary())
+            self._check_fits_model(val_dataset, "val_dataset")
             self.val_loader, _ = self._dataloader(val_dataset, shuffle=False)
         batches = len(self.loader)
         self.steps_per_epoch = batches // self.grad_accum

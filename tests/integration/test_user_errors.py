@@ -74,6 +74,7 @@ CASES = [
     Case("generate: LoRA dropout of 1", mas_generate.recipe_main, _gen("model.lora_dropout=1.0"), r"model.lora_dropout must be in \[0, 1\), got 1.0", "ok"),
     Case("config file that is not valid YAML", mas_lora_finetune.recipe_main, lambda t, b: ["--config", str(t / "broken.yaml")], r"broken.yaml: not a readable YAML config \(ParserError: .*line 2", "traceback",
          setup=lambda t, b: (t / "broken.yaml").write_text("epochs: [\n")),
+    Case("packs longer than the model's positions", mas_lora_finetune.recipe_main, _ft("dataset.packed=True", "dataset.pack_length=2048", "batch_size=1"), r"dataset: dataset.pack_length=2048 is longer than the model's max_seq_len=1024", "traceback"),
     Case("unknown config name", mas_lora_finetune.recipe_main, lambda t, b: ["--config", "tiny_mass"], r"did you mean tiny_mas", "ok"),
     Case("unwritable output folder", mas_lora_finetune.recipe_main, _ft("output_dir=/proc/mas_cannot_write"), r"/proc/mas_cannot_write", "traceback"),
     Case("fresh run into another run's folder", mas_lora_finetune.recipe_main, _ft(), r"holds another run .*resume_from_checkpoint=True.*overwrite_output_dir=True", "silent", setup=_train_once),
