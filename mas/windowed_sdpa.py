@@ -65,6 +65,17 @@ __all__ = [
 #: ~130-token examples (32 and 64 give less work but more calls).
 QUERY_TILE: int = 128
 
+#: Planning from ids: tiles start at multiples of this many queries, or where a document starts.
+CUT_STEP: int = 32
+
+#: Planning from ids: the longest tile, in queries.
+MAX_TILE: int = 256
+
+#: Planning from ids: what one more SDPA call costs, in score-matrix entries (forward and
+#: backward). Measured on the 2-core CPU for the tiny model (4 heads of 16): one call costs about
+#: as much as 7,000 scores, so a tile is split where that saves more than 8,192 scores.
+CALL_COST: int = 8192
+
 #: Windows are used when they cover at most this fraction of the ``[q, kv]`` score matrix
 #: (a causal 1024-token row: 0.56, 1.5x faster; a padded batch: ~1.0, one call).
 MAX_WINDOWED_WORK: float = 0.85
@@ -223,38 +234,83 @@ def _reach(ids: Tensor) -> Tuple[Tensor, Tensor]:
     return first[keys], last[keys]
 
 
+def _cut_tiles(low: List[int], high: List[int], cuts: List[int], max_tile: int, call_cost: int) -> List[Tuple[int, int]]:
+    """The query tiles (between candidate cuts) of least total cost, by dynamic programming.
+
+    A tile's cost is ``len * (window length) + call_cost``; its window spans the lowest ``low``
+    to the highest ``high`` of its queries.
+
+    Args:
+        low (List[int]): per query, the first key it may see (``kv_len`` if none).
+        high (List[int]): per query, the last key it may see (-1 if none).
+        cuts (List[int]): sorted candidate tile starts, from 0, ending with the query count.
+        max_tile (int): longest tile.
+        call_cost (int): cost of one more tile, in scores.
+
+    Returns:
+        List[Tuple[int, int]]: ``(q_start, q_end)`` of each tile, in order.
+    """
+    # Per gap between consecutive cuts: its lowest low and highest high.
+    gap_low = [min(low[a:b]) for a, b in zip(cuts, cuts[1:])]
+    gap_high = [max(high[a:b]) for a, b in zip(cuts, cuts[1:])]
+    best = [0.0] + [math.inf] * (len(cuts) - 1)
+    start_of = [0] * len(cuts)
+    for end in range(1, len(cuts)):
+        lowest, highest = math.inf, -1
+        for start in range(end - 1, -1, -1):
+            if cuts[end] - cuts[start] > max_tile and start < end - 1:
+                break
+            lowest, highest = min(lowest, gap_low[start]), max(highest, gap_high[start])
+            width = max(highest - lowest + 1, 1) if highest >= 0 else 1
+            cost = best[start] + (cuts[end] - cuts[start]) * width + call_cost
+            if cost < best[end]:
+                best[end], start_of[end] = cost, start
+    tiles = []
+    end = len(cuts) - 1
+    while end > 0:
+        tiles.append((cuts[start_of[end]], cuts[end]))
+        end = start_of[end]
+    return tiles[::-1]
+
+
 def plan_key_windows(
     segment_ids: Tensor,
     document_ids: Optional[Tensor] = None,
     *,
     query_start: int = 0,
     query_len: Optional[int] = None,
-    tile: int = QUERY_TILE,
+    cut_step: int = CUT_STEP,
+    max_tile: int = MAX_TILE,
+    call_cost: int = CALL_COST,
 ) -> List[Window]:
-    """Key windows that contain every key the MAS rule can allow, from the CPU ids alone.
+    """Query tiles and key windows that hold every key the MAS rule can allow, from the CPU ids.
 
     Query position ``p`` may attend key ``k`` only if ``k`` lies in its document (``k >=`` the
     document's first position) and ``k <= p`` or ``k`` is in its prompt segment (``k <=`` the
-    segment's last position). The window of a tile is the union over its queries and rows. The
-    windows of a MAS layout also hold every key of the same layout made causal (a causal mask
-    allows a subset), so one plan serves both attention modes. Reads the ids on the host: the
-    training loader plans on its CPU batch, before the step.
+    segment's last position); over the rows of the batch, each query gets the union of these
+    ranges. The tiles are cut (at multiples of ``cut_step`` or where a document starts) so as to
+    minimise the scores computed plus ``call_cost`` per tile: in a pack, about one tile per
+    example, whose window is that example. The windows of a MAS layout also hold every key of
+    the same layout made causal (a causal mask allows a subset), so one plan serves both
+    attention modes. Reads the ids on the host: the training loader plans on its CPU batch,
+    before the step.
 
     Args:
         segment_ids (Tensor): ``[b, s]`` CPU segment ids.
         document_ids (Optional[Tensor]): ``[b, s]`` document ids, or None.
         query_start (int): key position of the first query.
         query_len (Optional[int]): number of queries; default ``s - query_start``.
-        tile (int): queries per tile.
+        cut_step (int): tiles start at multiples of this (or at a document start).
+        max_tile (int): longest tile, in queries.
+        call_cost (int): what one more tile costs, in scores.
 
     Returns:
-        List[Window]: ``(q_start, q_end, k_start, k_end)`` per tile of queries.
+        List[Window]: ``(q_start, q_end, k_start, k_end)`` per tile of queries, in order.
     """
     kv_len = segment_ids.shape[1]
     if query_len is None:
         query_len = kv_len - query_start
-    n_tiles = math.ceil(query_len / tile)
-    if n_tiles < 2:  # one tile: the whole mask, nothing to read (decoding, short rows)
+    if query_len <= cut_step:  # one tile: the whole mask, nothing to read (decoding)
         return [(0, query_len, 0, kv_len)]
     positions = torch.arange(kv_len)
     if document_ids is not None:
@@ -264,10 +320,17 @@ def plan_key_windows(
     segment_last = _reach(segment_ids)[1]
     highest = torch.where(segment_ids >= 0, torch.maximum(segment_last, positions), positions)
     q_slice = slice(query_start, query_start + query_len)
-    pad = n_tiles * tile - query_len
-    low = F.pad(lowest[:, q_slice], (0, pad), value=kv_len).view(-1, n_tiles, tile).amin(2).amin(0).tolist()
-    high = F.pad(highest[:, q_slice], (0, pad), value=-1).view(-1, n_tiles, tile).amax(2).amax(0).tolist()
-    return [_window(t, tile, query_len, low[t], min(kv_len, high[t] + 1)) for t in range(n_tiles)]
+    low = lowest[:, q_slice].amin(0)
+    high = highest[:, q_slice].clamp(max=kv_len - 1).amax(0)
+    document_starts = (low[1:] != low[:-1]).nonzero().squeeze(1) + 1
+    cuts = sorted(set(range(0, query_len, cut_step)) | set(document_starts.tolist()) | {query_len})
+    tiles = _cut_tiles(low.tolist(), high.tolist(), cuts, max_tile, call_cost)
+    low_list, high_list = low.tolist(), high.tolist()
+    windows = []
+    for q0, q1 in tiles:
+        k0, k1 = min(low_list[q0:q1]), max(high_list[q0:q1]) + 1
+        windows.append((q0, q1, k0, k1) if k1 > k0 else (q0, q1, 0, 1))
+    return windows
 
 
 def windowed_mas_mask(
@@ -277,7 +340,7 @@ def windowed_mas_mask(
     query_start: int = 0,
     query_len: Optional[int] = None,
     validate: bool = True,
-    tile: int = QUERY_TILE,
+    cut_step: int = CUT_STEP,
     max_work: float = MAX_WINDOWED_WORK,
     key_windows: Optional[Sequence[Window]] = None,
 ) -> Tensor:
@@ -293,7 +356,7 @@ def windowed_mas_mask(
         query_start (int): key position of the first query.
         query_len (Optional[int]): number of queries; default ``s - query_start``.
         validate (bool): check the ids first.
-        tile (int): queries per tile.
+        cut_step (int): the plan's tile grid (:func:`plan_key_windows`).
         max_work (float): build window by window when the windows cover at most this fraction of
             the scores; else the whole mask at once.
         key_windows (Optional[Sequence[Window]]): windows planned already by
@@ -309,7 +372,7 @@ def windowed_mas_mask(
     if query_len is None:
         query_len = kv_len - query_start
     if key_windows is None:
-        windows = plan_key_windows(segment_ids, document_ids, query_start=query_start, query_len=query_len, tile=tile)
+        windows = plan_key_windows(segment_ids, document_ids, query_start=query_start, query_len=query_len, cut_step=cut_step)
     else:
         windows = list(key_windows)
     if not _worth_windows(windows, query_len, kv_len, max_work):

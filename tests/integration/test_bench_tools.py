@@ -194,3 +194,20 @@ def test_gpu_check_script_parses_and_fits_its_slot():
     ]
     assert sum(int(s) for _, s in steps) <= 9 * 60
     assert "--model llama3_2_1b" in dry.stdout and "--profile-dir" in dry.stdout
+
+
+def test_paired_step_ratio_pairs_the_same_steps():
+    """Two variants timed on the same batches: the ratio is taken step by step, so a slow batch
+    (or a load spike that hits both) cancels, where a ratio of medians would not."""
+    from bench_training import Variant, paired_step_ratio
+
+    def variant(name, times):
+        v = Variant(name, "mas_lora_finetune", "mas", "", None, lambda: None, lambda: None)
+        v.step_times = list(times)
+        return v
+
+    causal = variant("causal", [1.0, 4.0, 1.0, 4.0, 9.0])
+    mas = variant("mas", [1.02, 4.08, 1.02, 4.08, 9.18])
+    assert paired_step_ratio(mas, causal) == pytest.approx(1.02)
+    with pytest.raises(ValueError, match="different numbers of steps"):
+        paired_step_ratio(mas, variant("short", [1.0]))
