@@ -5,8 +5,8 @@ Where FlexAttention cannot run (CPU training: no flex backward), attention is
 every key. A packed row makes most of that work masked: a 1024-token pack of eight ~130-token
 examples lets a query see at most its own example, so ~85% of the score matrix is masked.
 
-:func:`windowed_sdpa` cuts the queries into tiles of :data:`QUERY_TILE` and gives each tile only
-the contiguous key window that some query of the tile may attend (over the whole batch)::
+:func:`windowed_sdpa` cuts the queries into tiles and gives each tile only the contiguous key
+window that some query of the tile may attend (over the whole batch)::
 
     packed mask (two documents)        query tile 0 -> keys [0, 5)
       k: 0 1 2 3 4 5 6 7               query tile 1 -> keys [4, 8)
@@ -27,12 +27,17 @@ batch whose padding queries see every key) one call over the whole mask runs.
 Two ways in, both giving an :class:`SdpaMask` that every layer of a forward pass (and their
 backward) shares, cached on the mask tensor:
 
-- :func:`windowed_mas_mask` builds a MAS mask on the CPU from the ids: the windows come from the
-  ids in ``O(s)`` per tile, and the rule is evaluated only inside them (the ~80% of a pack's
-  score matrix outside every window is never computed). Its slow twin is
+- :func:`windowed_mas_mask` builds a MAS mask on the CPU from the ids: :func:`plan_key_windows`
+  cuts the tiles where documents start (about one tile per packed example, a small dynamic
+  programme over scores computed plus a per-call cost), and the rule is evaluated only inside
+  the windows (the ~85% of a pack's score matrix outside them is never computed). The training
+  loader plans on its CPU batch, so the step reads no id. Its slow twin is
   :func:`mas.masks.dense_mas_mask`.
-- :func:`sdpa_mask_of` prepares any dense mask (a caller's own, or one changed in place) by
-  reading it: the windows are the key ranges of its ``True`` entries.
+- :func:`sdpa_mask_of` prepares any other dense mask (a caller's own, or one changed in place)
+  by reading it: fixed tiles of :data:`QUERY_TILE` queries, each with the key range of its
+  ``True`` entries.
+
+Measured side by side by ``tools/bench_training.py`` (its "one SDPA call" variant, BENCHMARKS.md).
 """
 
 from __future__ import annotations
@@ -61,8 +66,8 @@ __all__ = [
     "windowed_sdpa",
 ]
 
-#: Queries per tile. 128 (the flex tile) measured best on CPU for 1024-2048-token packs of
-#: ~130-token examples (32 and 64 give less work but more calls).
+#: Queries per tile when the windows are read from a mask (:func:`key_windows`): 128 (the flex
+#: tile) measured best on CPU for 1024-2048-token packs (32 and 64: less work, more calls).
 QUERY_TILE: int = 128
 
 #: Planning from ids: tiles start at multiples of this many queries, or where a document starts.
