@@ -533,7 +533,7 @@ def report(variants: List[Variant], args: argparse.Namespace, device: torch.devi
         notes.append(
             f"- packed {first}: MAS / causal step time {paired_step_ratio(by_name[f'MAS, packed {first}'], by_name[f'causal, packed {first}']):.3f}"
         )
-    path = "compiled FlexAttention with a BlockMask" if device.type == "cuda" else "SDPA with the dense mask (FlexAttention has no CPU backward)"
+    path = "compiled FlexAttention with a BlockMask" if device.type == "cuda" else "SDPA with the dense mask, one call per query tile over its key window (`mas/windowed_sdpa.py`; FlexAttention has no CPU backward)"
     return "\n".join(
         [
             f"### {device.type}",
