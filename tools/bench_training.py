@@ -482,31 +482,7 @@ def paired_step_ratio(a: Variant, b: Variant) -> float:
 
 def report(variants: List[Variant], args: argparse.Namespace, device: torch.device) -> str:
     by_name = {v.name: v for v in variants}
-    rows = []
-    rates: Dict[str, float] = {}
-    for v in variants:
-        # Medians of per-step rates: robust to the other jobs of a shared machine.
-        real_rate = statistics.median(r / t for r, t in zip(v.real_tokens, v.step_times))
-        padded_rate = statistics.median(p / t for p, t in zip(v.padded_tokens, v.step_times))
-        flop_rate = statistics.median(useful_flops(v.model, r, k) / t for r, k, t in zip(v.real_tokens, v.keys, v.step_times))
-        real, padded = sum(v.real_tokens), sum(v.padded_tokens)
-        rates[v.name] = real_rate
-        row = {
-            "recipe": v.recipe,
-            "attention": v.attention,
-            "batch": v.layout,
-            "real tokens/s": f"{real_rate:,.0f}",
-            "padded tokens/s": f"{padded_rate:,.0f}",
-            "real / padded": f"{real / padded:.0%}",
-            "examples/step": f"{statistics.mean(v.examples):.1f}",
-            "step (ms)": f"{statistics.median(v.step_times) * 1e3:.1f}",
-        }
-        if device.type == "cuda":
-            row["peak mem (GiB)"] = f"{v.peak_gib:.2f}"
-            row["MFU"] = f"{flop_rate / (PEAK_BF16_TFLOPS * 1e12):.1%}"
-        else:
-            row["useful GFLOP/s"] = f"{flop_rate / 1e9:.2f}"
-        rows.append(row)
+    rows, rates, _ = variant_table(variants, device, {"recipe": lambda v: v.recipe, "attention": lambda v: v.attention})
 
     def ratio(a: str, b: str) -> str:
         return f"{rates[a] / rates[b]:.2f}" if a in rates and b in rates else "n/a"
@@ -711,23 +687,31 @@ def synthetic_specs(args: argparse.Namespace) -> List[SyntheticSpec]:
     return specs
 
 
-def synthetic_table(variants: List[Variant], device: torch.device) -> tuple[List[Dict[str, str]], Dict[str, float], Dict[str, float]]:
-    """Table rows, real tokens/s and useful FLOP/s of each variant (medians over timed steps)."""
+def variant_table(
+    variants: List[Variant], device: torch.device, leading: Dict[str, Callable[[Variant], str]]
+) -> tuple[List[Dict[str, str]], Dict[str, float], Dict[str, float]]:
+    """Table rows, real tokens/s and useful FLOP/s of each variant (medians over timed steps).
+
+    Medians of per-step rates: robust to the other jobs of a shared machine. ``leading`` names
+    the first columns (header -> value of a variant); the batch and the rates follow.
+    """
     rows, rates, flops = [], {}, {}
     for v in variants:
         real_rate = statistics.median(r / t for r, t in zip(v.real_tokens, v.step_times))
         padded_rate = statistics.median(p / t for p, t in zip(v.padded_tokens, v.step_times))
         flops[v.name] = statistics.median(useful_flops(v.model, r, k) / t for r, k, t in zip(v.real_tokens, v.keys, v.step_times))
         rates[v.name] = real_rate
-        row = {
-            "variant": v.name,
-            "batch": v.layout,
-            "real tokens/s": f"{real_rate:,.0f}",
-            "padded tokens/s": f"{padded_rate:,.0f}",
-            "real / padded": f"{sum(v.real_tokens) / sum(v.padded_tokens):.0%}",
-            "examples/step": f"{statistics.mean(v.examples):.1f}",
-            "step (ms)": f"{statistics.median(v.step_times) * 1e3:.1f}",
-        }
+        row = {header: value(v) for header, value in leading.items()}
+        row.update(
+            {
+                "batch": v.layout,
+                "real tokens/s": f"{real_rate:,.0f}",
+                "padded tokens/s": f"{padded_rate:,.0f}",
+                "real / padded": f"{sum(v.real_tokens) / sum(v.padded_tokens):.0%}",
+                "examples/step": f"{statistics.mean(v.examples):.1f}",
+                "step (ms)": f"{statistics.median(v.step_times) * 1e3:.1f}",
+            }
+        )
         if device.type == "cuda":
             row["peak mem (GiB)"] = f"{v.peak_gib:.2f}"
             row["MFU"] = f"{flops[v.name] / (PEAK_BF16_TFLOPS * 1e12):.1%}"
@@ -740,7 +724,7 @@ def synthetic_table(variants: List[Variant], device: torch.device) -> tuple[List
 def synthetic_report(
     variants: List[Variant], args: argparse.Namespace, device: torch.device, dims: Dict[str, int], compile_stats: Dict[str, Any]
 ) -> str:
-    rows, rates, flops = synthetic_table(variants, device)
+    rows, rates, flops = variant_table(variants, device, {"variant": lambda v: v.name})
     full_shape = dims == LLAMA3_2_1B
 
     def ratio(a: str, b: str) -> str:
