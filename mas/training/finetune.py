@@ -8,6 +8,7 @@ device or FSDP2 ranks) is a :class:`~mas.training.parallel.Parallelism` object.
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 from pathlib import Path
@@ -31,7 +32,7 @@ from mas.training.run_identity import check_fresh_output_dir, check_resume_match
 from mas.training.run_state import DataPosition, load_run_checkpoint, mas_settings, restore_rng, save_run_checkpoint
 from mas.training.sampler import ResumableSampler
 from mas.training.loss import check_target_rows_loss
-from mas.training.steps import prepare_batch, prepare_host_batch, summed_token_loss
+from mas.training.steps import HostBatch, prepare_batch, prepare_host_batch, summed_token_loss
 
 __all__ = ["LoRAFinetuneRecipe", "TrainingDivergedError"]
 
@@ -39,6 +40,11 @@ log = logging.getLogger("mas.finetune")
 
 class TrainingDivergedError(UserError):
     """The loss or a gradient became NaN or infinite; the run stopped before saving it."""
+
+
+def _collate_host_batch(items: Any, *, pad_id: int, pad_to_multiple_of: Optional[int]) -> HostBatch:
+    """The loader's collate: pad the items, then check, shift, count and plan on the CPU."""
+    return prepare_host_batch(collate_segmented(items, pad_id=pad_id, pad_to_multiple_of=pad_to_multiple_of))
 
 
 class LoRAFinetuneRecipe:
@@ -196,9 +202,9 @@ class LoRAFinetuneRecipe:
             num_workers=self.opts.num_workers,
             # Checks, shift and token counts happen here, on the CPU (in the workers when there
             # are any), so the step never reads a device tensor to count.
-            collate_fn=lambda items: prepare_host_batch(
-                collate_segmented(items, pad_id=pad_id, pad_to_multiple_of=multiple)
-            ),
+            # A partial of a module function, not a lambda: spawn and forkserver workers (macOS;
+            # Linux from Python 3.14) receive it pickled.
+            collate_fn=functools.partial(_collate_host_batch, pad_id=pad_id, pad_to_multiple_of=multiple),
             # Page-locked batches: the step's non_blocking copies overlap the previous step's work.
             pin_memory=self.device.type == "cuda",
             # Its own generator: creating an iterator must not draw from the global RNG, or a

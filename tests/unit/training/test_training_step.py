@@ -270,3 +270,17 @@ def test_loader_workers_give_the_same_steps_as_the_main_process(tmp_path, tiny_b
     assert adapter_workers.keys() == adapter_main.keys()
     for name, weight in adapter_main.items():
         assert torch.equal(adapter_workers[name], weight), name
+
+
+def test_loader_collate_pickles_for_spawned_workers(tmp_path, tiny_base_dir):
+    """Workers started by spawn or forkserver (macOS; Linux from Python 3.14) receive the
+    collate function pickled: it must not be a local lambda, and its copy collates the same."""
+    import pickle
+
+    recipe = _recipe(tmp_path, tiny_base_dir)
+    collate = pickle.loads(pickle.dumps(recipe.loader.collate_fn))
+    items = [recipe.dataset[i] for i in range(3)]
+    want, got = recipe.loader.collate_fn(items), collate(items)
+    assert isinstance(got, HostBatch)
+    assert torch.equal(got.tokens, want.tokens) and torch.equal(got.segment_ids, want.segment_ids)
+    assert got.key_windows == want.key_windows
