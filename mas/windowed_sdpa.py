@@ -219,6 +219,16 @@ def _version(mask: Tensor) -> Optional[int]:
     return None if mask.is_inference() else mask._version
 
 
+def _require_cpu_ids(what: str, segment_ids: Tensor, document_ids: Optional[Tensor]) -> None:
+    # The plan reads ids on the host: on a CUDA tensor each read would wait for the GPU.
+    for name, ids in (("segment_ids", segment_ids), ("document_ids", document_ids)):
+        if ids is not None and ids.device.type != "cpu":
+            raise ValueError(
+                f"{what} reads {name} on the host and got {name} on {ids.device}; pass the CPU ids (the "
+                "loader's batch), or on a device build the mask with mas.attention.build_attention_mask"
+            )
+
+
 def _reach(ids: Tensor) -> Tuple[Tensor, Tensor]:
     """Per position, the first and the last position of its id's value in the row.
 
@@ -311,7 +321,11 @@ def plan_key_windows(
 
     Returns:
         List[Window]: ``(q_start, q_end, k_start, k_end)`` per tile of queries, in order.
+
+    Raises:
+        ValueError: ids that are not on the CPU.
     """
+    _require_cpu_ids("plan_key_windows", segment_ids, document_ids)
     kv_len = segment_ids.shape[1]
     if query_len is None:
         query_len = kv_len - query_start
@@ -370,7 +384,11 @@ def windowed_mas_mask(
 
     Returns:
         Tensor: bool ``[b, query_len, s]``.
+
+    Raises:
+        ValueError: ids that are not on the CPU.
     """
+    _require_cpu_ids("windowed_mas_mask", segment_ids, document_ids)
     if validate:
         validate_segment_ids(segment_ids, document_ids)
     batch_size, kv_len = segment_ids.shape

@@ -195,3 +195,19 @@ def test_masks_built_under_inference_mode_are_prepared_once():
         got = MASAttention("sdpa")(q, k, v, mask, 0.0, False)
         assert sdpa_mask_of(mask) is mask._mas_sdpa_mask[1]
     torch.testing.assert_close(got, whole_mask_sdpa(q, k, v, mask))
+
+
+def test_planning_and_windowed_build_refuse_ids_off_the_cpu():
+    """They read ids on the host: on a device tensor that would be a sync per read (or a device
+    mismatch deep inside), so they refuse it in one line ('meta' stands in for CUDA here)."""
+    import pytest
+
+    from mas.windowed_sdpa import plan_key_windows
+
+    ids = torch.zeros(1, 64, dtype=torch.long, device="meta")
+    with pytest.raises(ValueError, match="segment_ids on meta.*CPU"):
+        plan_key_windows(ids)
+    with pytest.raises(ValueError, match="document_ids on meta.*CPU"):
+        plan_key_windows(torch.zeros(1, 64, dtype=torch.long), ids)
+    with pytest.raises(ValueError, match="segment_ids on meta.*CPU"):
+        windowed_mas_mask(ids, validate=False, key_windows=[(0, 32, 0, 32), (32, 64, 0, 64)])
