@@ -191,9 +191,11 @@ def test_masks_built_under_inference_mode_are_prepared_once():
     segments, documents = packed_row([125, 118, 131], 512)
     with torch.inference_mode():
         mask = windowed_mas_mask(segments, documents)
+        prepared = mask._mas_sdpa_mask[1]  # by the builder
         q, k, v = (t.detach() for t in random_qkv(1, 512, 512))
         got = MASAttention("sdpa")(q, k, v, mask, 0.0, False)
-        assert sdpa_mask_of(mask) is mask._mas_sdpa_mask[1]
+        # Taken before the calls: a re-preparation would replace it (and read the mask again).
+        assert mask._mas_sdpa_mask[1] is prepared and sdpa_mask_of(mask) is prepared
     torch.testing.assert_close(got, whole_mask_sdpa(q, k, v, mask))
 
 
