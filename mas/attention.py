@@ -102,8 +102,8 @@ def _sdpa_mask_of(mask: AttentionMask) -> SdpaMask:
     """The SDPA-ready twin of ``mask``, prepared once per batch (cached on the mask).
 
     A BlockMask pays for its dense twin once, not once per layer; a dense mask is handled by
-    :func:`mas.windowed_sdpa.sdpa_mask_of` (masks from :func:`build_attention_mask` arrive
-    prepared).
+    :func:`mas.windowed_sdpa.sdpa_mask_of` (CPU masks from :func:`build_attention_mask` arrive
+    prepared; a dense mask on a device is prepared as one call over the whole mask, unread).
     """
     if not isinstance(mask, BlockMask):
         return sdpa_mask_of(mask)

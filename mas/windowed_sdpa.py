@@ -8,15 +8,17 @@ examples lets a query see at most its own example, so ~85% of the score matrix i
 :func:`windowed_sdpa` cuts the queries into tiles and gives each tile only the contiguous key
 window that some query of the tile may attend (over the whole batch)::
 
-    packed mask (two documents)        query tile 0 -> keys [0, 5)
-      k: 0 1 2 3 4 5 6 7               query tile 1 -> keys [4, 8)
+    packed mask (two documents)        query tile 0 -> keys [0, 4)
+      segment_ids  = [0 0 1 1 2 2 -1 -1]   query tile 1 -> keys [4, 8)
+      document_ids = [0 0 0 0 1 1  1  1]
+      k: 0 1 2 3 4 5 6 7
       [1 1 0 0 0 0 0 0]  tile 0
-      [1 1 1 0 0 0 0 0]
-      [1 1 1 1 1 0 0 0]  (MAS: a prompt segment may reach ahead)
-      [1 1 1 1 1 0 0 0]
+      [1 1 0 0 0 0 0 0]
+      [1 1 1 1 0 0 0 0]  (MAS: a prompt segment may reach ahead)
+      [1 1 1 1 0 0 0 0]
       [0 0 0 0 1 1 0 0]  tile 1
+      [0 0 0 0 1 1 0 0]
       [0 0 0 0 1 1 1 0]
-      [0 0 0 0 1 1 1 1]
       [0 0 0 0 1 1 1 1]
 
 Keys outside a tile's window are masked for every query of the tile, so leaving them out is

@@ -114,8 +114,8 @@ def decode_step(
     return next_token, emitted, done, slot + 1, position + 1
 
 
-#: Compiled decode-step signatures per mode and process (dynamo's default limit is 8): at most 13
-#: widths (64 to 131,072 slots) for a full and a last, smaller batch of one cache length is 26.
+#: Compiled decode-step signatures per mode and process (dynamo's default limit is 8): at most 12
+#: widths (64 to 131,072 slots) for a full and a last, smaller batch of one cache length is 24.
 DECODE_SHAPE_BUDGET = 64
 
 

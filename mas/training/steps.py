@@ -46,9 +46,10 @@ class HostBatch:
         target_values (Tensor): ``[n]`` those targets, ``targets.flatten()[target_index]``.
         num_targets (int): ``n``, the targets that count in the loss.
         num_tokens (int): real (non-padding) tokens, for throughput.
-        key_windows (List[Window]): per 128-query tile, the keys its queries may see (MAS layout,
-            so also the causal one): the CPU dense mask is built and attended only there
-            (:mod:`mas.windowed_sdpa`); a BlockMask has its own tiles and ignores them.
+        key_windows (List[Window]): query tiles (cut where documents start, at most
+            :data:`mas.windowed_sdpa.MAX_TILE` queries) and the keys each may see, planned by
+            :func:`mas.windowed_sdpa.plan_key_windows` for the MAS layout (so also the causal one):
+            the CPU dense mask is built and attended only there; a BlockMask (CUDA) ignores them.
     """
 
     tokens: Tensor
