@@ -8,6 +8,7 @@ generated, so there is no answer to extract and no extraction failure.
 
 from __future__ import annotations
 
+import math
 from typing import List, Sequence
 
 import torch
@@ -59,8 +60,12 @@ def answer_logprobs(
         for i, seq in enumerate(chunk):
             if not any(counts_as_target(s) for s in seq.segment_ids):
                 raise ValueError(f"sequence {start + i} has no answer tokens to score")
-        # Where compiled FlexAttention runs, lengths in tiles: a few compiled shapes, not one per batch.
+        # Where compiled FlexAttention runs, lengths in tiles: a few compiled shapes, not one per
+        # batch; never past the model's positions (torchtune refuses longer inputs).
         multiple = FLEX_TILE if uses_flex(backend, device) else None  # type: ignore[arg-type]
+        longest = max(len(s) for s in chunk)
+        if multiple and -(-longest // multiple) * multiple > getattr(model, "max_seq_len", math.inf):
+            multiple = None
         items = [{"tokens": s.tokens, "labels": s.labels, "segment_ids": s.segment_ids} for s in chunk]
         batch = collate_segmented(items, pad_to_multiple_of=multiple)
         segment_ids = batch["segment_ids"].to(device)

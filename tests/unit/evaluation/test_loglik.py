@@ -57,3 +57,18 @@ def test_drop_final_eos_keeps_the_spans(llama3_tokenizer):
 def test_a_sequence_without_answer_tokens_is_refused(model):
     with pytest.raises(ValueError, match="sequence 1 has no answer tokens"):
         answer_logprobs(model, [SegmentedSequence([1, 2], [-100, 2], [0, CAUSAL]), SegmentedSequence([1, 2], [-100] * 2, [0, 0])])
+
+
+def test_flex_tile_padding_never_passes_the_model_positions(monkeypatch):
+    """Where flex runs, scoring pads to 128-token tiles, but never past the model's max_seq_len
+    (torchtune refuses longer inputs): a 150-token row of a 200-position model is not padded to
+    256. The padding decision alone is forced here; the kernel stays dense SDPA."""
+    from mas.evaluation import loglik
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        short_model = use_mas_attention(tiny_llama3_2(max_seq_len=200)).eval()
+    seq = SegmentedSequence(list(range(1, 151)), [-100] * 140 + list(range(141, 151)), [0] * 140 + [CAUSAL] * 10)
+    expected = answer_logprobs(short_model, [seq], backend="sdpa")
+    monkeypatch.setattr(loglik, "uses_flex", lambda backend, device: True)
+    assert answer_logprobs(short_model, [seq], backend="sdpa") == pytest.approx(expected, abs=1e-5)
