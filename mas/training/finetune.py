@@ -221,12 +221,12 @@ class LoRAFinetuneRecipe:
         multiple = self.opts.pad_to_multiple_of or 1
         longest = -(-dataset.longest_item // multiple) * multiple
         if longest > model_len:
-            what = f"{key}.pack_length={dataset.stats.pack_length}" if dataset.stats.packs else (
-                f"its longest example padded to a multiple of pad_to_multiple_of={multiple} ({longest} tokens)"
-            )
+            what = f"{key}.pack_length={dataset.stats.pack_length}" if dataset.stats.packs else "its longest example"
+            if longest != dataset.longest_item:
+                what += f" padded to a multiple of pad_to_multiple_of={multiple} ({longest} tokens)"
             raise ConfigError(
                 f"{key}: {what} is longer than the model's max_seq_len={model_len}; "
-                f"lower {key}.pack_length / tokenizer.max_seq_len, or raise model.max_seq_len"
+                f"lower {key}.pack_length / tokenizer.max_seq_len or pad_to_multiple_of, or raise model.max_seq_len"
             )
 
     def _setup_data(self) -> None:

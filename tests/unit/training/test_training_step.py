@@ -284,3 +284,20 @@ def test_loader_collate_pickles_for_spawned_workers(tmp_path, tiny_base_dir):
     assert isinstance(got, HostBatch)
     assert torch.equal(got.tokens, want.tokens) and torch.equal(got.segment_ids, want.segment_ids)
     assert got.key_windows == want.key_windows
+
+
+def test_fit_check_names_the_tile_padding_when_it_makes_a_pack_too_long():
+    """A 1000-token pack fits a 1000-position model, but pad_to_multiple_of=128 makes it 1024:
+    the message must say so, not that 1000 is longer than 1000."""
+    from types import SimpleNamespace
+
+    from mas.training.finetune import LoRAFinetuneRecipe
+
+    recipe = SimpleNamespace(model=SimpleNamespace(max_seq_len=1000), opts=SimpleNamespace(pad_to_multiple_of=128))
+    packs = SimpleNamespace(longest_item=1000, stats=SimpleNamespace(packs=3, pack_length=1000))
+    with pytest.raises(ConfigError) as error:
+        LoRAFinetuneRecipe._check_fits_model(recipe, packs, "dataset")
+    message = str(error.value)
+    assert "pad_to_multiple_of=128" in message and "1024 tokens" in message and "\n" not in message
+    recipe.opts.pad_to_multiple_of = None
+    LoRAFinetuneRecipe._check_fits_model(recipe, packs, "dataset")  # fits unpadded
