@@ -41,7 +41,7 @@ from mas.block_mask import create_mas_block_mask
 from mas.compile_budget import CompiledWithBudget, compile_with_budget
 from mas.errors import ConfigError
 from mas.masks import AttentionMode, as_causal, dense_mas_mask, materialize_mask_mod, validate_attention_mode
-from mas.windowed_sdpa import SdpaMask, Window, prepare_sdpa_mask, sdpa_mask_of, windowed_mas_mask, windowed_sdpa
+from mas.windowed_sdpa import SdpaMask, Window, sdpa_mask_of, windowed_mas_mask, windowed_sdpa
 
 __all__ = [
     "AttentionBackend",
@@ -105,15 +105,9 @@ def _sdpa_mask_of(mask: AttentionMask) -> SdpaMask:
     :func:`mas.windowed_sdpa.sdpa_mask_of` (CPU masks from :func:`build_attention_mask` arrive
     prepared; a dense mask on a device is prepared as one call over the whole mask, unread).
     """
-    if not isinstance(mask, BlockMask):
-        return sdpa_mask_of(mask)
-    if torch.compiler.is_compiling():
-        return prepare_sdpa_mask(block_mask_to_dense(mask), windowed=False)
-    cached = getattr(mask, "_mas_sdpa_mask", None)
-    if cached is None:
-        cached = prepare_sdpa_mask(block_mask_to_dense(mask))
-        mask._mas_sdpa_mask = cached
-    return cached
+    if isinstance(mask, BlockMask):
+        return sdpa_mask_of(mask, dense=lambda: block_mask_to_dense(mask))
+    return sdpa_mask_of(mask)
 
 
 class MASAttention:

@@ -46,7 +46,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import List, Optional, Sequence, Tuple
+from typing import Any, Callable, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -198,19 +198,22 @@ def prepare_sdpa_mask(
     return _whole(mask)
 
 
-def sdpa_mask_of(mask: Tensor) -> SdpaMask:
-    """The :class:`SdpaMask` of a dense mask, cached on it (re-prepared after an in-place change).
+def sdpa_mask_of(mask: Any, dense: Optional[Callable[[], Tensor]] = None) -> SdpaMask:
+    """The :class:`SdpaMask` of a mask, cached on it (a dense mask: re-prepared after an in-place change).
 
     Inside ``torch.compile`` nothing is cached and no windows are planned.
 
     Args:
-        mask (Tensor): bool ``[b, q, kv]``.
+        mask (Any): a bool ``[b, q, kv]`` tensor, or another mask object (a BlockMask) whose
+            dense twin ``dense`` gives; a batch pays for that twin once, not once per layer.
+        dense (Optional[Callable[[], Tensor]]): the dense twin of a non-tensor ``mask``.
     """
     if torch.compiler.is_compiling():
-        return prepare_sdpa_mask(mask, windowed=False)
+        return prepare_sdpa_mask(mask if dense is None else dense(), windowed=False)
+    version = _version(mask) if dense is None else None
     cached = getattr(mask, _CACHE_ATTRIBUTE, None)
-    if cached is None or cached[0] != _version(mask):
-        cached = (_version(mask), prepare_sdpa_mask(mask))
+    if cached is None or cached[0] != version:
+        cached = (version, prepare_sdpa_mask(mask if dense is None else dense()))
         setattr(mask, _CACHE_ATTRIBUTE, cached)
     return cached[1]
 

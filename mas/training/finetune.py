@@ -19,7 +19,7 @@ from omegaconf import DictConfig
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from mas.attention import use_mas_attention
+from mas.attention import use_mas_attention, uses_flex
 from mas.checkpointing import CheckpointWriter, hf_info_from_checkpointer, latest_checkpoint
 from mas.config import ConfigError, instantiate, resolved_yaml
 from mas.errors import UserError
@@ -42,9 +42,10 @@ class TrainingDivergedError(UserError):
     """The loss or a gradient became NaN or infinite; the run stopped before saving it."""
 
 
-def _collate_host_batch(items: Any, *, pad_id: int, pad_to_multiple_of: Optional[int]) -> HostBatch:
+def _collate_host_batch(items: Any, *, pad_id: int, pad_to_multiple_of: Optional[int], plan_windows: bool) -> HostBatch:
     """The loader's collate: pad the items, then check, shift, count and plan on the CPU."""
-    return prepare_host_batch(collate_segmented(items, pad_id=pad_id, pad_to_multiple_of=pad_to_multiple_of))
+    batch = collate_segmented(items, pad_id=pad_id, pad_to_multiple_of=pad_to_multiple_of)
+    return prepare_host_batch(batch, plan_windows=plan_windows)
 
 
 class LoRAFinetuneRecipe:
@@ -204,7 +205,12 @@ class LoRAFinetuneRecipe:
             # are any), so the step never reads a device tensor to count.
             # A partial of a module function, not a lambda: spawn and forkserver workers (macOS;
             # Linux from Python 3.14) receive it pickled.
-            collate_fn=functools.partial(_collate_host_batch, pad_id=pad_id, pad_to_multiple_of=multiple),
+            collate_fn=functools.partial(
+                _collate_host_batch,
+                pad_id=pad_id,
+                pad_to_multiple_of=multiple,
+                plan_windows=not uses_flex(self.backend, self.device),  # flex has its own tiles
+            ),
             # Page-locked batches: the step's non_blocking copies overlap the previous step's work.
             pin_memory=self.device.type == "cuda",
             # Its own generator: creating an iterator must not draw from the global RNG, or a

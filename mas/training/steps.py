@@ -46,10 +46,12 @@ class HostBatch:
         target_values (Tensor): ``[n]`` those targets, ``targets.flatten()[target_index]``.
         num_targets (int): ``n``, the targets that count in the loss.
         num_tokens (int): real (non-padding) tokens, for throughput.
-        key_windows (List[Window]): query tiles (cut where documents start, at most
+        key_windows (Optional[List[Window]]): query tiles (cut where documents start, at most
             :data:`mas.windowed_sdpa.MAX_TILE` queries) and the keys each may see, planned by
             :func:`mas.windowed_sdpa.plan_key_windows` for the MAS layout (so also the causal one):
-            the CPU dense mask is built and attended only there; a BlockMask (CUDA) ignores them.
+            the CPU dense mask is built and attended only there. None where the step runs
+            FlexAttention (its BlockMask has its own tiles); the mask builder then plans itself
+            if it needs them.
     """
 
     tokens: Tensor
@@ -61,7 +63,7 @@ class HostBatch:
     target_values: Tensor
     num_targets: int
     num_tokens: int
-    key_windows: List[Window]
+    key_windows: Optional[List[Window]] = None
 
     def pin_memory(self) -> "HostBatch":
         """Page-locked copies (the DataLoader calls this with ``pin_memory=True``)."""
@@ -72,13 +74,15 @@ def _is_tensor(batch: HostBatch, name: str) -> bool:
     return isinstance(getattr(batch, name), Tensor)
 
 
-def prepare_host_batch(batch: Union[Dict[str, Tensor], HostBatch]) -> HostBatch:
-    """Collated CPU batch -> :class:`HostBatch` (checks, leakage guard, shift, counts).
+def prepare_host_batch(batch: Union[Dict[str, Tensor], HostBatch], *, plan_windows: bool = True) -> HostBatch:
+    """Collated CPU batch -> :class:`HostBatch` (checks, leakage guard, shift, counts, key windows).
 
     Args:
         batch (Dict[str, Tensor]): ``tokens``, ``labels``, ``segment_ids`` and optionally
             ``document_ids``, ``input_pos`` (each ``[b, s]``, on the CPU). A HostBatch is
             returned as is.
+        plan_windows (bool): plan the CPU attention's key windows (False where the step runs
+            FlexAttention, which does not use them).
 
     Raises:
         ValueError: for unknown batch keys or ids that break the segment convention.
@@ -105,7 +109,7 @@ def prepare_host_batch(batch: Union[Dict[str, Tensor], HostBatch]) -> HostBatch:
         target_values=flat_targets.index_select(0, target_index),
         num_targets=target_index.numel(),
         num_tokens=int((segment_ids != PAD).sum()),
-        key_windows=plan_key_windows(segment_ids, batch.get("document_ids")),
+        key_windows=plan_key_windows(segment_ids, batch.get("document_ids")) if plan_windows else None,
     )
 
 

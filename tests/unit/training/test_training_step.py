@@ -301,3 +301,22 @@ def test_fit_check_names_the_tile_padding_when_it_makes_a_pack_too_long():
     assert "pad_to_multiple_of=128" in message and "1024 tokens" in message and "\n" not in message
     recipe.opts.pad_to_multiple_of = None
     LoRAFinetuneRecipe._check_fits_model(recipe, packs, "dataset")  # fits unpadded
+
+
+def test_loader_plans_key_windows_only_for_the_dense_cpu_attention(tmp_path, tiny_base_dir):
+    """The CPU step's dense mask uses the planned windows; a FlexAttention step (its BlockMask
+    has its own tiles) gets none, so its loader does not plan them."""
+    from mas.attention import uses_flex
+
+    from mas.data import collate_segmented
+
+    recipe = _recipe(tmp_path, tiny_base_dir)
+    items = [recipe.dataset[i] for i in range(3)]
+    assert not uses_flex(recipe.backend, recipe.device) and recipe.loader.collate_fn(items).key_windows
+    raw = collate_segmented(items, pad_id=0, pad_to_multiple_of=recipe.opts.pad_to_multiple_of)
+    dense, flex_batch = prepare_host_batch(raw), prepare_host_batch(raw, plan_windows=False)
+    assert dense.key_windows and flex_batch.key_windows is None
+    # Without a plan the CPU mask builder plans itself: the same mask either way.
+    with_plan = prepare_batch(dense, attention="mas", device=CPU)
+    without_plan = prepare_batch(flex_batch, attention="mas", device=CPU)
+    assert torch.equal(with_plan.mask, without_plan.mask)
