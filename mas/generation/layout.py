@@ -52,6 +52,22 @@ class PromptBatch:
     def num_slots(self) -> int:
         return self.tokens.shape[1]
 
+    def padded_right(self, num_slots: int, pad_id: int) -> "PromptBatch":
+        """The batch with padding slots appended up to ``num_slots`` (a bucketed prefill width).
+
+        Right padding keeps every token at its slot (a slot cache whose slots are positions);
+        the padding slots are ``PAD`` (never attended) and their queries' outputs unused.
+        """
+        extra = num_slots - self.num_slots
+        if extra < 0:
+            raise ValueError(f"num_slots {num_slots} is shorter than the batch ({self.num_slots} slots)")
+        b = self.tokens.shape[0]
+
+        def pad(t: Tensor, value: int) -> Tensor:
+            return torch.cat([t, t.new_full((b, extra), value)], dim=1)
+
+        return PromptBatch(pad(self.tokens, pad_id), pad(self.segment_ids, PAD), pad(self.positions, 0), self.lengths, self.prefix_len)
+
     def to(self, device: torch.device) -> "PromptBatch":
         return PromptBatch(
             self.tokens.to(device),

@@ -36,7 +36,8 @@ from typing import Any, Callable, Deque, Hashable, List, Optional, Sequence
 import torch
 from torch import Tensor, nn
 
-from mas.attention import AttentionBackend, use_mas_attention
+from mas.attention import AttentionBackend, use_mas_attention, uses_flex
+from mas.block_mask import FLEX_TILE
 from mas.generation import forward_one_token, layout_prompts, prefill
 from mas.generation.sampling import sample_with_generator
 from mas.masks import CAUSAL, AttentionMode
@@ -185,6 +186,9 @@ class Engine:
         stop_tokens (Optional[Sequence[int]]): ids that end a sequence (default the tokenizer's).
         pad_id (int): id in padding slots.
         metrics: optional :class:`mas.serving._metrics.ServeMetrics`.
+        prefill_bucket (Optional[int]): round each prefill's query part up to a multiple of this
+            many slots, right-padded (so a compiled FlexAttention kernel sees a few shapes, not one
+            per prompt length); None: the flex tile where flex runs, else no rounding; 0: none.
     """
 
     def __init__(
@@ -202,6 +206,7 @@ class Engine:
         stop_tokens: Optional[Sequence[int]] = None,
         pad_id: int = 0,
         metrics: Any = None,
+        prefill_bucket: Optional[int] = None,
     ) -> None:
         self.model = model.eval()
         use_mas_attention(model, attention_backend)
@@ -216,6 +221,9 @@ class Engine:
         self.pad_id = pad_id
         self.metrics = metrics
         self.device = model.tok_embeddings.weight.device
+        if prefill_bucket is None:
+            prefill_bucket = FLEX_TILE if uses_flex(attention_backend, self.device) else 0
+        self.prefill_bucket = prefill_bucket
         dtype = model.tok_embeddings.weight.dtype
         self.caches: SlotCaches = install_slot_caches(model, rows, self.max_len, dtype)
         self._rows: List[Optional[_Row]] = [None] * rows
@@ -370,9 +378,12 @@ class Engine:
         if kv is not None:
             self.caches.write(row_index, kv, cached)
         handle.cached_tokens = cached
-        batch = layout_prompts([prompt], self.pad_id, prefix_len=cached).to(self.device)
-        self.caches.plan_prefill(row_index, cached, len(prompt))
-        logits = prefill(self.model, batch, attention=self.attention, backend=self.backend)[:, -1]
+        end = self._prefill_end(cached, len(prompt))
+        batch = layout_prompts([prompt], self.pad_id, prefix_len=cached).padded_right(end, self.pad_id).to(self.device)
+        # Slots [len(prompt), end) hold padding: masked for decode (a row attends its first
+        # `length` slots) and overwritten by the generated tokens.
+        self.caches.plan_prefill(row_index, cached, end)
+        logits = prefill(self.model, batch, attention=self.attention, backend=self.backend)[:, len(prompt) - cached - 1]
         if self.prefix_cache is not None and cached < len(prompt):
             self.prefix_cache.insert(self.namespace, prompt.tokens, prompt.segment_ids, self.caches.read(row_index, len(prompt)))
         generator = None
@@ -391,6 +402,14 @@ class Engine:
         if self.metrics is not None:
             self.metrics.prompt_tokens.inc(len(prompt))
         self._accept(row_index, int(self._sample(row, logits)[0]))
+
+    def _prefill_end(self, cached: int, prompt_len: int) -> int:
+        """The slot after a prefill of slots ``[cached, end)``: the prompt's end, rounded up to
+        :attr:`prefill_bucket` past the cached prefix, within the row."""
+        if not self.prefill_bucket:
+            return prompt_len
+        bucket = self.prefill_bucket
+        return max(prompt_len, min(cached + -(-(prompt_len - cached) // bucket) * bucket, self.max_len))
 
     def _sample(self, row: _Row, logits: Tensor) -> Tensor:
         """This row's next token, chosen as ``mas.generate`` chooses it, from the row's own

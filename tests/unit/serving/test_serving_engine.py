@@ -294,3 +294,43 @@ def test_unseeded_sampling_still_generates(model, tokenizer):
         assert all(0 <= t < vocab for c in got for t in c.tokens)
     finally:
         engine.stop()
+
+
+@pytest.mark.parametrize("attention", ["mas", "causal"])
+def test_bucketed_prefill_is_exact_and_sees_few_shapes(model, tokenizer, attention, monkeypatch):
+    """Prefill rounded up to 16-slot buckets (128 where flex runs), right-padded: the same tokens
+    as mas.generate, cold and with a prefix-cache hit, and every prefill width a bucket multiple."""
+    import mas.serving._engine as engine_module
+
+    widths = []
+    real_prefill = engine_module.prefill
+
+    def counting_prefill(model, batch, **kwargs):
+        widths.append(batch.num_slots - batch.prefix_len)
+        return real_prefill(model, batch, **kwargs)
+
+    monkeypatch.setattr(engine_module, "prefill", counting_prefill)
+    prompts = [{"system": SYSTEM, "user": u} for u in USERS]
+    expected = _expected(model, tokenizer, prompts, attention, max_new_tokens=10)
+    engine = _engine(model, tokenizer, attention, rows=2, prefill_bucket=16)
+    try:
+        cold = _submit(engine, tokenizer, _messages(SYSTEM, USERS[0]), 10).wait()
+        warm = [_submit(engine, tokenizer, _messages(SYSTEM, u), 10) for u in USERS[1:]]
+        assert [cold.tokens] + [c.wait().tokens for c in warm] == expected
+        assert engine.prefix_cache.stats.hits >= 3
+    finally:
+        engine.stop()
+    assert widths and all(w % 16 == 0 for w in widths), widths
+    lengths = [len(SegmentBuilder(tokenizer)(_messages(SYSTEM, u), for_generation=True)) for u in USERS]
+    assert any(length % 16 for length in lengths)  # some prompts really were padded
+
+
+def test_prefill_is_rounded_to_the_flex_tile_only_where_flex_runs(model, tokenizer):
+    from mas.block_mask import FLEX_TILE
+
+    assert Engine(copy.deepcopy(model), tokenizer, attention="mas", rows=1, max_len=256).prefill_bucket == 0
+    flex = Engine(copy.deepcopy(model), tokenizer, attention="mas", attention_backend="flex", rows=1, max_len=300)
+    assert flex.prefill_bucket == FLEX_TILE
+    assert flex._prefill_end(0, 130) == 256  # rounded up past the cached prefix...
+    assert flex._prefill_end(40, 130) == 168
+    assert flex._prefill_end(0, 290) == 300  # ...but never past the row
