@@ -28,11 +28,31 @@ from torch.nn.attention.flex_attention import BlockMask, create_block_mask
 from mas.compile_budget import CompiledWithBudget, compile_with_budget
 from mas.masks import PAD, mas_mask_mod
 
-__all__ = ["FLEX_TILE", "create_mas_block_mask", "create_mas_block_mask_reference"]
+__all__ = ["FLEX_TILE", "create_mas_block_mask", "create_mas_block_mask_reference", "round_up_to_tile"]
 
 #: FlexAttention's tile (the default ``block_size``). Callers whose lengths vary pad them to a
 #: multiple of it where flex runs, so the compiled kernel sees few shapes.
 FLEX_TILE = 128
+
+
+def round_up_to_tile(end: int, *, start: int = 0, tile: int = FLEX_TILE, limit: Optional[int] = None) -> int:
+    """The end of ``[start, end)`` rounded up so that its length is a multiple of ``tile``.
+
+    The one rounding of every caller that buckets lengths (prefill after a cached prefix, the
+    server's prefill, scoring, the training fit check): at most ``limit`` (a cache row, the
+    model's positions), but never below ``end``.
+
+    Args:
+        end (int): the real end.
+        start (int): where the rounded part starts (e.g. after a cached prefix).
+        tile (int): the multiple.
+        limit (Optional[int]): the largest end allowed.
+
+    Returns:
+        int: ``max(end, min(start + ceil((end - start) / tile) * tile, limit))``.
+    """
+    rounded = start + -(-(end - start) // tile) * tile
+    return max(end, rounded if limit is None else min(rounded, limit))
 
 # Sentinels for min/max reductions over blocks that hold no token of the kind asked for.
 _BIG = torch.iinfo(torch.int64).max // 4

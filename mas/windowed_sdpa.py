@@ -147,11 +147,11 @@ def key_windows(mask: Tensor, tile: int = QUERY_TILE) -> List[Window]:
     key_index = torch.arange(kv_len, device=mask.device)
     first = torch.where(per_tile, key_index, kv_len).amin(1).tolist()
     last = torch.where(per_tile, key_index, -1).amax(1).tolist()
-    return [_window(t, tile, q_len, first[t], last[t] + 1) for t in range(n_tiles)]
+    return [_window(t * tile, min(q_len, (t + 1) * tile), first[t], last[t] + 1) for t in range(n_tiles)]
 
 
-def _window(t: int, tile: int, q_len: int, k_start: int, k_end: int) -> Window:
-    q_start, q_end = t * tile, min(q_len, (t + 1) * tile)
+def _window(q_start: int, q_end: int, k_start: int, k_end: int) -> Window:
+    # A tile whose queries see no key gets one key (a finite softmax); its rows are zeroed.
     return (q_start, q_end, k_start, k_end) if k_end > k_start else (q_start, q_end, 0, 1)
 
 
@@ -348,13 +348,9 @@ def plan_key_windows(
     high = highest[:, q_slice].clamp(max=kv_len - 1).amax(0)
     document_starts = (low[1:] != low[:-1]).nonzero().squeeze(1) + 1
     cuts = sorted(set(range(0, query_len, cut_step)) | set(document_starts.tolist()) | {query_len})
-    tiles = _cut_tiles(low.tolist(), high.tolist(), cuts, max_tile, call_cost)
     low_list, high_list = low.tolist(), high.tolist()
-    windows = []
-    for q0, q1 in tiles:
-        k0, k1 = min(low_list[q0:q1]), max(high_list[q0:q1]) + 1
-        windows.append((q0, q1, k0, k1) if k1 > k0 else (q0, q1, 0, 1))
-    return windows
+    tiles = _cut_tiles(low_list, high_list, cuts, max_tile, call_cost)
+    return [_window(q0, q1, min(low_list[q0:q1]), max(high_list[q0:q1]) + 1) for q0, q1 in tiles]
 
 
 def windowed_mas_mask(

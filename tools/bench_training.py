@@ -240,18 +240,13 @@ class CountingBatches:
 
 def _whole_mask_sdpa() -> Any:
     """While active, CPU masks are attended with one SDPA call over the whole mask (no windows)."""
-    import contextlib
+    import functools
     from unittest import mock
 
     import mas.attention
     from mas.windowed_sdpa import windowed_mas_mask
 
-    def whole(*args: Any, **kwargs: Any) -> torch.Tensor:
-        return windowed_mas_mask(*args, **{**kwargs, "max_work": 0.0})
-
-    stack = contextlib.ExitStack()
-    stack.enter_context(mock.patch.object(mas.attention, "windowed_mas_mask", whole))
-    return stack
+    return mock.patch.object(mas.attention, "windowed_mas_mask", functools.partial(windowed_mas_mask, max_work=0.0))
 
 
 def our_recipe(

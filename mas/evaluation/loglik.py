@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from mas.attention import build_attention_mask, uses_flex
-from mas.block_mask import FLEX_TILE
+from mas.block_mask import FLEX_TILE, round_up_to_tile
 from mas.data.collate import collate_segmented
 from mas.segments import SegmentedSequence, counts_as_target
 
@@ -64,7 +64,7 @@ def answer_logprobs(
         # batch; never past the model's positions (torchtune refuses longer inputs).
         multiple = FLEX_TILE if uses_flex(backend, device) else None  # type: ignore[arg-type]
         longest = max(len(s) for s in chunk)
-        if multiple and -(-longest // multiple) * multiple > getattr(model, "max_seq_len", math.inf):
+        if multiple and round_up_to_tile(longest, tile=multiple) > getattr(model, "max_seq_len", math.inf):
             multiple = None
         items = [{"tokens": s.tokens, "labels": s.labels, "segment_ids": s.segment_ids} for s in chunk]
         batch = collate_segmented(items, pad_to_multiple_of=multiple)

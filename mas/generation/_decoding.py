@@ -26,7 +26,7 @@ from mas.attention import (
     uses_flex,
     validate_attention_backend,
 )
-from mas.block_mask import FLEX_TILE
+from mas.block_mask import round_up_to_tile
 from mas.generation.decode_loop import compiled_decode_step, decode_step, decode_tokens, forward_one_token
 from mas.generation.gqa_attention import native_gqa_attention
 from mas.generation.kv_cache import read_prefix, setup_kv_caches, write_prefix
@@ -142,8 +142,7 @@ def prompt_slots(
     longest = max(len(seq) for seq in sequences)
     if not flex:
         return longest
-    bucketed = prefix_len + -(-(longest - prefix_len) // FLEX_TILE) * FLEX_TILE
-    return max(longest, min(bucketed, room))
+    return round_up_to_tile(longest, start=prefix_len, limit=room)
 
 
 def _model_dtype(model: nn.Module) -> torch.dtype:

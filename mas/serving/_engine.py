@@ -37,7 +37,7 @@ import torch
 from torch import Tensor, nn
 
 from mas.attention import AttentionBackend, use_mas_attention, uses_flex
-from mas.block_mask import FLEX_TILE
+from mas.block_mask import FLEX_TILE, round_up_to_tile
 from mas.generation import forward_one_token, layout_prompts, prefill
 from mas.generation.sampling import sample_with_generator
 from mas.masks import CAUSAL, AttentionMode
@@ -408,8 +408,7 @@ class Engine:
         :attr:`prefill_bucket` past the cached prefix, within the row."""
         if not self.prefill_bucket:
             return prompt_len
-        bucket = self.prefill_bucket
-        return max(prompt_len, min(cached + -(-(prompt_len - cached) // bucket) * bucket, self.max_len))
+        return round_up_to_tile(prompt_len, start=cached, tile=self.prefill_bucket, limit=self.max_len)
 
     def _sample(self, row: _Row, logits: Tensor) -> Tensor:
         """This row's next token, chosen as ``mas.generate`` chooses it, from the row's own

@@ -20,6 +20,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from mas.attention import use_mas_attention, uses_flex
+from mas.block_mask import round_up_to_tile
 from mas.checkpointing import CheckpointWriter, hf_info_from_checkpointer, latest_checkpoint
 from mas.config import ConfigError, instantiate, resolved_yaml
 from mas.errors import UserError
@@ -225,7 +226,7 @@ class LoRAFinetuneRecipe:
         if model_len is None:
             return
         multiple = self.opts.pad_to_multiple_of or 1
-        longest = -(-dataset.longest_item // multiple) * multiple
+        longest = round_up_to_tile(dataset.longest_item, tile=multiple)
         if longest > model_len:
             what = f"{key}.pack_length={dataset.stats.pack_length}" if dataset.stats.packs else "its longest example"
             if longest != dataset.longest_item:
