@@ -37,7 +37,7 @@ from torch import Tensor, nn
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 from torchtune.modules import MultiHeadAttention
 
-from mas.block_mask import create_mas_block_mask
+from mas.block_mask import FLEX_TILE, create_mas_block_mask
 from mas.compile_budget import CompiledWithBudget, compile_with_budget
 from mas.errors import ConfigError
 from mas.masks import AttentionMode, as_causal, dense_mas_mask, materialize_mask_mod, validate_attention_mode
@@ -50,6 +50,7 @@ __all__ = [
     "block_mask_to_dense",
     "build_attention_mask",
     "flex_supported",
+    "prefill_tile",
     "use_mas_attention",
     "uses_flex",
     "validate_attention_backend",
@@ -219,6 +220,13 @@ def uses_flex(backend: AttentionBackend, device: torch.device) -> bool:
     """
     backend = validate_attention_backend(backend)
     return backend == "flex" or (backend == "auto" and flex_supported(device))
+
+
+def prefill_tile(backend: AttentionBackend, device: torch.device) -> int:
+    """The multiple a prefill's query length is rounded up to: the flex tile where FlexAttention
+    runs (a compiled kernel then sees a few shapes, not one per prompt length), else 0 (none:
+    SDPA takes any length, and padding would only add work)."""
+    return FLEX_TILE if uses_flex(backend, device) else 0
 
 
 def build_attention_mask(

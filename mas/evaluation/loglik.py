@@ -14,8 +14,8 @@ from typing import List, Sequence
 import torch
 from torch import nn
 
-from mas.attention import build_attention_mask, uses_flex
-from mas.block_mask import FLEX_TILE, round_up_to_tile
+from mas.attention import build_attention_mask, prefill_tile
+from mas.block_mask import round_up_to_tile
 from mas.data.collate import collate_segmented
 from mas.segments import SegmentedSequence, counts_as_target
 
@@ -62,7 +62,7 @@ def answer_logprobs(
                 raise ValueError(f"sequence {start + i} has no answer tokens to score")
         # Where compiled FlexAttention runs, lengths in tiles: a few compiled shapes, not one per
         # batch; never past the model's positions (torchtune refuses longer inputs).
-        multiple = FLEX_TILE if uses_flex(backend, device) else None  # type: ignore[arg-type]
+        multiple = prefill_tile(backend, device) or None  # type: ignore[arg-type]
         longest = max(len(s) for s in chunk)
         if multiple and round_up_to_tile(longest, tile=multiple) > getattr(model, "max_seq_len", math.inf):
             multiple = None

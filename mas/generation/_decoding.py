@@ -22,8 +22,8 @@ from mas.attention import (
     AttentionBackend,
     MASAttention,
     build_attention_mask,
+    prefill_tile,
     use_mas_attention,
-    uses_flex,
     validate_attention_backend,
 )
 from mas.block_mask import round_up_to_tile
@@ -129,20 +129,19 @@ def default_cache_len(prompt_lengths: Sequence[int], max_new_tokens: int, model_
     return min(-(-needed // CACHE_LEN_MULTIPLE) * CACHE_LEN_MULTIPLE, model_max_seq_len)
 
 
-def prompt_slots(
-    sequences: Sequence[SegmentedSequence], prefix_len: int, *, room: int, flex: bool
-) -> int:
-    """Prompt slots of a batch: the longest prompt, and where FlexAttention runs the prefill's
-    query part rounded up to a multiple of its tile (at most ``room`` slots).
+def prompt_slots(sequences: Sequence[SegmentedSequence], prefix_len: int, *, room: int, tile: int) -> int:
+    """Prompt slots of a batch: the longest prompt, its query part (after the prefix) rounded up
+    to a multiple of ``tile`` (:func:`~mas.attention.prefill_tile`; 0: no rounding), at most
+    ``room`` slots.
 
     A compiled flex kernel compiles once per shape (:data:`~mas.attention.FLEX_SHAPE_BUDGET`),
     so prompts of any length share a few query lengths; the extra slots are left padding,
     never attended, and change no logit.
     """
     longest = max(len(seq) for seq in sequences)
-    if not flex:
+    if not tile:
         return longest
-    return round_up_to_tile(longest, start=prefix_len, limit=room)
+    return round_up_to_tile(longest, start=prefix_len, tile=tile, limit=room)
 
 
 def _model_dtype(model: nn.Module) -> torch.dtype:
@@ -255,10 +254,19 @@ class SystemPromptCache:
     Exact under MAS only when the system prompt is its own segment (its tokens attend to
     nothing after them); with ``merge_system_and_user`` the system tokens see the user turn and
     the cache would be wrong, so the builder refuses that combination.
+
+    Each system prompt's own prefill is right-padded to a multiple of ``prefill_tile`` slots (the
+    padding slots are ``PAD``, never attended, and not kept), so a compiled FlexAttention kernel
+    sees a few shapes rather than one per system-prompt length.
+
+    Args:
+        prefill_tile (Optional[int]): the multiple; None: the flex tile where FlexAttention runs
+            the prefill, else no padding; 0: none.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, prefill_tile: Optional[int] = None) -> None:
         self._entries: Dict[Tuple[int, ...], List[Tuple[Tensor, Tensor]]] = {}
+        self.prefill_tile = prefill_tile
         self.hits = 0
         self.misses = 0
 
@@ -271,8 +279,12 @@ class SystemPromptCache:
             return self._entries[key]
         self.misses += 1
         device = model.tok_embeddings.weight.device
+        tile = prefill_tile(backend, device) if self.prefill_tile is None else self.prefill_tile
+        batch = layout_prompts([prefix], pad_id=0)
+        if tile:
+            batch = batch.padded_right(round_up_to_tile(len(prefix), tile=tile, limit=cache_len), pad_id=0)
         setup_kv_caches(model, 1, cache_len, _model_dtype(model))
-        prefill(model, layout_prompts([prefix], pad_id=0).to(device), attention=attention, backend=backend)
+        prefill(model, batch.to(device), attention=attention, backend=backend)
         self._entries[key] = read_prefix(model, len(prefix))
         return self._entries[key]
 
@@ -363,8 +375,8 @@ def _generate_batch(
         if prefixes[0] is not None and all(p is not None and p.tokens == prefixes[0].tokens for p in prefixes):
             prefix = prefixes[0]
     prefix_len = len(prefix) if prefix else 0
-    flex = uses_flex(settings.attention_backend, device)
-    slots = prompt_slots(sequences, prefix_len, room=cache_len - settings.max_new_tokens, flex=flex)
+    tile = prefill_tile(settings.attention_backend, device)
+    slots = prompt_slots(sequences, prefix_len, room=cache_len - settings.max_new_tokens, tile=tile)
     batch = layout_prompts(sequences, pad_id, prefix_len=prefix_len, num_slots=slots)
     needed = batch.num_slots + settings.max_new_tokens
     if needed > cache_len:

@@ -16,7 +16,7 @@ from torch._dynamo.utils import counters
 
 from mas import attention
 from mas.attention import FLEX_SHAPE_BUDGET, block_mask_to_dense
-from mas.block_mask import create_mas_block_mask
+from mas.block_mask import FLEX_TILE, create_mas_block_mask
 from mas.compile_budget import CompiledWithBudget
 
 from support.masks import CAUSAL_ID, PAD_ID
@@ -86,14 +86,14 @@ def test_prefill_slots_are_tiles_of_queries_where_flex_runs():
     def prompts(*lengths):
         return [SegmentedSequence(list(range(n)), [-100] * n, [0] * n) for n in lengths]
 
-    assert prompt_slots(prompts(30, 70), 0, room=1000, flex=False) == 70
-    assert prompt_slots(prompts(30, 70), 0, room=1000, flex=True) == 128
-    assert prompt_slots(prompts(30, 200), 0, room=1000, flex=True) == 256
+    assert prompt_slots(prompts(30, 70), 0, room=1000, tile=0) == 70
+    assert prompt_slots(prompts(30, 70), 0, room=1000, tile=FLEX_TILE) == 128
+    assert prompt_slots(prompts(30, 200), 0, room=1000, tile=FLEX_TILE) == 256
     # After a cached 40-token prefix the query part (slots 40..) is what is bucketed.
-    assert prompt_slots(prompts(60, 170), 40, room=1000, flex=True) == 40 + 256
+    assert prompt_slots(prompts(60, 170), 40, room=1000, tile=FLEX_TILE) == 40 + 256
     # Never past the cache's room for the new tokens, never below the longest prompt.
-    assert prompt_slots(prompts(30, 200), 0, room=220, flex=True) == 220
-    assert prompt_slots(prompts(30, 200), 0, room=150, flex=True) == 200
+    assert prompt_slots(prompts(30, 200), 0, room=220, tile=FLEX_TILE) == 220
+    assert prompt_slots(prompts(30, 200), 0, room=150, tile=FLEX_TILE) == 200
 
 
 def _flex_query_lengths(monkeypatch):

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from mas.attention import build_attention_mask, use_mas_attention
+from mas.block_mask import FLEX_TILE
 from mas.data import instruction_messages
 from mas.evaluation.loglik import answer_logprobs, drop_final_eos
 from mas.masks import CAUSAL
@@ -70,5 +71,5 @@ def test_flex_tile_padding_never_passes_the_model_positions(monkeypatch):
         short_model = use_mas_attention(tiny_llama3_2(max_seq_len=200)).eval()
     seq = SegmentedSequence(list(range(1, 151)), [-100] * 140 + list(range(141, 151)), [0] * 140 + [CAUSAL] * 10)
     expected = answer_logprobs(short_model, [seq], backend="sdpa")
-    monkeypatch.setattr(loglik, "uses_flex", lambda backend, device: True)
+    monkeypatch.setattr(loglik, "prefill_tile", lambda backend, device: FLEX_TILE)
     assert answer_logprobs(short_model, [seq], backend="sdpa") == pytest.approx(expected, abs=1e-5)

@@ -144,6 +144,28 @@ def test_system_prompt_cache_logits_match(model, llama3_tokenizer):
     torch.testing.assert_close(reused, full, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("tile", [16, 64])
+def test_system_prompt_prefill_padded_to_a_tile_keeps_the_same_cache(model, llama3_tokenizer, monkeypatch, tile):
+    """The system prompt's own prefill, right-padded to a tile (as where flex runs), keeps the
+    same keys and values as the unpadded prefill; the prefill really ran at the padded width."""
+    from mas.generation import SystemPromptCache, _decoding, system_prefix
+
+    builder = SegmentBuilder(llama3_tokenizer)
+    prefix = system_prefix(builder(mas.generation.prompt_messages(PROMPTS[0]), for_generation=True))
+    assert len(prefix) % tile  # so the padding is not empty
+    widths = []
+    real_prefill = _decoding.prefill
+    monkeypatch.setattr(_decoding, "prefill", lambda m, batch, **kw: widths.append(batch.num_slots) or real_prefill(m, batch, **kw))
+    with torch.no_grad():
+        plain = SystemPromptCache(prefill_tile=0).get(model, prefix, attention="mas", backend="auto", cache_len=256)
+        padded = SystemPromptCache(prefill_tile=tile).get(model, prefix, attention="mas", backend="auto", cache_len=256)
+    assert widths == [len(prefix), -(-len(prefix) // tile) * tile]
+    for (k, v), (k_ref, v_ref) in zip(padded, plain):
+        assert k.shape == k_ref.shape
+        torch.testing.assert_close(k, k_ref, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(v, v_ref, atol=1e-5, rtol=1e-5)
+
+
 def test_sampling_is_seeded_and_filters_work():
     logits = torch.randn(4, 50)
     greedy = sample_next_token(logits)
