@@ -6,6 +6,7 @@ import json
 import re
 import shutil
 import subprocess
+import warnings
 from pathlib import Path
 
 import pytest
@@ -18,10 +19,23 @@ from support.runs import finetune_overrides, run_finetune, tune_command
 LOSS_TOLERANCE = 1e-4
 
 
+# A rank that dies in C++ (std::terminate outside any exception: no Python traceback, exit -6)
+# before the run wrote anything. Seen once in ~20 CI-sized runs on a loaded 2-core machine,
+# about 4 s into setup (gloo connection set-up); never reproduced on its own. Not a result of
+# this project's code that a rerun could hide: such a run wrote no metric, so it is rerun once,
+# with a warning in the test report.
+_NATIVE_ABORT = "terminate called without an active exception"
+
+
 def _distributed(tmp_path: Path, out: Path, base_dir: Path, *extra: str, nproc: int = 2) -> subprocess.CompletedProcess:
     overrides = finetune_overrides(out, base_dir, **{"model.lora_dropout": 0.0, "global_batch_size": 8})
     cmd = [*tune_command(), "run", "--nproc_per_node", str(nproc), "mas_lora_finetune_distributed", "--config", "tiny_mas_distributed"]
-    return subprocess.run(cmd + overrides + list(extra), cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    result = subprocess.run(cmd + overrides + list(extra), cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    if result.returncode != 0 and _NATIVE_ABORT in result.stderr and not (out / "metrics.jsonl").exists():
+        warnings.warn(f"a rank aborted in native code before training; rerunning once: {result.stderr[-1500:]}")
+        shutil.rmtree(out, ignore_errors=True)  # a fresh run's folder: no metric, nothing to keep
+        result = subprocess.run(cmd + overrides + list(extra), cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    return result
 
 
 @pytest.mark.slow
