@@ -10,7 +10,14 @@ Loop (one iteration)::
     finish  : stop token, stop string, max_tokens, or a cancelled client frees the row; the
               row's keys and values go to the prefix cache
 
-So a request that arrives while others decode joins at the next step. The HTTP layer never
+So a request that arrives while others decode joins at the next step.
+
+Eager (the default), a decode forward runs rows ``[0, last busy row]`` over ``max(lengths) + 1``
+key slots. With ``compile_decode`` it runs compiled over every row (a fixed batch; free rows
+attend nothing) and over the written slots rounded up to a power-of-two bucket
+(``mas.generation.decode_loop.decode_width``, as ``mas.generate``'s compiled step): one compiled
+graph per width bucket, the first step in each bucket pays the compile. Sampling stays per row,
+outside the graph, and the row-by-row retry after a failing batched step runs eager. The HTTP layer never
 touches the model: it submits :class:`SequenceHandle` objects and receives :class:`Event` objects
 through a callback (thread-safe on its side). A sequence that fails inside the model fails
 alone: a failing batched step is retried row by row, and only rows that fail alone are dropped.
@@ -31,19 +38,20 @@ import logging
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Deque, Hashable, List, Optional, Sequence
+from typing import Any, Callable, Deque, Hashable, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
 
 from mas.attention import AttentionBackend, use_mas_attention, uses_flex
 from mas.block_mask import FLEX_TILE, round_up_to_tile
-from mas.generation import forward_one_token, layout_prompts, prefill
+from mas.generation import CompileMode, layout_prompts, prefill
+from mas.generation.decode_loop import decode_width
 from mas.generation.sampling import sample_with_generator
 from mas.masks import CAUSAL, AttentionMode
 from mas.segments import SegmentedSequence
 from mas.serving._prefix_cache import PrefixCache
-from mas.serving._slot_cache import SlotCaches, install_slot_caches
+from mas.serving._slot_cache import SlotCaches, compiled_slot_decode_forward, install_slot_caches, slot_decode_forward
 from mas.serving._text import TextStream
 
 __all__ = [
@@ -189,6 +197,9 @@ class Engine:
         prefill_bucket (Optional[int]): round each prefill's query part up to a multiple of this
             many slots, right-padded (so a compiled FlexAttention kernel sees a few shapes, not one
             per prompt length); None: the flex tile where flex runs, else no rounding; 0: none.
+        compile_decode (bool): ``torch.compile`` the batched decode forward (all rows, width
+            buckets; see the module docstring). False: eager.
+        compile_mode (CompileMode): its ``torch.compile`` mode.
     """
 
     def __init__(
@@ -207,6 +218,8 @@ class Engine:
         pad_id: int = 0,
         metrics: Any = None,
         prefill_bucket: Optional[int] = None,
+        compile_decode: bool = False,
+        compile_mode: CompileMode = "default",
     ) -> None:
         self.model = model.eval()
         use_mas_attention(model, attention_backend)
@@ -233,6 +246,8 @@ class Engine:
         self._stop = False
         self._thread: Optional[threading.Thread] = None
         self.steps = 0  # decode steps run (tests read it)
+        self.compile_decode = compile_decode
+        self._compiled_forward = compiled_slot_decode_forward(compile_mode) if compile_decode else None
 
     # -- the HTTP side ------------------------------------------------------------------
     @property
@@ -472,29 +487,50 @@ class Engine:
             self.metrics.failed_sequences.inc()
         self._emit(row.handle, Event("error", message=message, status=500))
 
+    def _decode_inputs(self, first: int, last: int) -> Tuple[List[int], Tensor, Tensor, Tensor]:
+        """Rows ``[first, last)``'s lengths, and on the device (one copy) their new tokens,
+        slots and busy flags, each ``[last - first]``."""
+        rows = self._rows[first:last]
+        lengths = [r.length if r is not None else 0 for r in rows]
+        tokens = [r.next_token if r is not None else self.pad_id for r in rows]
+        busy = [int(r is not None) for r in rows]
+        # [3, b] on the host -> the device in one copy
+        tokens_t, slots, busy_t = torch.tensor([tokens, lengths, busy], dtype=torch.long).to(self.device)
+        return lengths, tokens_t, slots, busy_t.bool()
+
     def _forward_rows(self, first: int, last: int) -> Tensor:
-        """One decode forward over rows ``[first, last)``; free rows in between attend nothing.
+        """One eager decode forward over rows ``[first, last)``, ``max(lengths) + 1`` slots wide;
+        free rows in between attend nothing.
 
         Returns:
             Tensor: ``[last - first, vocab]`` next-token logits.
         """
-        rows = self._rows[first:last]
-        lengths = [r.length if r is not None else 0 for r in rows]
+        lengths, tokens, slots, busy = self._decode_inputs(first, last)
         width = max(lengths) + 1
-        slots = torch.tensor(lengths, dtype=torch.long)
-        tokens = torch.tensor([r.next_token if r is not None else self.pad_id for r in rows], dtype=torch.long)
-        busy = torch.tensor([r is not None for r in rows])
-        # [b, 1, width]: a generated token sees its row's written slots and itself.
-        mask = (torch.arange(width)[None, :] <= slots[:, None]) & busy[:, None]
-        slots, tokens, mask = slots.to(self.device), tokens.to(self.device), mask[:, None].to(self.device)
         self.caches.plan_decode(slots, width, first_row=first)
-        return forward_one_token(self.model, tokens[:, None], mask, slots[:, None])
+        return slot_decode_forward(self.model, tokens[:, None], self.caches.plan.slots, busy, width=width)
+
+    def _forward_all_rows_compiled(self) -> Tensor:
+        """One compiled decode forward over every row (free rows attend nothing), over the
+        written slots rounded up to a :func:`~mas.generation.decode_loop.decode_width` bucket.
+
+        Returns:
+            Tensor: ``[rows, vocab]`` next-token logits.
+        """
+        lengths, tokens, slots, busy = self._decode_inputs(0, self.num_rows)
+        width = decode_width(max(lengths) + 1, self.max_len)
+        self.caches.plan_decode(slots, width, first_row=0)
+        # The plan's own [b, 1] slots tensor: the graph reads one tensor, not two views of one.
+        return self._compiled_forward(self.model, tokens[:, None], self.caches.plan.slots, busy, width=width)
 
     def _decode_step(self) -> None:
         busy = [i for i, r in enumerate(self._rows) if r is not None]
         last = busy[-1] + 1
         try:
-            logits = self._forward_rows(0, last)
+            if self._compiled_forward is not None:
+                logits = self._forward_all_rows_compiled()
+            else:
+                logits = self._forward_rows(0, last)
             per_row = {i: logits[i : i + 1] for i in busy}
         except Exception:
             log.exception("batched decode step failed; retrying its rows one by one")
@@ -505,6 +541,11 @@ class Engine:
                 except Exception as e:
                     log.exception("decode failed for sequence %d", self._rows[i].handle.id)
                     self._fail(i, f"the model failed on this request: {type(e).__name__}: {e}")
+            if self._compiled_forward is not None and len(per_row) == len(busy):
+                # Every row decodes eagerly: the compiler failed, not a request. Do not pay a
+                # failing compile at every step.
+                log.error("the compiled decode forward failed (traceback above); decoding eagerly from now on")
+                self._compiled_forward = None
         self.steps += 1
         chosen = {}
         for i, logits_i in per_row.items():

@@ -146,6 +146,8 @@ def _build_engine(opts: ServeOptions, settings: PromptSettings, loaded: Inferenc
         prefix_cache=prefix_cache,
         namespace=_adapter_identity(loaded, opts),
         pad_id=getattr(tokenizer, "pad_id", None) or 0,
+        compile_decode=opts.compile_decode,
+        compile_mode=opts.compile_mode,
     )
 
 
@@ -190,13 +192,14 @@ def run_server(state: ServerState, opts: ServeOptions) -> None:
     )
     server = uvicorn.Server(config)
     log.warning(
-        "mas_serve: %s (attention=%s, prompt_format=%s, %d rows x %d tokens, prefix cache %s) on http://%s:%d",
+        "mas_serve: %s (attention=%s, prompt_format=%s, %d rows x %d tokens, prefix cache %s, decode %s) on http://%s:%d",
         state.model_name,
         state.attention,
         state.builder.prompt_format,
         state.engine.num_rows,
         state.engine.max_len,
         "on" if state.engine.prefix_cache is not None else "off",
+        f"compiled ({opts.compile_mode}; the first step at each power-of-two width compiles)" if opts.compile_decode else "eager",
         opts.host,
         opts.port,
     )

@@ -13,18 +13,36 @@ that starts and ends together (``mas.generate``). A server's rows start at diffe
 
 The engine sets a :class:`SlotPlan` (which rows, which slots, how wide the attended window is)
 before each forward; every layer's :class:`SlotKVCache` reads the same plan. Slots beyond a row's
-length are never attended (the engine's masks say so), so a freed row needs no clearing.
+length are never attended (:func:`slot_decode_mask` says so), so a freed row needs no clearing.
+
+A decode forward is :func:`slot_decode_forward`: one token per row, the mask built on the
+device from the rows' slots. :func:`compiled_slot_decode_forward` is the same function under
+``torch.compile``; the engine calls it over every row (free rows attend nothing) with the width
+rounded up to :func:`mas.generation.decode_loop.decode_width`'s power-of-two buckets, so the plan's
+python ints (``first_row`` 0, ``width`` a bucket) and the tensors' shapes take one value per
+bucket: one compiled graph per width bucket, however long the server runs.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import List, Tuple
+from typing import Any, List, Tuple
 
 import torch
 from torch import Tensor, nn
 
-__all__ = ["SlotKVCache", "SlotPlan", "SlotCaches", "install_slot_caches"]
+from mas.compile_budget import CompiledWithBudget, compile_with_budget
+from mas.generation.decode_loop import DECODE_SHAPE_BUDGET, forward_one_token
+
+__all__ = [
+    "SlotCaches",
+    "SlotKVCache",
+    "SlotPlan",
+    "compiled_slot_decode_forward",
+    "install_slot_caches",
+    "slot_decode_forward",
+    "slot_decode_mask",
+]
 
 
 @dataclass
@@ -172,3 +190,64 @@ def install_slot_caches(model: nn.Module, rows: int, max_len: int, dtype: torch.
     if not caches:
         raise ValueError(f"{type(model).__name__} has no self-attention layer with a KV cache")
     return SlotCaches(caches, plan)
+
+
+def slot_decode_mask(slots: Tensor, busy: Tensor, width: int) -> Tensor:
+    """What each row's new token attends: its row's written slots and itself; a free row nothing.
+
+    Example, ``slots = [3, 1, 0]``, ``busy = [True, True, False]``, ``width = 5``::
+
+        row 0: [1 1 1 1 0]     slots 0-2 written, the new token at slot 3
+        row 1: [1 1 0 0 0]
+        row 2: [0 0 0 0 0]     free: attends nothing (its attention output is zero)
+
+    Args:
+        slots (Tensor): ``[b]`` or ``[b, 1]`` long, the slot each row's new token is written to
+            (= the row's length).
+        busy (Tensor): ``[b]`` bool, rows that hold a sequence.
+        width (int): key slots of the mask (``> slots.max()``).
+
+    Returns:
+        Tensor: ``[b, 1, width]`` bool, on ``slots``' device.
+    """
+    columns = torch.arange(width, device=slots.device)
+    # [b] -> [b, 1] against [width] -> [b, width] -> [b, 1, width]
+    return ((columns[None, :] <= slots.reshape(-1, 1)) & busy[:, None])[:, None, :]
+
+
+def slot_decode_forward(model: nn.Module, tokens: Tensor, slots: Tensor, busy: Tensor, *, width: int) -> Tensor:
+    """One decode forward over slot rows: each row's token is written at its slot and attends
+    :func:`slot_decode_mask`. The caches' plan must already name these rows, ``slots`` and ``width``
+    (:meth:`SlotCaches.plan_decode`).
+
+    Args:
+        model (nn.Module): a model with :class:`SlotKVCache` caches.
+        tokens (Tensor): ``[b, 1]`` long, each row's new token.
+        slots (Tensor): ``[b, 1]`` long, its slot and RoPE position (the plan's ``slots``).
+        busy (Tensor): ``[b]`` bool, rows that hold a sequence.
+        width (int): key slots attended (the plan's ``width``).
+
+    Returns:
+        Tensor: ``[b, vocab]`` next-token logits (a free row's are meaningless).
+    """
+    return forward_one_token(model, tokens, slot_decode_mask(slots, busy, width), slots)
+
+
+def compiled_slot_decode_forward(mode: str = "default", **compile_kwargs: Any) -> CompiledWithBudget[Tensor]:
+    """:func:`slot_decode_forward` under ``torch.compile`` (static shapes), with the decode step's
+    budget of compiled shapes (:data:`~mas.generation.decode_loop.DECODE_SHAPE_BUDGET`): one shape
+    per width bucket (and per model, rows and cache length), past which it warns once and runs
+    uncompiled (:mod:`mas.compile_budget`).
+
+    Args:
+        mode (str): the ``torch.compile`` mode.
+        **compile_kwargs: more ``torch.compile`` arguments (tests pass a counting ``backend``).
+    """
+    return compile_with_budget(
+        slot_decode_forward,
+        name=f"serving decode forward (mode {mode})",
+        max_shapes=DECODE_SHAPE_BUDGET,
+        fix="serve with one batch_size and max_cache_len per process",
+        mode=mode,
+        **compile_kwargs,
+    )

@@ -6,7 +6,6 @@ from dataclasses import dataclass
 from typing import Literal, Optional
 
 from mas.config import option
-from mas.errors import ConfigError
 from mas.generation.options import InferenceOptions
 
 __all__ = ["ServeOptions"]
@@ -21,7 +20,9 @@ class ServeOptions(InferenceOptions):
     sets none; ``max_cache_len`` is one sequence's context (prompt + answer);
     ``reuse_system_cache`` turns the segment-prefix cache on; ``seed`` seeds the process RNG that
     requests without a ``seed`` of their own sample from; ``attention``, ``prompt_format``
-    and ``merge_system_and_user`` apply when the adapter does not record how it was trained.
+    and ``merge_system_and_user`` apply when the adapter does not record how it was trained;
+    ``compile_decode`` compiles the batched decode forward (every row, one graph per power-of-two
+    attention width; sampling stays per sequence, outside the graph) with ``compile_mode``.
     """
 
     host: str = option("127.0.0.1", "interface to listen on (0.0.0.0: every interface; there is no authentication)")
@@ -33,9 +34,3 @@ class ServeOptions(InferenceOptions):
     max_n: int = option(8, "largest `n` (choices per request) accepted", min=1)
     shutdown_timeout_s: float = option(10.0, "on SIGTERM/SIGINT, time in-flight requests get to finish before they are cancelled", min=0.0)
     log_level: Literal["debug", "info", "warning", "error"] = option("info", "server log level (one JSON line per request at info)")
-
-    def check(self) -> None:
-        """Cross-key rules."""
-        super().check()
-        if self.compile_decode:
-            raise ConfigError("compile_decode=True is not supported by mas_serve (rows decode at different lengths); set it to False")

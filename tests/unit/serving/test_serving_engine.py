@@ -1,6 +1,7 @@
 """The serving engine against its slow twin, ``mas.generate``: same greedy tokens alone, batched,
 joining mid-decode, with and without a prefix-cache hit, turn by turn, for MAS and causal; faults
-stay with their request; cancelled and finished sequences free their rows."""
+stay with their request; cancelled and finished sequences free their rows. The compiled decode
+(``compile_decode``) gives the eager engine's tokens and compiles once per width bucket."""
 
 from __future__ import annotations
 
@@ -334,3 +335,92 @@ def test_prefill_is_rounded_to_the_flex_tile_only_where_flex_runs(model, tokeniz
     assert flex._prefill_end(0, 130) == 256  # rounded up past the cached prefix...
     assert flex._prefill_end(40, 130) == 168
     assert flex._prefill_end(0, 290) == 300  # ...but never past the row
+
+
+# ------------------------------------------------------------------ compiled decode (compile_decode)
+def _recording_widths(engine: Engine) -> List[tuple]:
+    """Wrap the engine's compiled forward: every call's (batch size, width) is appended to the list."""
+    calls: List[tuple] = []
+    compiled = engine._compiled_forward
+
+    def recording(model, tokens, slots, busy, *, width):
+        calls.append((tokens.shape[0], width))
+        return compiled(model, tokens, slots, busy, width=width)
+
+    engine._compiled_forward = recording
+    return calls
+
+
+@pytest.mark.slow
+def test_compiled_decode_equals_eager_engine_and_generate(model, tokenizer):
+    """Real inductor compile: the same greedy and seeded sampled tokens as the eager engine and as
+    mas.generate alone, with a request joining rows at other lengths, across the 64 and 128 slot
+    width buckets; one graph per bucket, every step compiled over all rows."""
+    from torch._dynamo.utils import counters
+
+    greedy = [{"system": SYSTEM, "user": USERS[2]}, {"user": USERS[0]}, {"user": USERS[3]}]
+    sampled_prompt = {"system": SYSTEM, "user": USERS[1]}
+    sampling = dict(temperature=1.0, top_k=20, seed=5)
+    max_tokens = [24, 16, 20]  # the second finishes first; the waiting one joins the others mid-stream
+    expected = [_expected(model, tokenizer, [p], "mas", n)[0] for p, n in zip(greedy, max_tokens)]
+    expected_sampled = _expected_sampled(model, tokenizer, [sampled_prompt], 20, stop_tokens=[], **sampling)[0]
+
+    def serve(engine: Engine) -> List[List[int]]:
+        try:
+            collectors = [_submit(engine, tokenizer, _messages(greedy[0]["system"], greedy[0]["user"]), max_tokens[0])]
+            collectors.append(_submit(engine, tokenizer, _messages(SYSTEM, sampled_prompt["user"]), 20, **sampling))
+            collectors += [_submit(engine, tokenizer, _messages(None, p["user"]), n) for p, n in zip(greedy[1:], max_tokens[1:])]
+            return [c.wait(timeout=300).tokens for c in collectors]
+        finally:
+            engine.stop()
+
+    eager = serve(_engine(model, tokenizer, "mas", rows=3, cache=False, stop_tokens=[]))
+    torch._dynamo.reset()
+    counters.clear()
+    compiled_engine = Engine(copy.deepcopy(model), tokenizer, attention="mas", rows=3, max_len=512, stop_tokens=[], compile_decode=True)
+    compiled_forward = compiled_engine._compiled_forward
+    calls = _recording_widths(compiled_engine)
+    compiled = serve(compiled_engine.start())
+    reference = [expected[0], expected_sampled, expected[1], expected[2]]
+    assert eager == reference
+    assert compiled == reference
+    assert {w for _, w in calls} == {64, 128} and {b for b, _ in calls} == {3}
+    assert counters["stats"]["unique_graphs"] == 2 and compiled_forward.uncompiled_calls == 0
+
+
+def test_compiled_decode_compiles_once_per_width_bucket(model, tokenizer, monkeypatch):
+    """Counting backend (the graphs run eagerly): rows growing through every length of a bucket,
+    and another row joining and leaving, never recompile; the graphs are one per width bucket."""
+    from torch._dynamo.testing import CompileCounter
+
+    import mas.serving._engine as engine_module
+    from mas.serving._slot_cache import compiled_slot_decode_forward
+
+    counter = CompileCounter()
+    monkeypatch.setattr(engine_module, "compiled_slot_decode_forward", lambda mode: compiled_slot_decode_forward(mode, backend=counter))
+    torch._dynamo.reset()
+    engine = Engine(copy.deepcopy(model), tokenizer, attention="mas", rows=2, max_len=256, stop_tokens=[], compile_decode=True)
+    calls = _recording_widths(engine)
+    graphs_after_call: List[int] = []
+    recording = engine._compiled_forward
+
+    def counting(*args, **kwargs):
+        out = recording(*args, **kwargs)
+        graphs_after_call.append(counter.frame_count)
+        return out
+
+    engine._compiled_forward = counting
+    engine.start()
+    try:
+        long_run = _submit(engine, tokenizer, _messages(None, USERS[3]), 240)
+        while len(long_run.tokens) < 80 and not long_run.done.is_set():
+            time.sleep(0.001)
+        joining = _submit(engine, tokenizer, _messages(SYSTEM, USERS[1]), 30)
+        assert len(long_run.wait().tokens) == 240 and len(joining.wait().tokens) == 30
+    finally:
+        engine.stop()
+    widths = [w for _, w in calls]
+    assert set(widths) == {64, 128, 256}  # every bucket of a 256-slot row
+    # A new graph only at the first step of each bucket, none while lengths grow inside it.
+    assert graphs_after_call == [len(set(widths[: i + 1])) for i in range(len(widths))]
+    assert len(widths) >= 239 and counter.frame_count == 3

@@ -1,5 +1,5 @@
 """The pieces under the engine: cut points and the prefix cache's LRU and index, the slot KV cache
-against torchtune's own cache, stop strings, request checks, and the adapter-vs-config settings."""
+against torchtune's own cache, stop strings, request checks, the adapter-vs-config settings, and the compile_decode keys."""
 
 from __future__ import annotations
 
@@ -150,5 +150,23 @@ def test_adapter_settings_win_over_the_config_with_warnings():
     assert "serving with attention=causal" in settings.response_warnings[0]
     merged = prompt_settings(None, ServeOptions(model={}, checkpointer={}, tokenizer={}, merge_system_and_user=True))
     assert merged.merge_system_and_user and any("no prefix before the end of a user turn is reusable" in n for n in merged.notes)
-    with pytest.raises(Exception, match="compile_decode"):
-        ServeOptions(model={}, checkpointer={}, tokenizer={}, compile_decode=True).check()
+
+
+def test_compile_decode_config_is_accepted_and_reaches_the_engine(monkeypatch):
+    """``tune run mas_serve --config tiny_serve compile_decode=True compile_mode=...`` validates, and
+    the engine is built with those settings (the library takes them as arguments)."""
+    from types import SimpleNamespace
+
+    import mas.serving._setup as setup_module
+    from mas.config import load_config, to_options
+
+    opts = to_options(load_config("tiny_serve", ["compile_decode=True", "compile_mode=reduce-overhead"]), ServeOptions, "mas_serve")
+    assert (opts.compile_decode, opts.compile_mode) == (True, "reduce-overhead")
+    built = {}
+    monkeypatch.setattr(setup_module, "Engine", lambda model, tokenizer, **kwargs: built.update(kwargs))
+    settings = prompt_settings(None, opts)
+    loaded = SimpleNamespace(model=object(), adapter_path=None)
+    setup_module._build_engine(opts, settings, loaded, SimpleNamespace(pad_id=0), 64, None)
+    assert (built["compile_decode"], built["compile_mode"]) == (True, "reduce-overhead")
+    default = to_options(load_config("tiny_serve"), ServeOptions, "mas_serve")
+    assert default.compile_decode is False  # eager unless asked
