@@ -60,6 +60,7 @@ __all__ = [
     "MaskTile",
     "SdpaMask",
     "Window",
+    "check_key_windows",
     "key_windows",
     "plan_key_windows",
     "prepare_sdpa_mask",
@@ -254,6 +255,50 @@ def _reach(ids: Tensor) -> Tuple[Tensor, Tensor]:
     return first[keys], last[keys]
 
 
+def _query_reach(segment_ids: Tensor, document_ids: Optional[Tensor], query_start: int, query_len: int) -> Tuple[Tensor, Tensor]:
+    """Per query, over the rows of the batch, the first and the last key the MAS rule can allow.
+
+    Query position ``p`` may attend key ``k`` only if ``k`` lies in its document (``k >=`` the
+    document's first position) and ``k <= p`` or ``k`` is in its prompt segment (``k <=`` the
+    segment's last position).
+
+    Returns:
+        Tuple[Tensor, Tensor]: ``(low, high)``, each ``[query_len]``.
+    """
+    kv_len = segment_ids.shape[1]
+    positions = torch.arange(kv_len)
+    lowest = _reach(document_ids)[0] if document_ids is not None else torch.zeros_like(segment_ids)
+    segment_last = _reach(segment_ids)[1]
+    highest = torch.where(segment_ids >= 0, torch.maximum(segment_last, positions), positions)
+    q_slice = slice(query_start, query_start + query_len)
+    return lowest[:, q_slice].amin(0), highest[:, q_slice].clamp(max=kv_len - 1).amax(0)
+
+
+def check_key_windows(
+    windows: Sequence[Window], segment_ids: Tensor, document_ids: Optional[Tensor], *, query_start: int, query_len: int
+) -> None:
+    """Raise unless ``windows`` tile the queries in order and each holds every key its queries
+    may see (windows planned for other ids would silently drop keys).
+
+    Raises:
+        ValueError: naming the first window that does not fit.
+    """
+    low, high = _query_reach(segment_ids, document_ids, query_start, query_len)
+    expected_start = 0
+    for i, (q0, q1, k0, k1) in enumerate(windows):
+        if q0 != expected_start or q1 <= q0 or q1 > query_len:
+            raise ValueError(f"key window {i} covers queries [{q0}, {q1}); expected a tile starting at {expected_start} within {query_len} queries")
+        needed = int(low[q0:q1].min()), int(high[q0:q1].max()) + 1
+        if needed[1] > needed[0] and (k0 > needed[0] or k1 < needed[1]):
+            raise ValueError(
+                f"key window {i} (queries [{q0}, {q1})) holds keys [{k0}, {k1}) but its queries may see keys "
+                f"[{needed[0]}, {needed[1]}): windows planned for other ids? Plan them with plan_key_windows"
+            )
+        expected_start = q1
+    if expected_start != query_len:
+        raise ValueError(f"the key windows cover queries [0, {expected_start}) of {query_len}")
+
+
 def _cut_tiles(low: List[int], high: List[int], cuts: List[int], max_tile: int, call_cost: int) -> List[Tuple[int, int]]:
     """The query tiles (between candidate cuts) of least total cost, by dynamic programming.
 
@@ -336,16 +381,7 @@ def plan_key_windows(
         query_len = kv_len - query_start
     if query_len <= cut_step:  # one tile: the whole mask, nothing to read (decoding)
         return [(0, query_len, 0, kv_len)]
-    positions = torch.arange(kv_len)
-    if document_ids is not None:
-        lowest = _reach(document_ids)[0]
-    else:
-        lowest = torch.zeros_like(segment_ids)
-    segment_last = _reach(segment_ids)[1]
-    highest = torch.where(segment_ids >= 0, torch.maximum(segment_last, positions), positions)
-    q_slice = slice(query_start, query_start + query_len)
-    low = lowest[:, q_slice].amin(0)
-    high = highest[:, q_slice].clamp(max=kv_len - 1).amax(0)
+    low, high = _query_reach(segment_ids, document_ids, query_start, query_len)
     document_starts = (low[1:] != low[:-1]).nonzero().squeeze(1) + 1
     cuts = sorted(set(range(0, query_len, cut_step)) | set(document_starts.tolist()) | {query_len})
     low_list, high_list = low.tolist(), high.tolist()
@@ -375,7 +411,7 @@ def windowed_mas_mask(
         document_ids (Optional[Tensor]): ``[b, s]`` document ids of packed rows, or None.
         query_start (int): key position of the first query.
         query_len (Optional[int]): number of queries; default ``s - query_start``.
-        validate (bool): check the ids first.
+        validate (bool): check the ids first (and ``key_windows``, when given, against them).
         cut_step (int): the plan's tile grid (:func:`plan_key_windows`).
         max_work (float): build window by window when the windows cover at most this fraction of
             the scores; else the whole mask at once.
@@ -399,6 +435,8 @@ def windowed_mas_mask(
         windows = plan_key_windows(segment_ids, document_ids, query_start=query_start, query_len=query_len, cut_step=cut_step)
     else:
         windows = list(key_windows)
+        if validate:
+            check_key_windows(windows, segment_ids, document_ids, query_start=query_start, query_len=query_len)
     if not _worth_windows(windows, query_len, kv_len, max_work):
         mask = dense_mas_mask(segment_ids, document_ids, query_start=query_start, query_len=query_len, validate=False)
         setattr(mask, _CACHE_ATTRIBUTE, (_version(mask), _whole(mask)))

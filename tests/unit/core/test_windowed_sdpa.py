@@ -213,3 +213,27 @@ def test_planning_and_windowed_build_refuse_ids_off_the_cpu():
         plan_key_windows(torch.zeros(1, 64, dtype=torch.long), ids)
     with pytest.raises(ValueError, match="segment_ids on meta.*CPU"):
         windowed_mas_mask(ids, validate=False, key_windows=[(0, 32, 0, 32), (32, 64, 0, 64)])
+
+
+def test_windows_handed_in_are_checked_against_the_ids():
+    """Windows planned for other ids would drop keys silently: with ``validate`` the builder
+    refuses them in one line, and takes the windows planned for these ids."""
+    import pytest
+
+    from mas.windowed_sdpa import plan_key_windows
+
+    segments, documents = packed_row([125, 118, 131, 122], 512)
+    own = plan_key_windows(segments, documents)
+    assert torch.equal(windowed_mas_mask(segments, documents, key_windows=own), dense_mas_mask(segments, documents))
+    other_segments, other_documents = packed_row([60, 190, 131, 100], 512)
+    other = plan_key_windows(other_segments, other_documents)
+    with pytest.raises(ValueError, match="key window .* holds keys .* may see keys"):
+        windowed_mas_mask(segments, documents, key_windows=other)
+    q0, q1, k0, k1 = own[1]
+    one_short = [*own[:1], (q0, q1, k0, k1 - 1), *own[2:]]
+    with pytest.raises(ValueError, match="key window 1 "):
+        windowed_mas_mask(segments, documents, key_windows=one_short)
+    with pytest.raises(ValueError, match="key window 1 covers queries"):
+        windowed_mas_mask(segments, documents, key_windows=[own[0], *own[2:]])
+    with pytest.raises(ValueError, match="cover queries"):
+        windowed_mas_mask(segments, documents, key_windows=own[:-1])
