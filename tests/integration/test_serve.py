@@ -3,7 +3,8 @@ client and `httpx`. Greedy tokens equal `mas.generate` (alone, batched, with a p
 turn by turn, MAS and causal adapters), and so do seeded sampled tokens (``mas.generate`` with
 batch size 1, the same seed), alone or batched; bad requests get OpenAI-style 4xx bodies naming the field;
 a disconnecting client frees its slot; a burst completes with nothing lost or leaked; over
-capacity is a 429; SIGTERM finishes or cancels in-flight requests cleanly.
+capacity is a 429; SIGTERM finishes or cancels in-flight requests cleanly; ``compile_decode=True``
+serves the same tokens compiled.
 
 One server process per adapter, shared by the tests of this module (module-scoped fixtures).
 """
@@ -340,6 +341,22 @@ def test_burst_of_64_requests_from_16_clients(server, reference):
     health = server.health()
     assert health["active_slots"] == 0 and health["queue_depth"] == 0
     assert "mas_serve_requests_total" in httpx.get(f"{server.url}/metrics").text
+
+
+def test_compiled_decode_server_equals_generate(tmp_path, tiny_base_dir, tiny_mas_run, reference):
+    """`compile_decode=True` is accepted by the recipe and reaches the engine: the server decodes
+    compiled (its start-up line says so) and its greedy and seeded tokens, batched, equal `mas.generate`."""
+    compiled = _start(tmp_path, tiny_base_dir, tiny_mas_run, batch_size=2, compile_decode=True)
+    try:
+        jobs = [(_chat_messages(SYSTEM, USERS[1]), dict(temperature=0)), (_chat_messages(None, USERS[0]), dict(temperature=1.0, seed=3, ignore_eos=True))]
+        with concurrent.futures.ThreadPoolExecutor(len(jobs)) as pool:
+            replies = list(pool.map(lambda job: _chat(compiled, job[0], **job[1]), jobs))
+        assert replies[0]["mas"]["token_ids"] == [reference.tokens({"messages": jobs[0][0]})]
+        assert replies[1]["mas"]["token_ids"] == [reference.tokens({"messages": jobs[1][0]}, stop_tokens=[], temperature=1.0, seed=3)]
+        assert "decode compiled (default" in compiled.log.read_text()
+    finally:
+        returncode = compiled.stop()
+    assert returncode in (0, -signal.SIGTERM) and "Traceback" not in compiled.log.read_text()
 
 
 def test_causal_adapter_capacity_and_graceful_shutdown(tmp_path, tiny_base_dir, tiny_causal_run):

@@ -424,3 +424,29 @@ def test_compiled_decode_compiles_once_per_width_bucket(model, tokenizer, monkey
     # A new graph only at the first step of each bucket, none while lengths grow inside it.
     assert graphs_after_call == [len(set(widths[: i + 1])) for i in range(len(widths))]
     assert len(widths) >= 239 and counter.frame_count == 3
+
+
+def test_a_failing_compiler_falls_back_to_eager_decoding_once(model, tokenizer, monkeypatch, caplog):
+    """A compiled forward that cannot run (a broken compiler toolchain): the step is retried row by
+    row eagerly, the tokens stay exact, and the engine stops trying to compile."""
+    import mas.serving._engine as engine_module
+
+    attempts = []
+
+    def broken_compiler(mode):
+        def forward(*args, **kwargs):
+            attempts.append(kwargs["width"])
+            raise RuntimeError("inductor: no C++ compiler")
+
+        return forward
+
+    monkeypatch.setattr(engine_module, "compiled_slot_decode_forward", broken_compiler)
+    expected = _expected(model, tokenizer, [{"system": SYSTEM, "user": USERS[0]}], "mas", max_new_tokens=8)
+    engine = _engine(model, tokenizer, "mas", rows=2, cache=False, compile_decode=True)
+    try:
+        with caplog.at_level("ERROR", logger="mas_serve.engine"):
+            assert [_submit(engine, tokenizer, _messages(SYSTEM, USERS[0]), 8).wait().tokens] == expected
+        assert len(attempts) == 1 and engine._compiled_forward is None
+        assert any("decoding eagerly from now on" in r.message for r in caplog.records)
+    finally:
+        engine.stop()
