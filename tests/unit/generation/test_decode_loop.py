@@ -164,6 +164,31 @@ def test_native_gqa_forward_equals_torchtunes(model):
         torch.testing.assert_close(got, reference, atol=1e-5, rtol=1e-5)
 
 
+def test_native_gqa_hands_the_attention_kv_heads_not_copies(model, llama3_tokenizer, monkeypatch):
+    """With native GQA every attention call of a generation (prefill and decode) gets the keys and
+    values at ``n_kv`` heads; torchtune's forward (the twin, ``native_gqa=False``) expands them to
+    ``n_h``, which shows the recorder can see a copy."""
+    from mas.attention import MASAttention
+
+    attn = model.layers[0].attn
+    seen = []
+    original = MASAttention.__call__
+
+    def recording(self, q, k, v, *args, **kwargs):
+        seen.append((q.shape[1], k.shape[1], v.shape[1]))
+        return original(self, q, k, v, *args, **kwargs)
+
+    monkeypatch.setattr(MASAttention, "__call__", recording)
+    heads = {}
+    for native in (True, False):
+        seen.clear()
+        mas.generate(model, llama3_tokenizer, PROMPTS[:2], max_new_tokens=4, stop_tokens=[], native_gqa=native)
+        assert len(seen) >= 4 * len(model.layers), native  # the prefill and 3 decode steps, every layer
+        heads[native] = set(seen)
+    assert heads[True] == {(attn.num_heads, attn.num_kv_heads, attn.num_kv_heads)}
+    assert heads[False] == {(attn.num_heads, attn.num_heads, attn.num_heads)}
+
+
 def test_sample_with_noise_draws_from_the_filtered_distribution():
     torch.manual_seed(0)
     logits = torch.randn(1, 12)
@@ -188,6 +213,27 @@ def test_widths_and_default_cache_len():
     assert default_cache_len([30, 200], 64, 131072) == 512  # not the model's 131,072 slots
     assert default_cache_len([30], 64, 2048) == 256
     assert default_cache_len([4000], 500, 4096) == 4096  # capped: generate then names the overflow
+
+
+def test_decode_attends_over_the_written_slots_rounded_up_not_the_whole_cache(model, llama3_tokenizer, monkeypatch):
+    """Each decode forward gets a mask as wide as decode_width(written slots), not the cache: a
+    512-slot cache with short prompts is read 64, then 128 slots wide."""
+    seqs = _sequences(llama3_tokenizer)[:2]
+    cache_len, new_tokens = 512, 90
+    widths = []
+
+    def record_width(module, args, kwargs):
+        if args[0].shape[1] == 1:  # a decode step (one token per row)
+            widths.append(kwargs["mask"].shape[-1])
+
+    handle = model.register_forward_pre_hook(record_width, with_kwargs=True)
+    try:
+        mas.generate(model, seqs, max_new_tokens=new_tokens, batch_size=2, stop_tokens=[], max_cache_len=cache_len)
+    finally:
+        handle.remove()
+    slots = max(len(s) for s in seqs)
+    assert widths == [decode_width(slots + i, cache_len) for i in range(1, new_tokens)]
+    assert widths[0] == 64 and widths[-1] == 128 < cache_len
 
 
 def test_generate_sizes_the_cache_from_the_prompts(model, llama3_tokenizer, monkeypatch):
@@ -228,9 +274,14 @@ def test_recipes_pass_the_compile_options():
     options = GenerateOptions(model={}, checkpointer={}, tokenizer={}, compile_decode=True, compile_mode="reduce-overhead", stop_check_every=4)
     settings = generate_recipe.settings_from(options)
     assert (settings.compile_decode, settings.compile_mode, settings.stop_check_every) == (True, "reduce-overhead", 4)
-    eval_options = EvalOptions(model={}, checkpointer={}, tokenizer={}, output_dir="/tmp/x", compile_mode="max-autotune-no-cudagraphs", stop_check_every=2)
+    eval_options = EvalOptions(
+        model={}, checkpointer={}, tokenizer={}, output_dir="/tmp/x", compile_decode=True,
+        compile_mode="max-autotune-no-cudagraphs", stop_check_every=2,
+    )  # fmt: skip
     settings = generation_settings(eval_options)
-    assert (settings.compile_mode, settings.stop_check_every) == ("max-autotune-no-cudagraphs", 2)
+    assert (settings.compile_decode, settings.compile_mode, settings.stop_check_every) == (True, "max-autotune-no-cudagraphs", 2)
+    # Unset, neither recipe fixes a cache length: mas.generate sizes it from the prompts.
+    assert generate_recipe.settings_from(GenerateOptions(model={}, checkpointer={}, tokenizer={})).max_cache_len is None
 
 
 @pytest.mark.slow
