@@ -196,6 +196,58 @@ def test_optimizer_step_reads_no_tensor_on_the_host(tmp_path, tiny_base_dir, mon
     assert 0 < float(stats[-1]["loss"]) < 20
 
 
+def test_training_loop_reads_the_device_only_on_logging_steps(tmp_path, tiny_base_dir, monkeypatch):
+    """train() itself (progress, token and time windows, the non-finite guard) reads no tensor
+    between two logging steps: reads happen at steps 4 and 8 (log_every_n_steps) and 9 (the
+    last), none at the others. Validation and checkpoints, which read by design, are stubbed; the
+    batches are collated before counting (collation reads CPU tensors, in loader workers)."""
+    recipe = _recipe(tmp_path, tiny_base_dir, log_every_n_steps=4, max_steps_per_epoch=9, save_every_n_steps=None)
+    batches = list(recipe._micro_batches(0, 0))
+    monkeypatch.setattr(recipe, "_micro_batches", lambda epoch, start: iter(batches))
+    monkeypatch.setattr(recipe, "_log_validation", lambda step, epoch: None)
+    monkeypatch.setattr(recipe, "save_checkpoint", lambda *, epoch_end: None)
+    reads_before_step = []
+    step = recipe._optimizer_step
+
+    def counted_step(micro_batches):
+        reads_before_step.append(len(counter.calls))
+        return step(micro_batches)
+
+    monkeypatch.setattr(recipe, "_optimizer_step", counted_step)
+    counter = _HostReadCounter(monkeypatch)
+    recipe.train()
+    reads_before_step.append(len(counter.calls))
+    monkeypatch.undo()
+    # Reads during step k and the loop's work after it, for k = 1..9 (step 1 holds the lazy
+    # optimizer state's set-up).
+    reads = [b - a for a, b in zip(reads_before_step, reads_before_step[1:])]
+    assert len(reads) == 9
+    assert [k for k, n in enumerate(reads, start=1) if n and k > 1] == [4, 8, 9]
+
+
+def test_gradients_are_scaled_in_one_fused_call(tmp_path, tiny_base_dir, monkeypatch):
+    """One _foreach_mul_ over every LoRA gradient, by 1 / (targets of the step), not one mul per
+    gradient: the step's gradients are those of the mean loss over its targets."""
+    recipe = _recipe(tmp_path, tiny_base_dir, gradient_accumulation_steps=2)
+    stream = iter(list(recipe._micro_batches(0, 0))[:4])
+    recipe._optimizer_step(stream)  # warm-up (lazy optimizer state)
+    calls = []
+    foreach_mul = torch._foreach_mul_
+
+    def recording(tensors, scale):
+        calls.append((len(tensors), scale))
+        return foreach_mul(tensors, scale)
+
+    monkeypatch.setattr(torch, "_foreach_mul_", recording)
+    batches = list(stream)
+    targets = sum(b.num_targets for b in batches)
+    recipe._optimizer_step(iter(batches))
+    monkeypatch.undo()
+    # Gradient clipping scales by a device tensor (its own fused call); ours is a host float.
+    ours = [(n, scale) for n, scale in calls if not isinstance(scale, torch.Tensor)]
+    assert ours == [(len(recipe.trainable), pytest.approx(1.0 / targets))]
+
+
 def test_host_read_counter_sees_reads(monkeypatch):
     """The counter above would catch what the old step did (int() of a device count, .item())."""
     counter = _HostReadCounter(monkeypatch)
