@@ -254,3 +254,36 @@ def test_model_file_documents_its_download_and_experiments(model):
     assert header.startswith("#") and f"{model.name}_mas" in header
     for name in model.experiments:
         assert name in EXPERIMENTS
+
+
+# ----------------------------------------------------------------------------- speed settings (issue 12)
+@pytest.mark.parametrize("model_name", sorted(PAPER_MODELS) + ["tiny"])
+def test_packing_is_an_override_of_every_model_with_a_throughput_variant(model_name):
+    """Packing is off in the paper configs and on in ``<model>_mas_packed`` (the overlay: one
+    1024-token pack per step, about the paper's 8 examples) and in ``<model>_{mas,causal}_throughput``
+    (packs of 1024-4096 tokens); validation stays unpacked."""
+    assert options_for(f"{model_name}_mas").dataset.packed is False
+    packed = options_for(f"{model_name}_mas_packed")
+    assert (packed.dataset.packed, packed.dataset.pack_length, packed.batch_size) == (True, 1024, 1)
+    for name in (f"{model_name}_mas_packed", f"{model_name}_mas_throughput", f"{model_name}_causal_throughput"):
+        opts = options_for(name)
+        assert opts.dataset.packed is True and 1024 <= opts.dataset.pack_length <= 4096, name
+        assert not opts.val_dataset.get("packed", False), name
+        assert opts.attention == name.split("_")[-2], name
+
+
+@pytest.mark.parametrize("name", PAPER_FINETUNE)
+def test_paper_finetune_configs_compile_and_keep_the_step_free_of_host_syncs(name):
+    """Where it pays (GPU configs): compiled model and loss, batches prepared in loader workers,
+    the LM head on target rows, 128-token buckets and a fused AdamW (no CPU step counters)."""
+    opts = options_for(name)
+    assert opts.compile is True
+    assert opts.num_workers >= 1
+    assert opts.lm_head_on_targets_only is True
+    assert opts.pad_to_multiple_of == 128
+    assert opts.optimizer.fused is True
+
+
+def test_the_tiny_cpu_model_neither_compiles_nor_starts_workers():
+    opts = options_for("tiny_mas")
+    assert (opts.compile, opts.num_workers) == (False, 0)
