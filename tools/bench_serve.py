@@ -10,17 +10,24 @@ Llama-3.2-1B shape on CUDA) and random-token prompts (a system and a user segmen
 - time to first token of a request with a ``--system-len``-token (500) system prompt: cold (a
   system prompt never seen) vs warm (its keys and values copied from the prefix cache).
 
+With ``--compile-decode`` it measures instead the engine's eager decode against its compiled one
+(``mas_serve compile_decode=True``) side by side: two engines on copies of one model, each warmed
+up over the lengths the run reaches (so every width bucket is compiled before timing), the client
+levels interleaved over ``--rounds`` rounds, medians reported; written to its own subsection.
+
 Usage::
 
     python tools/bench_serve.py                  # CPU, tiny model
     python tools/bench_serve.py --device cuda    # GPU, Llama-3.2-1B shape, bf16
     python tools/bench_serve.py --no-write       # print only
+    python tools/bench_serve.py --compile-decode --clients 1 8 --requests 32   # eager vs compiled decode
 """
 
 from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import copy
 import datetime
 import statistics
 import threading
@@ -168,6 +175,76 @@ def bench(args: argparse.Namespace) -> str:
     )
 
 
+def bench_compiled_decode(args: argparse.Namespace) -> str:
+    """The engine's eager decode vs its compiled decode, same requests, interleaved rounds."""
+    device = torch.device(args.device)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    model = benchmark_model(args.model, device, dtype)
+    vocab = model.tok_embeddings.num_embeddings
+    cache_len = args.prompt_len + 24 + args.new_tokens + 8
+    requests = max(args.requests, max(args.clients))
+    prompts = [random_prompt(args.prompt_len + (i % 4) * 8, vocab, system=args.prompt_len // 4, seed=i) for i in range(requests)]
+    rows = max(args.clients)
+    modes = {"eager": False, "compiled": True}
+    engines = {
+        mode: Engine(
+            copy.deepcopy(model), _SilentTokenizer(), attention="mas", rows=rows, max_len=cache_len, max_queue=requests,
+            prefix_cache=None, compile_decode=compiled, compile_mode=args.compile_mode,
+        ).start()
+        for mode, compiled in modes.items()
+    }  # fmt: skip
+    warm_up_s = {}
+    results: Dict[tuple, List[Dict[str, float]]] = {}
+    try:
+        for mode, engine in engines.items():
+            # Every length the run reaches, so each width bucket compiles before timing.
+            start = time.perf_counter()
+            _concurrent(engine, prompts[:rows], rows, args.new_tokens)
+            warm_up_s[mode] = time.perf_counter() - start
+        for _ in range(args.rounds):
+            for clients in args.clients:
+                for mode, engine in engines.items():
+                    results.setdefault((clients, mode), []).append(_concurrent(engine, prompts, clients, args.new_tokens))
+    finally:
+        for engine in engines.values():
+            engine.stop()
+
+    def median(clients: int, mode: str, key: str) -> float:
+        return statistics.median(r[key] for r in results[(clients, mode)])
+
+    table = []
+    for clients in args.clients:
+        for mode in modes:
+            table.append(
+                {
+                    "clients": clients,
+                    "decode": mode,
+                    "tokens/s": f"{median(clients, mode, 'tok_s'):.0f}",
+                    "p50 latency ms": f"{median(clients, mode, 'p50'):.0f}",
+                    "p99 latency ms": f"{median(clients, mode, 'p99'):.0f}",
+                    "compiled / eager tokens/s": f"{median(clients, mode, 'tok_s') / median(clients, 'eager', 'tok_s'):.2f}",
+                }
+            )
+    when = datetime.date.today().isoformat()
+    return "\n".join(
+        [
+            f"### {device.type.upper()}, compiled decode (`compile_decode`): {args.model} model, random weights, {dtype} ({when})",
+            "",
+            f"Machine: {machine_description(device)}.",
+            "",
+            f"`python tools/bench_serve.py --compile-decode --clients {' '.join(map(str, args.clients))} --requests {requests} "
+            f"--rounds {args.rounds} --prompt-len {args.prompt_len} --new-tokens {args.new_tokens}`: {requests} requests of {args.prompt_len}-{args.prompt_len + 24} prompt tokens and "
+            f"{args.new_tokens} generated tokens each (stop tokens ignored), clients sending back to back, on two engines of "
+            f"{rows} KV-cache rows each (copies of one model): eager (rows up to the last busy one, attention "
+            f"`max(length) + 1` slots wide) and compiled (compile mode `{args.compile_mode}`; every row, attention width "
+            f"rounded up to a power of two). Medians of {args.rounds} interleaved rounds, after a warm-up over the same lengths "
+            f"(eager {warm_up_s['eager']:.1f} s, compiled {warm_up_s['compiled']:.1f} s including its compiles).",
+            "",
+            markdown_table(table),
+        ]
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cpu")
@@ -180,15 +257,20 @@ def main() -> None:
     parser.add_argument("--ttft-repeats", type=int, default=8)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--no-write", action="store_true", help="print only, leave BENCHMARKS.md alone")
+    parser.add_argument("--compile-decode", action="store_true", help="measure the eager engine against the compiled decode instead")
+    parser.add_argument("--compile-mode", default="default", help="torch.compile mode of the compiled decode (with --compile-decode)")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds (with --compile-decode)")
     args = parser.parse_args()
     if args.model is None:
         args.model = "llama3_2_1b" if args.device.startswith("cuda") else "tiny"
     if args.threads:
         torch.set_num_threads(args.threads)
-    report = bench(args)
+    report = bench_compiled_decode(args) if args.compile_decode else bench(args)
     print(report)
     if not args.no_write:
-        update_section(BENCHMARKS_FILE, NAME, TITLE, torch.device(args.device).type, report)
+        device_type = torch.device(args.device).type
+        # Its own subsection: the eager table above it is not overwritten.
+        update_section(BENCHMARKS_FILE, NAME, TITLE, f"{device_type}-compiled-decode" if args.compile_decode else device_type, report)
 
 
 if __name__ == "__main__":
