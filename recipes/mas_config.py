@@ -1,7 +1,7 @@
 """``mas-config``: list, print, copy and check this project's configs (torchtune's ``tune ls``,
 ``tune cp`` and ``tune validate`` only know torchtune's own registry).
 
-    mas-config ls                                 # every bundled experiment and its recipe
+    mas-config ls                                 # every bundled experiment, its recipe, the variants
     mas-config print llama3_2_1b_mas [key=value]  # the complete config, every key with its reason
     mas-config cp llama3_2_1b_mas my.yaml         # a standalone copy to edit and run
     mas-config validate my.yaml                   # check keys, types and components, build nothing
@@ -22,10 +22,12 @@ from typing import Any, Optional, Sequence, Type
 from mas.config import (
     ConfigError,
     bundled_experiments,
+    bundled_models,
     load_config,
     parse_experiment_name,
     report_user_errors,
     resolved_yaml,
+    shared_variants,
     to_options,
 )
 
@@ -66,6 +68,22 @@ def _document(name: str, overrides: Sequence[str]) -> str:
     return f"{_HEADER}{recipe}   (tune run {recipe} --config <this file>)\n" + resolved_yaml(cfg, options, resolve=False)
 
 
+def _list_experiments() -> None:
+    """The experiments, then the variants a name can end with (``llama3_2_1b_mas_packed``)."""
+    names = bundled_experiments()
+    width = max(len(n) for n in names)
+    print(f"{'CONFIG':<{width}}  RECIPE")
+    for name in names:
+        print(f"{name:<{width}}  {parse_experiment_name(name).recipe}")
+    print("\nVARIANTS: append to a name above (e.g. llama3_2_1b_mas_packed; several in order: _packed_qlora)")
+    models = bundled_models()
+    width = max(len("every model"), *(len(m.name) for m in models))
+    print(f"{'every model':<{width}}  {', '.join(shared_variants())}")
+    for model in models:
+        if model.variants:
+            print(f"{model.name:<{width}}  {', '.join(model.variants)}")
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -86,10 +104,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     def run() -> int:
         if args.command == "ls":
-            width = max(len(n) for n in bundled_experiments())
-            print(f"{'CONFIG':<{width}}  RECIPE")
-            for name in bundled_experiments():
-                print(f"{name:<{width}}  {parse_experiment_name(name).recipe}")
+            _list_experiments()
         elif args.command == "print":
             sys.stdout.write(_document(args.name, args.overrides))
         elif args.command == "cp":

@@ -13,6 +13,7 @@ from mas.config._bundled import (
     bundled_config_dirs,
     bundled_experiments,
     bundled_models,
+    shared_variants,
     compose_experiment,
     parse_experiment_name,
 )
@@ -33,6 +34,7 @@ __all__ = [
     "bundled_config_dirs",
     "bundled_experiments",
     "bundled_models",
+    "shared_variants",
     "check_components",
     "check_value",
     "component",

@@ -40,6 +40,7 @@ __all__ = [
     "bundled_experiments",
     "bundled_models",
     "compose_experiment",
+    "shared_variants",
     "parse_experiment_name",
 ]
 
@@ -96,6 +97,11 @@ class BundledModel:
         """The experiment names this model lists (``about.experiments``)."""
         return [f"{self.name}_{suffix}" for suffix in self.about.get("experiments", [])]
 
+    @property
+    def variants(self) -> List[str]:
+        """The variant names this model's file declares (``variants``), e.g. ``qlora``."""
+        return sorted(self.section("variants").keys())  # type: ignore[arg-type]
+
     def section(self, key: str) -> DictConfig:
         node = _load_yaml(self.path).get(key)
         return node if isinstance(node, DictConfig) else OmegaConf.create({})
@@ -110,6 +116,11 @@ def bundled_models() -> List[BundledModel]:
                 about = OmegaConf.to_container(_load_yaml(path).get("about") or {}, resolve=False)
                 seen[path.stem] = BundledModel(path.stem, dict(about), path)  # type: ignore[arg-type]
     return [seen[k] for k in sorted(seen)]
+
+
+def shared_variants() -> List[str]:
+    """The variants every model takes (``overlays/<variant>.yaml``), e.g. ``packed``."""
+    return sorted({path.stem for d in bundled_config_dirs() for path in (d / "overlays").glob("*.yaml")})
 
 
 def bundled_experiments() -> List[str]:

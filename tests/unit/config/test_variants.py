@@ -1,0 +1,58 @@
+"""The variants a bundled name can end with (``mas-config ls`` lists them): each composes and
+validates for every model, and the packing variants keep their promises (whole examples in
+tile-sized packs no shorter than the example cutoff)."""
+
+from __future__ import annotations
+
+import pytest
+
+import mas_config
+from mas.block_mask import FLEX_TILE
+from mas.config import ConfigError, bundled_models, load_config, parse_experiment_name, shared_variants, to_options
+
+MODELS = [m.name for m in bundled_models()]
+#: The name word that selects the recipe each variant is for.
+_KINDS = ("mas", "eval", "generate", "serve")
+
+
+def _options(name: str):
+    recipe = parse_experiment_name(name).recipe
+    return to_options(load_config(name, []), mas_config.options_of(recipe), recipe)
+
+
+def test_ls_lists_every_variant_and_names_them_as_users_type_them(capsys):
+    assert mas_config.main(["ls"]) == 0
+    out = capsys.readouterr().out
+    listed = out.split("VARIANTS")[1]
+    for variant in shared_variants():
+        assert variant in listed.splitlines()[1]
+    for model in bundled_models():
+        for variant in model.variants:
+            assert any(line.startswith(model.name + " ") and variant in line for line in listed.splitlines()), (model.name, variant)
+    assert {"packed", "1024"} <= set(shared_variants())
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_every_listed_variant_of_a_model_validates_for_some_recipe(model):
+    """A name `mas-config ls` suggests never fails on its own keys."""
+    for variant in shared_variants() + next(m for m in bundled_models() if m.name == model).variants:
+        errors = []
+        for kind in _KINDS:
+            try:
+                _options(f"{model}_{kind}_{variant}")
+                break
+            except ConfigError as e:
+                errors.append(f"{kind}: {e}")
+        else:
+            pytest.fail(f"{model}_*_{variant} validates for no recipe: {errors}")
+
+
+@pytest.mark.parametrize("model", MODELS)
+@pytest.mark.parametrize("variant", ["packed", "throughput"])
+def test_packing_variants_pack_whole_examples_in_tile_sized_packs(model, variant):
+    options = _options(f"{model}_mas_{variant}")
+    dataset, tokenizer = options.dataset, options.tokenizer
+    assert dataset["packed"] is True
+    pack_length = dataset["pack_length"]
+    assert pack_length % FLEX_TILE == 0, "a pack is a whole number of flex tiles (one compiled shape)"
+    assert pack_length >= tokenizer["max_seq_len"], "every example fits in a pack"
