@@ -238,7 +238,9 @@ def bench_compiled_decode(args: argparse.Namespace) -> str:
             f"{rows} KV-cache rows each (copies of one model): eager (rows up to the last busy one, attention "
             f"`max(length) + 1` slots wide) and compiled (compile mode `{args.compile_mode}`; every row, attention width "
             f"rounded up to a power of two). Medians of {args.rounds} interleaved rounds, after a warm-up over the same lengths "
-            f"(eager {warm_up_s['eager']:.1f} s, compiled {warm_up_s['compiled']:.1f} s including its compiles).",
+            f"(eager {warm_up_s['eager']:.1f} s, compiled {warm_up_s['compiled']:.1f} s including its compiles, which torch's "
+            "on-disk compile cache shortens on a rerun). The compiled engine always runs all its rows, so at 1 client it "
+            "computes 8 rows for 1; GPU: not measured.",
             "",
             markdown_table(table),
         ]
