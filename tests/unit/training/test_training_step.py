@@ -304,6 +304,35 @@ def test_compiled_step_matches_eager_and_stops_recompiling(monkeypatch):
         torch._dynamo.reset()
 
 
+@pytest.mark.slow
+def test_recipe_with_compile_does_not_recompile_over_hundreds_of_steps(tmp_path, tiny_base_dir):
+    """``compile: True`` through the recipe: its layers and loss are compiled, and over 200
+    optimizer steps of its own loader (batches of 2 rows padded to a multiple of 16, so the
+    length and the number of targets change from step to step) dynamo compiles nothing after the
+    warm-up (the steps up to the second padded length), and breaks no graph."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    try:
+        recipe = _recipe(tmp_path, tiny_base_dir, compile=True, batch_size=2, max_steps_per_epoch=None)
+        assert all(layer._compiled_call_impl is not None for layer in recipe.model.layers)
+        batches = list(recipe._micro_batches(0, 0))[:200]
+        lengths = [b.tokens.shape[1] for b in batches]
+        warm = next(i for i, n in enumerate(lengths) if n != lengths[0]) + 1
+        assert len(set(lengths[warm:])) >= 3, lengths  # the steps after the warm-up still vary
+        stream = iter(batches)
+        for _ in range(warm):
+            recipe._optimizer_step(stream)
+        graphs = counters["stats"]["unique_graphs"]
+        losses = [recipe._optimizer_step(stream)["loss"] for _ in range(len(batches) - warm)]
+        assert counters["stats"]["unique_graphs"] == graphs, "recompiled after warm-up"
+        assert dict(counters["graph_break"]) == {}
+        assert all(0 < float(loss) < 20 for loss in losses[-5:])
+    finally:
+        torch._dynamo.reset()
+
+
 # ----------------------------------------------------------------------------- loader workers
 def test_loader_workers_give_the_same_steps_as_the_main_process(tmp_path, tiny_base_dir):
     """Batches prepared in worker processes (the paper configs' num_workers) train exactly as the
