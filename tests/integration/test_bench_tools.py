@@ -118,6 +118,40 @@ def test_1b_shape_training_benchmark_runs_shrunk_on_cpu(tmp_path, monkeypatch, c
     assert (tmp_path / "profiles" / "bench_training_llama3_2_1b_MAS_compiled_packed_512x1.trace.json.gz").stat().st_size > 0
 
 
+@pytest.mark.slow
+def test_tiny_training_benchmark_runs_torchtunes_recipe_beside_ours(tmp_path, monkeypatch, capsys):
+    """The CPU benchmark at CI size (1 round of 2 steps): torchtune's own
+    lora_finetune_single_device beside this project's causal and MAS steps on the same tiny model,
+    rows and batch, rows padded to 16 and 128, and packs; every variant is timed and reported."""
+    _no_write(monkeypatch, bench_training)
+    bench_training.main(
+        ["--rounds", "1", "--steps", "2", "--packs", "1024x1", "--base-dir", str(tmp_path / "base"), "--no-write"]
+    )
+    out = capsys.readouterr().out
+    rows = {}
+    for line in out.splitlines():
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        if line.startswith("| torchtune |") or line.startswith("| mas_lora_finetune |"):
+            rows[tuple(cells[:3])] = dict(zip(("real", "padded", "share", "examples", "ms"), cells[3:8]))
+    assert set(rows) == {
+        ("torchtune", "causal", "8 rows, padded to the longest"),
+        ("mas_lora_finetune", "causal", "8 rows, padded to 16"),
+        ("mas_lora_finetune", "mas", "8 rows, padded to 16"),
+        ("mas_lora_finetune", "mas", "8 rows, padded to 128"),
+        ("mas_lora_finetune", "causal", "1 pack of 1024"),
+        ("mas_lora_finetune", "mas", "1 pack of 1024"),
+        ("mas_lora_finetune", "mas", "1 pack of 1024, one SDPA call over the whole mask"),
+    }
+    for key, row in rows.items():
+        assert float(row["real"].replace(",", "")) > 0 and float(row["ms"]) > 0, key
+        if "rows" in key[2]:
+            assert row["examples"] == "8.0", key  # every recipe steps on batches of 8 rows
+    share = {key[2]: int(row["share"].rstrip("%")) for key, row in rows.items() if key[1] == "mas"}
+    assert share["1 pack of 1024"] > share["8 rows, padded to 128"] + 30  # packing removes the padding
+    for note in ("torchtune's recipe (real tokens/s)", "(target >= 1)", "(target <= 1.03)", "(target >= 1.8)"):
+        assert note in out
+
+
 # ----------------------------------------------------------------------------- bench_generation
 @pytest.mark.slow
 def test_generation_benchmark_profiles_compiled_decode_on_cpu(tmp_path, monkeypatch, capsys):
