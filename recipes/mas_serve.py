@@ -3,6 +3,7 @@
     tune run mas_serve --config tiny_serve                       # the embedded tiny model, offline
     tune run mas_serve --config tiny_serve adapter_checkpoint=/tmp/mas_runs/tiny_mas port=8001
     tune run mas_serve --config llama3_2_1b_serve adapter_checkpoint=/path/to/run
+    tune run mas_serve --config tiny_serve compile_decode=True   # compiled decode forward (docs/serving.md)
 
 Endpoints: ``POST /v1/chat/completions``, ``POST /v1/completions``, ``GET /v1/models``,
 ``GET /health``, ``GET /metrics``. Chat messages are segmented by the same builder as training
