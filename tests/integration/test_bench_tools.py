@@ -90,6 +90,29 @@ def test_useful_flops_counts_the_tied_head_once_and_optionally_at_targets_only()
     assert everywhere - targets_only == pytest.approx(4 * params["head"] * (100 - 7))
 
 
+@pytest.mark.parametrize("family", ["llama3_2", "llama3"], ids=["tied", "untied"])
+def test_matmul_params_count_every_projection_and_the_head_once(family):
+    """The slow twin of the count: every 2-D weight by hand (q/k/v/output_proj, the MLP, LoRA A
+    and B), the embedding lookup left out, the LM head in once (the embedding again when tied)."""
+    import importlib
+
+    from mas.testing import TINY_FAMILIES
+
+    spec = TINY_FAMILIES[family]
+    module, _, name = spec.lora_builder.rpartition(".")
+    model = getattr(importlib.import_module(module), name)(["q_proj", "v_proj"], lora_rank=4, lora_alpha=8, **spec.dims)
+    weights = {n: p.numel() for n, p in model.named_parameters() if p.dim() == 2}
+    embedding = model.tok_embeddings.weight.numel()
+    projections = ("attn.q_proj", "attn.k_proj", "attn.v_proj", "attn.output_proj", "mlp.w1", "mlp.w2", "mlp.w3")
+    layer = sum(weights[f"layers.0.{n}.weight"] for n in projections)
+    tied = "output.weight" not in weights
+    assert tied == (family == "llama3_2")
+    params = bench_training.matmul_params(model)
+    assert params["head"] == embedding  # [vocab, dim] either way
+    assert params["frozen"] == len(model.layers) * layer + embedding
+    assert params["lora"] == sum(n for key, n in weights.items() if "lora_" in key) > 0
+
+
 @pytest.mark.slow
 def test_1b_shape_training_benchmark_runs_shrunk_on_cpu(tmp_path, monkeypatch, capsys):
     """The whole --model llama3_2_1b path (recipe set-up from the paper configs, synthetic rows,
