@@ -33,7 +33,7 @@ class InferenceOptions:
     max_new_tokens: int = option(64, "tokens to generate per prompt", min=1)
     batch_size: int = option(8, "prompts per batch", min=1)
     reuse_system_cache: bool = option(True, "prefill each system prompt once (exact under MAS: it never sees the user turn)")
-    compile_decode: bool = option(False, "torch.compile the decode step (forward, sampling and stop checks in one graph)")
+    compile_decode: bool = option(False, "torch.compile the decode step (generate/eval: forward, sampling and stop checks in one graph; serve: the batched forward)")
     compile_mode: CompileMode = option("default", "torch.compile mode of the decode step (reduce-overhead: CUDA graphs on GPU)")
     stop_check_every: int = option(8, "decoded tokens between host checks of 'every row stopped' (1: every token)", min=1)
     max_cache_len: Optional[int] = option(None, "KV cache slots per sequence (null: generate/eval: longest prompt + max_new_tokens rounded up to 256; serve: the model's max_seq_len)", min=1)

@@ -43,8 +43,8 @@ from typing import Any, Callable, Deque, Hashable, List, Optional, Sequence, Tup
 import torch
 from torch import Tensor, nn
 
-from mas.attention import AttentionBackend, use_mas_attention, uses_flex
-from mas.block_mask import FLEX_TILE, round_up_to_tile
+from mas.attention import AttentionBackend, prefill_tile, use_mas_attention
+from mas.block_mask import round_up_to_tile
 from mas.generation import CompileMode, layout_prompts, prefill
 from mas.generation.decode_loop import decode_width
 from mas.generation.sampling import sample_with_generator
@@ -235,7 +235,7 @@ class Engine:
         self.metrics = metrics
         self.device = model.tok_embeddings.weight.device
         if prefill_bucket is None:
-            prefill_bucket = FLEX_TILE if uses_flex(attention_backend, self.device) else 0
+            prefill_bucket = prefill_tile(attention_backend, self.device)
         self.prefill_bucket = prefill_bucket
         dtype = model.tok_embeddings.weight.dtype
         self.caches: SlotCaches = install_slot_caches(model, rows, self.max_len, dtype)
