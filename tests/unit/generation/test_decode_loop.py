@@ -300,5 +300,7 @@ def test_compiled_step_equals_eager_step(model, llama3_tokenizer, attention):
     assert compiled.tokens == eager.tokens
     # widths 64 and 128 for the batch of 2 and for the batch of 2 others: two frames' graphs each
     assert counters["stats"]["unique_graphs"] <= 4
+    assert dict(counters["graph_break"]) == {}  # forward, token choice and stops: one graph per shape
     sampled = dict(common, temperature=1.0, top_k=10, seed=1)
     assert mas.generate(model, seqs, **sampled, compile_decode=True).tokens == mas.generate(model, seqs, **sampled).tokens
+    assert dict(counters["graph_break"]) == {}
