@@ -253,6 +253,21 @@ def test_gpu_check_script_parses_and_fits_its_slot():
     assert "--model llama3_2_1b" in dry.stdout and "--profile-dir" in dry.stdout
 
 
+def test_gpu_check_script_collects_every_gpu_test():
+    """The script runs ``-m gpu`` over named folders only (the rest imports stacks a bare device
+    image lacks): a GPU test outside them would never run."""
+    script = (REPO / "tools" / "run_gpu_checks.sh").read_text()
+    folders = re.search(r"GPU_TEST_PATHS:-([^}]*)\}", script).group(1).split()
+    marked = {
+        path.relative_to(REPO).as_posix()
+        for path in (REPO / "tests").rglob("test_*.py")
+        if re.search(r"(mark\.gpu|pytestmark\s*=.*\bgpu\b)", path.read_text())
+    }
+    assert marked, "no GPU test found: the pattern is stale"
+    outside = [m for m in marked if not any(m.startswith(folder.rstrip("/") + "/") for folder in folders)]
+    assert not outside, f"GPU tests outside the script's folders {folders}: {outside}"
+
+
 def test_paired_step_ratio_pairs_the_same_steps():
     """Two variants timed on the same batches: the ratio is taken step by step, so a slow batch
     (or a load spike that hits both) cancels, where a ratio of medians would not."""
