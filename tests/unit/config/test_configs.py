@@ -15,6 +15,7 @@ from omegaconf import OmegaConf
 
 import mas_config
 from mas.assets import ASSETS_DIR
+from mas.block_mask import FLEX_TILE
 from mas.config import bundled_experiments, bundled_models, instantiate, load_config, parse_experiment_name, to_options
 
 EXPERIMENTS = bundled_experiments()
@@ -268,6 +269,9 @@ def test_packing_is_an_override_of_every_model_with_a_throughput_variant(model_n
     for name in (f"{model_name}_mas_packed", f"{model_name}_mas_throughput", f"{model_name}_causal_throughput"):
         opts = options_for(name)
         assert opts.dataset.packed is True and 1024 <= opts.dataset.pack_length <= 4096, name
+        # Whole flex tiles (one compiled shape), and every example fits in a pack.
+        assert opts.dataset.pack_length % FLEX_TILE == 0, name
+        assert opts.dataset.pack_length >= opts.tokenizer.max_seq_len, name
         assert not opts.val_dataset.get("packed", False), name
         assert opts.attention == name.split("_")[-2], name
 

@@ -1,13 +1,11 @@
 """The variants a bundled name can end with (``mas-config ls`` lists them): each composes and
-validates for every model, and the packing variants keep their promises (whole examples in
-tile-sized packs no shorter than the example cutoff)."""
+validates for every model (what the packing variants set: tests/unit/config/test_configs.py)."""
 
 from __future__ import annotations
 
 import pytest
 
 import mas_config
-from mas.block_mask import FLEX_TILE
 from mas.config import ConfigError, bundled_models, load_config, parse_experiment_name, shared_variants, to_options
 
 MODELS = [m.name for m in bundled_models()]
@@ -45,14 +43,3 @@ def test_every_listed_variant_of_a_model_validates_for_some_recipe(model):
                 errors.append(f"{kind}: {e}")
         else:
             pytest.fail(f"{model}_*_{variant} validates for no recipe: {errors}")
-
-
-@pytest.mark.parametrize("model", MODELS)
-@pytest.mark.parametrize("variant", ["packed", "throughput"])
-def test_packing_variants_pack_whole_examples_in_tile_sized_packs(model, variant):
-    options = _options(f"{model}_mas_{variant}")
-    dataset, tokenizer = options.dataset, options.tokenizer
-    assert dataset["packed"] is True
-    pack_length = dataset["pack_length"]
-    assert pack_length % FLEX_TILE == 0, "a pack is a whole number of flex tiles (one compiled shape)"
-    assert pack_length >= tokenizer["max_seq_len"], "every example fits in a pack"
