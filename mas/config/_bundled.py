@@ -181,7 +181,13 @@ def parse_experiment_name(name: str) -> Experiment:
         variants = tuple(v for v in variants if v != "distributed")
     for variant in variants:
         if variant not in model.section("variants") and _find(f"overlays/{variant}.yaml") is None:
-            raise _unknown_name(name)
+            known = shared_variants() + model.variants
+            close = difflib.get_close_matches(variant, known, n=1, cutoff=0.5)
+            hint = f"did you mean {name[: name.rindex('_' + variant)]}_{close[0]}? " if close else ""
+            raise ConfigError(
+                f"config not found: {name!r} has the unknown variant {variant!r}; {hint}the variants of "
+                f"{model.name}: {', '.join(sorted(known))} (`mas-config ls` lists them)"
+            )
     attention = kind_word if kind_word in ("mas", "causal") else None
     return Experiment(name, model, kind, attention, variants)
 

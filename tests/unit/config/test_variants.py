@@ -43,3 +43,10 @@ def test_every_listed_variant_of_a_model_validates_for_some_recipe(model):
                 errors.append(f"{kind}: {e}")
         else:
             pytest.fail(f"{model}_*_{variant} validates for no recipe: {errors}")
+
+
+def test_an_unknown_variant_is_named_with_the_closest_one_and_the_models_variants():
+    with pytest.raises(ConfigError, match=r"unknown variant 'packd'; did you mean tiny_mas_packed\? the variants of tiny: .*throughput"):
+        parse_experiment_name("tiny_mas_packd")
+    with pytest.raises(ConfigError, match=r"'llama3_2_1b_mas_zzz' has the unknown variant 'zzz'; the variants of llama3_2_1b: 1024, lora5"):
+        parse_experiment_name("llama3_2_1b_mas_zzz")
