@@ -237,3 +237,25 @@ def test_windows_handed_in_are_checked_against_the_ids():
         windowed_mas_mask(segments, documents, key_windows=[own[0], *own[2:]])
     with pytest.raises(ValueError, match="cover queries"):
         windowed_mas_mask(segments, documents, key_windows=own[:-1])
+
+
+def test_windows_evaluated_together_equal_each_window_alone():
+    """The batched evaluation of a pack's windows (one mask_mod call over the windows stacked and
+    padded) gives each window's block and SDPA tiles exactly as evaluating it alone; windows of
+    very different sizes take the per-window path."""
+    from mas.masks import mas_mask_mod, materialize_mask_mod
+    from mas.windowed_sdpa import _from_tiles, _tile_masks, plan_key_windows
+
+    cases = [packed_row([125, 118, 131, 122, 127, 120, 133, 119], 1024), packed_row([40, 300, 20, 90], 512)]
+    two_rows = [torch.cat([a, b]) for a, b in zip(packed_row([60, 61, 70], 256), packed_row([100, 90, 50], 256))]
+    for segments, documents in [*cases, tuple(two_rows)]:
+        windows = plan_key_windows(segments, documents)
+        mask_mod = mas_mask_mod(segments, documents)
+        batch = segments.shape[0]
+        alone = [materialize_mask_mod(mask_mod, batch, q1 - q0, k1 - k0, segments.device, q_offset=q0, kv_offset=k0) for q0, q1, k0, k1 in windows]
+        blocks, prepared = _tile_masks(mask_mod, batch, windows)
+        reference = _from_tiles(windows, alone)
+        assert all(torch.equal(b, a) for b, a in zip(blocks, alone))
+        assert [t.window for t in prepared.tiles] == [t.window for t in reference.tiles]
+        assert all(torch.equal(t.attn_mask, r.attn_mask) for t, r in zip(prepared.tiles, reference.tiles))
+        assert torch.equal(prepared.row_has_key, reference.row_has_key)
