@@ -32,7 +32,7 @@ import datetime
 import statistics
 import threading
 import time
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import torch
 
@@ -104,7 +104,8 @@ def bench(args: argparse.Namespace) -> str:
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     model = benchmark_model(args.model, device, dtype)
     vocab = model.tok_embeddings.num_embeddings
-    cache_len = args.system_len + args.prompt_len + args.new_tokens + 8
+    # The longest prompt: a throughput prompt (prompt_len + 24) or a system prompt + its 32-token user turn.
+    cache_len = max(args.prompt_len + 24, args.system_len + 32) + args.new_tokens + 8
     requests = max(args.requests, max(args.clients))
     prompts = [random_prompt(args.prompt_len + (i % 4) * 8, vocab, system=args.prompt_len // 4, seed=i) for i in range(requests)]
     _sequential_generate(model, prompts[:2], args.new_tokens)  # warm-up
@@ -247,7 +248,7 @@ def bench_compiled_decode(args: argparse.Namespace) -> str:
     )
 
 
-def main() -> None:
+def main(argv: Optional[List[str]] = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--model", default=None, help="tiny (CPU default) or llama3_2_1b (CUDA default)")
@@ -262,7 +263,7 @@ def main() -> None:
     parser.add_argument("--compile-decode", action="store_true", help="measure the eager engine against the compiled decode instead")
     parser.add_argument("--compile-mode", default="default", help="torch.compile mode of the compiled decode (with --compile-decode)")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds (with --compile-decode)")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.model is None:
         args.model = "llama3_2_1b" if args.device.startswith("cuda") else "tiny"
     if args.threads:

@@ -16,6 +16,7 @@ import pytest
 import torch
 
 import bench_generation
+import bench_serve
 import bench_training
 from mas.masks import CAUSAL, PAD
 from mas.segments import IGNORE_INDEX, SegmentedSequence
@@ -191,6 +192,29 @@ def test_generation_benchmark_profiles_compiled_decode_on_cpu(tmp_path, monkeypa
     assert "Profile of batch-1 decode steps compiled with mode default" in out
     assert "(6 tokens, `torch.profiler`)" in out
     assert (tmp_path / "bench_generation_decode_profile.md").exists()
+
+
+# ----------------------------------------------------------------------------- bench_serve
+_SMALL_SERVE = ["--clients", "1", "2", "--requests", "4", "--prompt-len", "16", "--new-tokens", "4", "--no-write"]
+
+
+def test_serving_benchmark_runs_its_tables_on_cpu(monkeypatch, capsys):
+    _no_write(monkeypatch, bench_serve)
+    bench_serve.main([*_SMALL_SERVE, "--system-len", "32", "--ttft-repeats", "2"])
+    out = capsys.readouterr().out
+    assert "| 1 (mas.generate, one at a time) |" in out and "| 2 (engine) |" in out
+    warm_over_cold = re.search(r"\| warm / cold \| ([0-9.]+) \|", out)
+    assert warm_over_cold and float(warm_over_cold.group(1)) > 0
+
+
+@pytest.mark.slow
+def test_serving_benchmark_compares_eager_and_compiled_decode_on_cpu(monkeypatch, capsys):
+    _no_write(monkeypatch, bench_serve)
+    bench_serve.main([*_SMALL_SERVE, "--compile-decode", "--rounds", "1"])
+    out = capsys.readouterr().out
+    for clients in (1, 2):
+        assert re.search(rf"\| {clients} \| eager \| \d+ \|.*\| 1.00 \|", out), out
+        assert re.search(rf"\| {clients} \| compiled \| \d+ \|", out), out
 
 
 def test_profile_decode_steps_needs_enough_tokens():
