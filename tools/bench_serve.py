@@ -32,7 +32,7 @@ import datetime
 import statistics
 import threading
 import time
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import torch
 
@@ -99,15 +99,30 @@ def _ttft_ms(engine: Engine, prompts: List[SegmentedSequence]) -> List[float]:
     return [(h.first_token_at - h.submitted_at) * 1e3 for h in handles]
 
 
-def bench(args: argparse.Namespace) -> str:
+def _workload(args: argparse.Namespace) -> Tuple[torch.device, torch.dtype, torch.nn.Module, List[SegmentedSequence]]:
+    """The device, dtype, benchmark model and throughput prompts (``prompt_len`` to
+    ``prompt_len + 24`` tokens, a quarter of them system prompt) of a run."""
     device = torch.device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     model = benchmark_model(args.model, device, dtype)
     vocab = model.tok_embeddings.num_embeddings
-    # The longest prompt: a throughput prompt (prompt_len + 24) or a system prompt + its 32-token user turn.
-    cache_len = max(args.prompt_len + 24, args.system_len + 32) + args.new_tokens + 8
     requests = max(args.requests, max(args.clients))
     prompts = [random_prompt(args.prompt_len + (i % 4) * 8, vocab, system=args.prompt_len // 4, seed=i) for i in range(requests)]
+    return device, dtype, model, prompts
+
+
+def _report(title: str, device: torch.device, *paragraphs: str) -> str:
+    """A section of the report: its title with the date, the machine, then the paragraphs."""
+    when = datetime.date.today().isoformat()
+    return "\n\n".join([f"### {title} ({when})", f"Machine: {machine_description(device)}.", *paragraphs])
+
+
+def bench(args: argparse.Namespace) -> str:
+    device, dtype, model, prompts = _workload(args)
+    vocab = model.tok_embeddings.num_embeddings
+    requests = len(prompts)
+    # The longest prompt: a throughput prompt (prompt_len + 24) or a system prompt + its 32-token user turn.
+    cache_len = max(args.prompt_len + 24, args.system_len + 32) + args.new_tokens + 8
     _sequential_generate(model, prompts[:2], args.new_tokens)  # warm-up
     reference = _sequential_generate(model, prompts, args.new_tokens)
 
@@ -153,38 +168,26 @@ def bench(args: argparse.Namespace) -> str:
         {"system prompt": "warm (copied from the prefix cache)", "TTFT ms (median)": f"{warm_ms:.1f}"},
         {"system prompt": "warm / cold", "TTFT ms (median)": f"{warm_ms / cold_ms:.2f}"},
     ]
-    when = datetime.date.today().isoformat()
-    return "\n".join(
-        [
-            f"### {device.type.upper()}: {args.model} model, random weights, {dtype} ({when})",
-            "",
-            f"Machine: {machine_description(device)}.",
-            "",
-            f"Throughput and latency: {requests} requests of {args.prompt_len}-{args.prompt_len + 24} prompt tokens and {args.new_tokens} "
-            f"generated tokens each (stop tokens ignored), clients sending back to back; the engine has one KV-cache row per client. "
-            "`mas.generate` decodes one batch in lock step (one decode step with sampling and stop checks, native GQA, attention "
-            "over the written slots); the engine keeps a position per row so requests can join and leave between steps, which "
-            "costs it some speed at 1 client and pays off as clients are added.",
-            "",
-            markdown_table(rows),
-            "",
-            f"Time to first token with a {args.system_len}-token system prompt and a 32-token user turn, one request at a time, "
-            f"median of {n} (warm requests copied {saved} prompt tokens in all instead of prefilling them):",
-            "",
-            markdown_table(ttft),
-        ]
+    return _report(
+        f"{device.type.upper()}: {args.model} model, random weights, {dtype}",
+        device,
+        f"Throughput and latency: {requests} requests of {args.prompt_len}-{args.prompt_len + 24} prompt tokens and {args.new_tokens} "
+        f"generated tokens each (stop tokens ignored), clients sending back to back; the engine has one KV-cache row per client. "
+        "`mas.generate` decodes one batch in lock step (one decode step with sampling and stop checks, native GQA, attention "
+        "over the written slots); the engine keeps a position per row so requests can join and leave between steps, which "
+        "costs it some speed at 1 client and pays off as clients are added.",
+        markdown_table(rows),
+        f"Time to first token with a {args.system_len}-token system prompt and a 32-token user turn, one request at a time, "
+        f"median of {n} (warm requests copied {saved} prompt tokens in all instead of prefilling them):",
+        markdown_table(ttft),
     )
 
 
 def bench_compiled_decode(args: argparse.Namespace) -> str:
     """The engine's eager decode vs its compiled decode, same requests, interleaved rounds."""
-    device = torch.device(args.device)
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    model = benchmark_model(args.model, device, dtype)
-    vocab = model.tok_embeddings.num_embeddings
+    device, dtype, model, prompts = _workload(args)
+    requests = len(prompts)
     cache_len = args.prompt_len + 24 + args.new_tokens + 8
-    requests = max(args.requests, max(args.clients))
-    prompts = [random_prompt(args.prompt_len + (i % 4) * 8, vocab, system=args.prompt_len // 4, seed=i) for i in range(requests)]
     rows = max(args.clients)
     modes = {"eager": False, "compiled": True}
     engines = {
@@ -226,25 +229,19 @@ def bench_compiled_decode(args: argparse.Namespace) -> str:
                     "compiled / eager tokens/s": f"{median(clients, mode, 'tok_s') / median(clients, 'eager', 'tok_s'):.2f}",
                 }
             )
-    when = datetime.date.today().isoformat()
-    return "\n".join(
-        [
-            f"### {device.type.upper()}, compiled decode (`compile_decode`): {args.model} model, random weights, {dtype} ({when})",
-            "",
-            f"Machine: {machine_description(device)}.",
-            "",
-            f"`python tools/bench_serve.py --compile-decode --clients {' '.join(map(str, args.clients))} --requests {requests} "
-            f"--rounds {args.rounds} --prompt-len {args.prompt_len} --new-tokens {args.new_tokens}`: {requests} requests of {args.prompt_len}-{args.prompt_len + 24} prompt tokens and "
-            f"{args.new_tokens} generated tokens each (stop tokens ignored), clients sending back to back, on two engines of "
-            f"{rows} KV-cache rows each (copies of one model): eager (rows up to the last busy one, attention "
-            f"`max(length) + 1` slots wide) and compiled (compile mode `{args.compile_mode}`; every row, attention width "
-            f"rounded up to a power of two). Medians of {args.rounds} interleaved rounds, after a warm-up over the same lengths "
-            f"(eager {warm_up_s['eager']:.1f} s, compiled {warm_up_s['compiled']:.1f} s including its compiles, which torch's "
-            "on-disk compile cache shortens on a rerun). The compiled engine always runs all its rows, so at 1 client it "
-            "computes 8 rows for 1; GPU: not measured.",
-            "",
-            markdown_table(table),
-        ]
+    return _report(
+        f"{device.type.upper()}, compiled decode (`compile_decode`): {args.model} model, random weights, {dtype}",
+        device,
+        f"`python tools/bench_serve.py --compile-decode --clients {' '.join(map(str, args.clients))} --requests {requests} "
+        f"--rounds {args.rounds} --prompt-len {args.prompt_len} --new-tokens {args.new_tokens}`: {requests} requests of {args.prompt_len}-{args.prompt_len + 24} prompt tokens and "
+        f"{args.new_tokens} generated tokens each (stop tokens ignored), clients sending back to back, on two engines of "
+        f"{rows} KV-cache rows each (copies of one model): eager (rows up to the last busy one, attention "
+        f"`max(length) + 1` slots wide) and compiled (compile mode `{args.compile_mode}`; every row, attention width "
+        f"rounded up to a power of two). Medians of {args.rounds} interleaved rounds, after a warm-up over the same lengths "
+        f"(eager {warm_up_s['eager']:.1f} s, compiled {warm_up_s['compiled']:.1f} s including its compiles, which torch's "
+        "on-disk compile cache shortens on a rerun). The compiled engine always runs all its rows, so at 1 client it "
+        "computes 8 rows for 1; GPU: not measured.",
+        markdown_table(table),
     )
 
 
