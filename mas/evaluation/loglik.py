@@ -4,20 +4,26 @@ A candidate is scored exactly as training would see it: the prompt segments (MAS
 followed by the answer tokens, causal. The score is the sum of the answer tokens' log
 probabilities (no end-of-sequence token), one forward pass per batch of candidates; nothing is
 generated, so there is no answer to extract and no extraction failure.
+
+Only the positions that predict an answer token are projected to the vocabulary (the training
+loss's :func:`mas.training.loss.lm_head_on_rows`): ~7 rows per candidate instead of an fp32
+``[b, s, vocab]`` log-softmax (1.7 GiB per batch of 16 at Llama 3's vocabulary). The full-logits
+path is the slow twin (tests/unit/evaluation/test_loglik.py; tools/bench_scoring.py times both).
 """
 
 from __future__ import annotations
 
 import math
-from typing import List, Sequence
+from typing import Any, List, Sequence
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from mas.attention import build_attention_mask, prefill_tile
 from mas.block_mask import round_up_to_tile
 from mas.data.collate import collate_segmented
 from mas.segments import SegmentedSequence, counts_as_target
+from mas.training.loss import lm_head_on_rows
 
 __all__ = ["answer_logprobs", "drop_final_eos"]
 
@@ -37,6 +43,7 @@ def answer_logprobs(
     attention: str = "mas",
     backend: str = "auto",
     batch_size: int = 16,
+    head_on_answers_only: bool = True,
 ) -> List[float]:
     """Sum of log p(answer token | everything before) over each sequence's causal answer part.
 
@@ -46,6 +53,9 @@ def answer_logprobs(
         attention (str): ``"mas"`` or ``"causal"`` for the prompt.
         backend (str): attention backend.
         batch_size (int): sequences per forward pass.
+        head_on_answers_only (bool): run the LM head and the softmax only at the positions
+            that predict an answer token (a torchtune decoder's ``unembed`` step); False: over
+            every position (the slow twin, equal within float rounding).
 
     Returns:
         List[float]: one score per sequence.
@@ -68,16 +78,50 @@ def answer_logprobs(
             multiple = None
         items = [{"tokens": s.tokens, "labels": s.labels, "segment_ids": s.segment_ids} for s in chunk]
         batch = collate_segmented(items, pad_to_multiple_of=multiple)
-        segment_ids = batch["segment_ids"].to(device)
-        mask = build_attention_mask(segment_ids, attention=attention, backend=backend)
-        tokens = batch["tokens"].to(device)
-        logits = model(tokens, mask=mask)
-        if isinstance(logits, list):
-            logits = torch.cat(logits, dim=1)
-        # Position i predicts token i + 1: [b, s - 1, vocab] vs [b, s - 1].
-        logprobs = torch.log_softmax(logits[:, :-1].float(), dim=-1)
-        targets = tokens[:, 1:]
-        picked = logprobs.gather(-1, targets[..., None]).squeeze(-1)
-        is_answer = counts_as_target(segment_ids[:, 1:])
-        scores.extend((picked * is_answer).sum(-1).tolist())
+        mask = build_attention_mask(batch["segment_ids"].to(device), attention=attention, backend=backend)
+        score = _scores_on_answer_rows if head_on_answers_only and _has_unembed(model) else _scores_on_full_logits
+        scores.extend(score(model, batch["tokens"], batch["segment_ids"], mask).tolist())
     return scores
+
+
+def _has_unembed(model: nn.Module) -> bool:
+    return callable(getattr(type(model), "unembed", None)) and hasattr(model, "output")
+
+
+def _scores_on_answer_rows(model: nn.Module, tokens: Tensor, segment_ids: Tensor, mask: Any) -> Tensor:
+    """Per row, the summed log-probability of its answer tokens, with the LM head and the
+    softmax only at the positions that predict one (a few per row instead of ``[b, s, vocab]``).
+
+    Args:
+        tokens (Tensor), segment_ids (Tensor): ``[b, s]`` CPU batch.
+        mask: the batch's attention mask, on the model's device.
+
+    Returns:
+        Tensor: ``[b]`` CPU float scores.
+    """
+    batch_size, seq_len = tokens.shape
+    # Position i predicts token i + 1: the rows whose next token is an answer token.
+    row, position = counts_as_target(segment_ids[:, 1:]).nonzero(as_tuple=True)  # [n] each
+    device = model.tok_embeddings.weight.device
+    with lm_head_on_rows(model, (row * seq_len + position).to(device)):
+        logits = model(tokens.to(device), mask=mask)
+    if isinstance(logits, list):
+        logits = logits[-1]
+    targets = tokens[row, position + 1].to(device)
+    picked = torch.log_softmax(logits.float(), dim=-1).gather(-1, targets[:, None]).squeeze(-1)  # [n]
+    return torch.zeros(batch_size, dtype=picked.dtype).index_add_(0, row, picked.cpu())
+
+
+def _scores_on_full_logits(model: nn.Module, tokens: Tensor, segment_ids: Tensor, mask: Any) -> Tensor:
+    """:func:`_scores_on_answer_rows` over the full ``[b, s, vocab]`` logits: the slow twin (and
+    the path of a model without torchtune's ``unembed`` step)."""
+    device = model.tok_embeddings.weight.device
+    tokens = tokens.to(device)
+    logits = model(tokens, mask=mask)
+    if isinstance(logits, list):
+        logits = torch.cat(logits, dim=1)
+    # Position i predicts token i + 1: [b, s - 1, vocab] vs [b, s - 1].
+    logprobs = torch.log_softmax(logits[:, :-1].float(), dim=-1)
+    picked = logprobs.gather(-1, tokens[:, 1:, None]).squeeze(-1)
+    is_answer = counts_as_target(segment_ids[:, 1:]).to(device)
+    return (picked * is_answer).sum(-1).cpu()

@@ -16,6 +16,7 @@ import pytest
 import torch
 
 import bench_generation
+import bench_scoring
 import bench_serve
 import bench_training
 from mas.masks import CAUSAL, PAD
@@ -192,6 +193,22 @@ def test_generation_benchmark_profiles_compiled_decode_on_cpu(tmp_path, monkeypa
     assert "Profile of batch-1 decode steps compiled with mode default" in out
     assert "(6 tokens, `torch.profiler`)" in out
     assert (tmp_path / "bench_generation_decode_profile.md").exists()
+
+
+# ----------------------------------------------------------------------------- bench_scoring
+def test_scoring_benchmark_compares_answer_rows_with_full_logits_on_cpu(monkeypatch, capsys):
+    _no_write(monkeypatch, bench_scoring)
+    bench_scoring.main(["--layers", "1", "--candidates", "4", "--batch-size", "2", "--rounds", "1", "--no-write"])
+    out = capsys.readouterr().out
+    assert re.search(r"\| LM head on answer rows \(default\) \| \d+ \|", out) and re.search(r"\| full logits \| \d+ \|", out)
+    difference = float(re.search(r"largest relative score difference ([0-9.e+-]+)", out).group(1))
+    assert difference < 1e-3  # the same scores on both paths
+
+
+def test_scoring_benchmark_candidates_keep_the_bundled_layouts():
+    cands = bench_scoring.candidates(5, 128_256)
+    assert all(len(c) > 50 and 3 <= sum(s == CAUSAL for s in c.segment_ids) <= 12 for c in cands)
+    assert max(t for c in cands for t in c.tokens) > 1024  # ids of the large vocabulary, not the tiny one
 
 
 # ----------------------------------------------------------------------------- bench_serve

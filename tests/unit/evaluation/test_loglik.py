@@ -47,6 +47,39 @@ def test_scores_equal_the_hand_written_forward(model, llama3_tokenizer, attentio
         assert scores != pytest.approx(answer_logprobs(model, sequences, attention="causal"), abs=1e-4)
 
 
+@pytest.mark.parametrize("attention", ["mas", "causal"])
+def test_head_on_answer_rows_equals_full_logits_and_projects_only_those_rows(model, llama3_tokenizer, attention, monkeypatch):
+    """The default scores run the LM head on the positions that predict an answer token only:
+    the same scores as over the full ``[b, s, vocab]`` logits, for a fraction of the head."""
+    builder = SegmentBuilder(llama3_tokenizer)
+    eos = llama3_tokenizer.eos_id
+    sequences = [
+        drop_final_eos(builder(instruction_messages(q, "", a)), eos)
+        for q, a in [("Is ice cold?", "true"), ("Which is heavier, a stone or a feather?", "a stone"), ("Hi", "hello there"), ("2+2?", "4")]
+    ]
+    full = answer_logprobs(model, sequences, attention=attention, batch_size=3, head_on_answers_only=False)
+    projected = []
+    real_output = model.output
+    monkeypatch.setattr(model, "output", lambda h: projected.append(h.shape[0]) or real_output(h))
+    rows = answer_logprobs(model, sequences, attention=attention, batch_size=3)
+    assert rows == pytest.approx(full, rel=1e-6)  # fp32 sums in another order
+    answer_tokens = [sum(s == CAUSAL for s in seq.segment_ids) for seq in sequences]
+    assert projected == [sum(answer_tokens[:3]), answer_tokens[3]]
+
+
+def test_a_model_without_an_unembed_step_is_scored_on_full_logits(model, llama3_tokenizer):
+    class Plain(torch.nn.Module):  # a decoder of another kind: forward only
+        def __init__(self, inner):
+            super().__init__()
+            self.inner, self.tok_embeddings = inner, inner.tok_embeddings
+
+        def forward(self, tokens, mask=None):
+            return self.inner(tokens, mask=mask)
+
+    seq = drop_final_eos(SegmentBuilder(llama3_tokenizer)(instruction_messages("Is ice cold?", "", "true")), llama3_tokenizer.eos_id)
+    assert answer_logprobs(Plain(model), [seq]) == pytest.approx(answer_logprobs(model, [seq]), rel=1e-6)
+
+
 def test_drop_final_eos_keeps_the_spans(llama3_tokenizer):
     seq = SegmentBuilder(llama3_tokenizer)(instruction_messages("Is ice cold?", "", "true"))
     dropped = drop_final_eos(seq, llama3_tokenizer.eos_id)
