@@ -5,8 +5,8 @@ followed by the answer tokens, causal. The score is the sum of the answer tokens
 probabilities (no end-of-sequence token), one forward pass per batch of candidates; nothing is
 generated, so there is no answer to extract and no extraction failure.
 
-Only the positions that predict an answer token are projected to the vocabulary (the training
-loss's :func:`mas.training.loss.lm_head_on_rows`): ~7 rows per candidate instead of an fp32
+Only the positions that predict an answer token are projected to the vocabulary (the
+training loss's :func:`mas.lm_head.lm_head_on_rows`): ~7 rows per candidate instead of an fp32
 ``[b, s, vocab]`` log-softmax (1.7 GiB per batch of 16 at Llama 3's vocabulary). The full-logits
 path is the slow twin (tests/unit/evaluation/test_loglik.py; tools/bench_scoring.py times both).
 """
@@ -23,7 +23,7 @@ from mas.attention import build_attention_mask, prefill_tile
 from mas.block_mask import round_up_to_tile
 from mas.data.collate import collate_segmented
 from mas.segments import SegmentedSequence, counts_as_target
-from mas.training.loss import lm_head_on_rows
+from mas.lm_head import has_unembed, lm_head_on_rows
 
 __all__ = ["answer_logprobs", "drop_final_eos"]
 
@@ -79,13 +79,9 @@ def answer_logprobs(
         items = [{"tokens": s.tokens, "labels": s.labels, "segment_ids": s.segment_ids} for s in chunk]
         batch = collate_segmented(items, pad_to_multiple_of=multiple)
         mask = build_attention_mask(batch["segment_ids"].to(device), attention=attention, backend=backend)
-        score = _scores_on_answer_rows if head_on_answers_only and _has_unembed(model) else _scores_on_full_logits
+        score = _scores_on_answer_rows if head_on_answers_only and has_unembed(model) else _scores_on_full_logits
         scores.extend(score(model, batch["tokens"], batch["segment_ids"], mask).tolist())
     return scores
-
-
-def _has_unembed(model: nn.Module) -> bool:
-    return callable(getattr(type(model), "unembed", None)) and hasattr(model, "output")
 
 
 def _scores_on_answer_rows(model: nn.Module, tokens: Tensor, segment_ids: Tensor, mask: Any) -> Tensor:

@@ -31,6 +31,7 @@ from mas.generation.decode_loop import compiled_decode_step, decode_step, decode
 from mas.generation.gqa_attention import native_gqa_attention
 from mas.generation.kv_cache import read_prefix, setup_kv_caches, write_prefix
 from mas.generation.layout import PromptBatch, layout_prompts
+from mas.lm_head import has_unembed, lm_head_on_rows
 from mas.masks import PAD, AttentionMode, validate_attention_mode
 from mas.segments import SegmentedSequence
 
@@ -157,7 +158,12 @@ def _ensure_mas_attention(model: nn.Module, backend: AttentionBackend) -> None:
 
 
 def prefill(
-    model: nn.Module, batch: PromptBatch, *, attention: AttentionMode = "mas", backend: AttentionBackend = "auto"
+    model: nn.Module,
+    batch: PromptBatch,
+    *,
+    attention: AttentionMode = "mas",
+    backend: AttentionBackend = "auto",
+    logits_at: Optional[Tensor] = None,
 ) -> Tensor:
     """Run the prompt slots after the cached prefix in one pass and fill the KV cache.
 
@@ -168,9 +174,14 @@ def prefill(
         batch (PromptBatch): the prompts (on the model's device).
         attention (str): ``"mas"`` or ``"causal"``.
         backend (str): attention backend for the prefill mask.
+        logits_at (Optional[Tensor]): ``[b]`` long, on the model's device: per row, the prefilled
+            slot (0 is slot ``prefix_len``) whose next-token logits are wanted, e.g. its last
+            prompt token. The LM head then runs on those ``b`` positions only
+            (:func:`mas.lm_head.lm_head_on_rows`), not on every slot. None: every slot.
 
     Returns:
-        Tensor: ``[b, P - prefix_len, vocab]`` logits of the prefilled slots.
+        Tensor: with ``logits_at``, ``[b, vocab]`` fp32 logits; else ``[b, P - prefix_len, vocab]``
+        logits of the prefilled slots.
     """
     start = batch.prefix_len
     # Prompt widths change every batch: compiling the block tables per shape would not pay.
@@ -182,7 +193,16 @@ def prefill(
         query_len=batch.num_slots - start,
         compile_block_tables=False,
     )
-    return _as_logits(model(batch.tokens[:, start:], mask=mask, input_pos=batch.positions[:, start:]))
+    tokens, positions = batch.tokens[:, start:], batch.positions[:, start:]
+    if logits_at is None:
+        return _as_logits(model(tokens, mask=mask, input_pos=positions))
+    rows = torch.arange(tokens.shape[0], device=tokens.device)
+    if not has_unembed(model):  # every slot, then the chosen ones (the slow twin)
+        return _as_logits(model(tokens, mask=mask, input_pos=positions))[rows, logits_at].float()
+    # [b] slots -> [b] flat positions into the [b * (P - prefix_len)] hidden states
+    with lm_head_on_rows(model, rows * tokens.shape[1] + logits_at):
+        out = model(tokens, mask=mask, input_pos=positions)
+    return out[-1] if isinstance(out, list) else out
 
 
 def _as_logits(output: Any) -> Tensor:
@@ -284,7 +304,8 @@ class SystemPromptCache:
         if tile:
             batch = batch.padded_right(round_up_to_tile(len(prefix), tile=tile, limit=cache_len), pad_id=0)
         setup_kv_caches(model, 1, cache_len, _model_dtype(model))
-        prefill(model, batch.to(device), attention=attention, backend=backend)
+        # Only the keys and values are kept: the head runs on one slot, not on every one.
+        prefill(model, batch.to(device), attention=attention, backend=backend, logits_at=torch.zeros(1, dtype=torch.long, device=device))
         self._entries[key] = read_prefix(model, len(prefix))
         return self._entries[key]
 
@@ -393,7 +414,9 @@ def _generate_batch(
         write_prefix(model, cached)
     else:
         setup_kv_caches(model, len(sequences), cache_len, _model_dtype(model))
-    logits = prefill(model, batch, attention=settings.attention, backend=settings.attention_backend)[:, -1]
+    # Every row ends at the last slot (left padding): the head on that slot only.
+    last_slot = torch.full((batch.tokens.shape[0],), batch.num_slots - batch.prefix_len - 1, dtype=torch.long, device=device)
+    logits = prefill(model, batch, attention=settings.attention, backend=settings.attention_backend, logits_at=last_slot)
 
     first_token_time = 0.0
 

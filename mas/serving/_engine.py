@@ -398,7 +398,8 @@ class Engine:
         # Slots [len(prompt), end) hold padding: masked for decode (a row attends its first
         # `length` slots) and overwritten by the generated tokens.
         self.caches.plan_prefill(row_index, cached, end)
-        logits = prefill(self.model, batch, attention=self.attention, backend=self.backend)[:, len(prompt) - cached - 1]
+        last = torch.tensor([len(prompt) - cached - 1], device=self.device)  # the prompt's last token
+        logits = prefill(self.model, batch, attention=self.attention, backend=self.backend, logits_at=last)
         if self.prefix_cache is not None and cached < len(prompt):
             self.prefix_cache.insert(self.namespace, prompt.tokens, prompt.segment_ids, self.caches.read(row_index, len(prompt)))
         generator = None

@@ -7,23 +7,23 @@ and runs cross-entropy over them. Here the final hidden states of the counted po
 gathered first (``[b, s, d] -> [n, d]``), then normed, projected (tied or untied head, LoRA or
 not) and scored: the same loss and gradients for a fraction of the FLOPs and memory.
 
-The gather happens inside the model's own forward (its ``unembed`` step), so a sharded model's
-parameters are in the state its forward expects, and the head is whatever ``model.output`` is.
-The slow twin is :func:`mas.training.steps.summed_token_loss` with
+The gather happens inside the model's own forward (its ``unembed`` step,
+:func:`mas.lm_head.lm_head_on_rows`), so a sharded model's parameters are in the state its
+forward expects, and the head is whatever ``model.output`` is. The slow twin is :func:`mas.training.steps.summed_token_loss` with
 ``lm_head_on_targets_only=False``; tests/unit/training/test_training_step.py compares them.
 """
 
 from __future__ import annotations
 
-from contextlib import contextmanager
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from mas.config import ConfigError
+from mas.lm_head import has_unembed, lm_head_on_rows
 
-__all__ = ["check_target_rows_loss", "lm_head_on_rows", "summed_target_rows_loss"]
+__all__ = ["check_target_rows_loss", "summed_target_rows_loss"]
 
 
 def check_target_rows_loss(model: nn.Module, loss_fn: nn.Module) -> None:
@@ -33,7 +33,7 @@ def check_target_rows_loss(model: nn.Module, loss_fn: nn.Module) -> None:
         ConfigError: the model has no torchtune ``unembed`` step, or the loss no summed
             ``compute_cross_entropy(logits, targets)`` (as ``CEWithChunkedOutputLoss`` has).
     """
-    if not callable(getattr(type(model), "unembed", None)) or not hasattr(model, "output"):
+    if not has_unembed(model):
         raise ConfigError(
             f"lm_head_on_targets_only=True needs a torchtune TransformerDecoder (norm, unembed, output); "
             f"{type(model).__name__} has none: set lm_head_on_targets_only=False"
@@ -44,36 +44,6 @@ def check_target_rows_loss(model: nn.Module, loss_fn: nn.Module) -> None:
             f"(torchtune.modules.loss.CEWithChunkedOutputLoss); {type(loss_fn).__name__} has none: "
             "set lm_head_on_targets_only=False to use it on full logits"
         )
-
-
-@contextmanager
-def lm_head_on_rows(model: nn.Module, rows: Tensor) -> Iterator[None]:
-    """Within the block, ``model(tokens, ...)`` returns logits of ``rows`` only.
-
-    The decoder's ``unembed`` (final norm, then output projection) is replaced for the call by
-    one that first gathers the rows; chunked output is skipped (the few gathered rows need no
-    chunking). The instance attribute is removed on exit, leaving the model as it was.
-
-    Args:
-        model (nn.Module): a torchtune ``TransformerDecoder``.
-        rows (Tensor): ``[n]`` flat positions into ``b * s``, on the model's device.
-
-    Yields:
-        None. Inside, the forward returns fp32 logits ``[n, v]`` (or a list ending with them
-        when the model outputs hidden states).
-    """
-
-    def unembed_rows(h: Tensor) -> Tensor:
-        # [b, s, d] -> [b * s, d] -> [n, d]: norm and head are per position, so gathering first
-        # gives the same rows of the full [b, s, v] logits.
-        h = h.flatten(0, 1).index_select(0, rows)
-        return model.output(model.norm(h)).float()
-
-    model.unembed = unembed_rows
-    try:
-        yield
-    finally:
-        del model.unembed
 
 
 def summed_target_rows_loss(model: nn.Module, loss_fn: nn.Module, prepared: Any) -> Tensor:

@@ -10,7 +10,7 @@ import torch
 import mas
 from mas import CAUSAL, dense_mas_mask
 from mas.data import collate_segmented, instruction_messages
-from mas.generation import DecodeState, GenerationSettings, decode_one_token, prefill, sample_next_token
+from mas.generation import DecodeState, GenerationSettings, decode_one_token, prefill, sample_next_token, system_prefix
 from mas.generation.kv_cache import clear_kv_caches, setup_kv_caches
 from mas.generation.layout import layout_prompts
 from mas.segments import IGNORE_INDEX, SegmentBuilder, SegmentedSequence
@@ -124,6 +124,36 @@ def test_system_prompt_cache_is_exact(model, llama3_tokenizer):
     cached = mas.generate(model, llama3_tokenizer, prompts, max_new_tokens=8, batch_size=3, reuse_system_cache=True)
     assert cached.tokens == plain.tokens
     assert cached.system_cache_hits == len(prompts)
+
+
+@pytest.mark.parametrize("prefix", [False, True])
+def test_prefill_logits_at_chosen_slots_equal_the_full_logits(model, llama3_tokenizer, monkeypatch, prefix):
+    """``logits_at`` runs the LM head on one slot per row (here each row's last prompt token,
+    and an earlier one), giving those rows of the full ``[b, slots, vocab]`` logits; a model
+    without torchtune's unembed step takes the full path and picks the rows."""
+    builder = SegmentBuilder(llama3_tokenizer)
+    seqs = [builder(mas.generation.prompt_messages(p), for_generation=True) for p in PROMPTS[:2]]
+    prefix_len = len(system_prefix(seqs[0])) if prefix else 0
+    batch = layout_prompts(seqs, pad_id=0, prefix_len=prefix_len)
+    width = batch.num_slots - prefix_len
+    chosen = torch.tensor([width - 1, width - 5])
+
+    def run(**kwargs):
+        setup_kv_caches(model, 2, 256, torch.float32)
+        if prefix_len:  # the cache must hold the prefix: prefill it first, as generate does
+            prefill(model, layout_prompts([system_prefix(seqs[0])] * 2, pad_id=0))
+        with torch.no_grad():
+            return prefill(model, batch, **kwargs)
+
+    full = run()
+    projected = []
+    real_output = model.output
+    monkeypatch.setattr(model, "output", lambda h: projected.append(h.shape[0]) or real_output(h))
+    picked = run(logits_at=chosen)
+    assert projected[-1] == 2  # one slot per row reached the head
+    torch.testing.assert_close(picked, full[torch.arange(2), chosen].float(), atol=1e-5, rtol=1e-5)
+    monkeypatch.setattr(mas.generation._decoding, "has_unembed", lambda m: False)
+    torch.testing.assert_close(run(logits_at=chosen), full[torch.arange(2), chosen].float())
 
 
 def test_system_prompt_cache_logits_match(model, llama3_tokenizer):

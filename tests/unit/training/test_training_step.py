@@ -17,7 +17,8 @@ from mas.config import ConfigError
 from mas.segments import IGNORE_INDEX
 from mas.testing import TINY_FAMILIES
 from mas.testing._synthetic import causal_layout, staggered_prompt_layout, tokens_for_layout
-from mas.training.loss import check_target_rows_loss, lm_head_on_rows
+from mas.lm_head import lm_head_on_rows
+from mas.training.loss import check_target_rows_loss
 from mas.training.steps import HostBatch, prepare_batch, prepare_host_batch, summed_token_loss
 
 CPU = torch.device("cpu")
