@@ -17,11 +17,11 @@ parameters are in the state its forward expects. Used by the training loss
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Iterator
+from typing import Any, Iterator
 
 from torch import Tensor, nn
 
-__all__ = ["has_unembed", "lm_head_on_rows"]
+__all__ = ["has_unembed", "lm_head_on_rows", "logits_at_positions"]
 
 
 def has_unembed(model: nn.Module) -> bool:
@@ -58,3 +58,20 @@ def lm_head_on_rows(model: nn.Module, rows: Tensor) -> Iterator[None]:
         yield
     finally:
         del model.unembed
+
+
+def logits_at_positions(model: nn.Module, tokens: Tensor, row: Tensor, position: Tensor, **forward_kwargs: Any) -> Tensor:
+    """``model(tokens, **forward_kwargs)``'s next-token logits at ``(row, position)`` pairs only.
+
+    Args:
+        model (nn.Module): a torchtune ``TransformerDecoder`` (:func:`has_unembed`).
+        tokens (Tensor): ``[b, s]`` input ids, on the model's device.
+        row (Tensor), position (Tensor): ``[n]`` long each, on the model's device.
+        **forward_kwargs: the rest of the forward (``mask``, ``input_pos``).
+
+    Returns:
+        Tensor: ``[n, vocab]`` fp32, equal to ``model(tokens)[row, position]``.
+    """
+    with lm_head_on_rows(model, row * tokens.shape[1] + position):
+        out = model(tokens, **forward_kwargs)
+    return out[-1] if isinstance(out, list) else out

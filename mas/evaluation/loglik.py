@@ -6,7 +6,7 @@ probabilities (no end-of-sequence token), one forward pass per batch of candidat
 generated, so there is no answer to extract and no extraction failure.
 
 Only the positions that predict an answer token are projected to the vocabulary (the
-training loss's :func:`mas.lm_head.lm_head_on_rows`): ~7 rows per candidate instead of an fp32
+training loss's mechanism, :func:`mas.lm_head.logits_at_positions`): ~7 rows per candidate instead of an fp32
 ``[b, s, vocab]`` log-softmax (1.7 GiB per batch of 16 at Llama 3's vocabulary). The full-logits
 path is the slow twin (tests/unit/evaluation/test_loglik.py; tools/bench_scoring.py times both).
 """
@@ -22,8 +22,8 @@ from torch import Tensor, nn
 from mas.attention import build_attention_mask, prefill_tile
 from mas.block_mask import round_up_to_tile
 from mas.data.collate import collate_segmented
+from mas.lm_head import has_unembed, logits_at_positions
 from mas.segments import SegmentedSequence, counts_as_target
-from mas.lm_head import has_unembed, lm_head_on_rows
 
 __all__ = ["answer_logprobs", "drop_final_eos"]
 
@@ -89,23 +89,20 @@ def _scores_on_answer_rows(model: nn.Module, tokens: Tensor, segment_ids: Tensor
     softmax only at the positions that predict one (a few per row instead of ``[b, s, vocab]``).
 
     Args:
+        model (nn.Module): a torchtune decoder (:func:`mas.lm_head.has_unembed`).
         tokens (Tensor), segment_ids (Tensor): ``[b, s]`` CPU batch.
         mask: the batch's attention mask, on the model's device.
 
     Returns:
         Tensor: ``[b]`` CPU float scores.
     """
-    batch_size, seq_len = tokens.shape
     # Position i predicts token i + 1: the rows whose next token is an answer token.
     row, position = counts_as_target(segment_ids[:, 1:]).nonzero(as_tuple=True)  # [n] each
     device = model.tok_embeddings.weight.device
-    with lm_head_on_rows(model, (row * seq_len + position).to(device)):
-        logits = model(tokens.to(device), mask=mask)
-    if isinstance(logits, list):
-        logits = logits[-1]
+    logits = logits_at_positions(model, tokens.to(device), row.to(device), position.to(device), mask=mask)
     targets = tokens[row, position + 1].to(device)
     picked = torch.log_softmax(logits.float(), dim=-1).gather(-1, targets[:, None]).squeeze(-1)  # [n]
-    return torch.zeros(batch_size, dtype=picked.dtype).index_add_(0, row, picked.cpu())
+    return torch.zeros(tokens.shape[0], dtype=picked.dtype).index_add_(0, row, picked.cpu())
 
 
 def _scores_on_full_logits(model: nn.Module, tokens: Tensor, segment_ids: Tensor, mask: Any) -> Tensor:

@@ -31,7 +31,7 @@ from mas.generation.decode_loop import compiled_decode_step, decode_step, decode
 from mas.generation.gqa_attention import native_gqa_attention
 from mas.generation.kv_cache import read_prefix, setup_kv_caches, write_prefix
 from mas.generation.layout import PromptBatch, layout_prompts
-from mas.lm_head import has_unembed, lm_head_on_rows
+from mas.lm_head import has_unembed, logits_at_positions
 from mas.masks import PAD, AttentionMode, validate_attention_mode
 from mas.segments import SegmentedSequence
 
@@ -177,7 +177,7 @@ def prefill(
         logits_at (Optional[Tensor]): ``[b]`` long, on the model's device: per row, the prefilled
             slot (0 is slot ``prefix_len``) whose next-token logits are wanted, e.g. its last
             prompt token. The LM head then runs on those ``b`` positions only
-            (:func:`mas.lm_head.lm_head_on_rows`), not on every slot. None: every slot.
+            (:func:`mas.lm_head.logits_at_positions`), not on every slot. None: every slot.
 
     Returns:
         Tensor: with ``logits_at``, ``[b, vocab]`` fp32 logits; else ``[b, P - prefix_len, vocab]``
@@ -199,10 +199,7 @@ def prefill(
     rows = torch.arange(tokens.shape[0], device=tokens.device)
     if not has_unembed(model):  # every slot, then the chosen ones (the slow twin)
         return _as_logits(model(tokens, mask=mask, input_pos=positions))[rows, logits_at].float()
-    # [b] slots -> [b] flat positions into the [b * (P - prefix_len)] hidden states
-    with lm_head_on_rows(model, rows * tokens.shape[1] + logits_at):
-        out = model(tokens, mask=mask, input_pos=positions)
-    return out[-1] if isinstance(out, list) else out
+    return logits_at_positions(model, tokens, rows, logits_at, mask=mask, input_pos=positions)
 
 
 def _as_logits(output: Any) -> Tensor:
