@@ -28,13 +28,13 @@ if getattr(mas, "__file__", None) is None:  # a plain folder named "mas" in the 
 
 from omegaconf import DictConfig
 
-from mas.checkpointing import RECIPE_STATE_FILE, hf_info_from_checkpointer, load_peft_adapter, peft_to_adapter
+from mas.checkpointing import RECIPE_STATE_FILE, hf_info_from_checkpointer
 from mas.config import ConfigError, instantiate, parse, resolved_yaml, run_reporting_user_errors, to_options
 from mas.evaluation.benchmarks import benchmark_modes
 from mas.evaluation.options import EvalOptions
 from mas.evaluation.run import base_checkpoint_identity, evaluate_model, resolve_benchmark, sweep_payload
 from mas.generation.loading import InferenceModel, load_for_inference, prompt_mismatch_warnings
-from mas.training import load_adapter_state
+from mas.model_weights import load_adapter
 
 log = logging.getLogger("mas_eval")
 RECIPE = "mas_eval"
@@ -65,7 +65,7 @@ def run(cfg: DictConfig) -> Dict[str, Any]:
     out = Path(opts.output_dir)
     out.mkdir(parents=True, exist_ok=True)  # an unwritable folder fails before the model loads
     setup = load_for_inference(opts, adapter_checkpoint=str(folders[0]) if folders[0] else None)
-    tokenizer, loaded, dtype = setup.tokenizer, setup.loaded, setup.dtype
+    tokenizer, loaded = setup.tokenizer, setup.loaded
     for note in prompt_mismatch_warnings(loaded, opts.attention, opts.prompt_format, opts.merge_system_and_user):
         log.warning(note)
     base = base_checkpoint_identity(opts.checkpointer)
@@ -77,9 +77,8 @@ def run(cfg: DictConfig) -> Dict[str, Any]:
     info = hf_info_from_checkpointer(instantiate(opts.checkpointer))
     sweep: Dict[str, List[Dict[str, Any]]] = {mode: [] for mode in modes}
     for folder in folders:
-        weights, adapter_config = load_peft_adapter(folder)
-        load_adapter_state(loaded.model, {k: v.to(dtype) for k, v in peft_to_adapter(weights, info).items()})
-        loaded = InferenceModel(loaded.model, adapter_config, folder)
+        adapter = load_adapter(loaded.model, folder, info, model_cfg=opts.model)
+        loaded = InferenceModel(loaded.model, adapter.config, adapter.path)
         for mode, data in evaluate_model(opts, benchmark, loaded, tokenizer, out / folder.name, base).items():
             point = {"step": int(folder.name.split("_")[1]), "average_accuracy": data["average_accuracy"], "tasks": data["tasks"]}
             sweep[mode].append(point)

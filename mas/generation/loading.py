@@ -12,19 +12,11 @@ from omegaconf import DictConfig
 from torch import nn
 
 from mas.attention import use_mas_attention
-from mas.checkpointing import (
-    ADAPTER_WEIGHTS_FILE,
-    hf_info_from_checkpointer,
-    latest_checkpoint,
-    load_peft_adapter,
-    peft_target_modules,
-    peft_to_adapter,
-)
-from mas.config import ConfigError, instantiate
+from mas.checkpointing import hf_info_from_checkpointer
+from mas.config import instantiate
 from mas.devices import resolve_device
 from mas.generation.options import InferenceOptions
-from mas.training.model_setup import check_vocab, load_adapter_state
-from mas.training.parallel import load_base_state
+from mas.model_weights import check_vocab, load_adapter, load_base_state
 
 __all__ = [
     "InferenceSetup",
@@ -55,24 +47,6 @@ class InferenceModel:
         return (self.adapter_config or {}).get("mas", {}).get("attention")
 
 
-def _check_lora_shape(adapter_config: Dict[str, Any], model_cfg: DictConfig, path: Path) -> None:
-
-    mismatches = []
-    for key, cfg_key in (("r", "lora_rank"), ("lora_alpha", "lora_alpha")):
-        if cfg_key in model_cfg and float(adapter_config.get(key, -1)) != float(model_cfg[cfg_key]):
-            mismatches.append(f"{key}={adapter_config.get(key)} (config {cfg_key}={model_cfg[cfg_key]})")
-    if "lora_attn_modules" in model_cfg:
-        wanted = peft_target_modules(
-            list(model_cfg.lora_attn_modules),
-            model_cfg.get("apply_lora_to_mlp", False),
-            model_cfg.get("apply_lora_to_output", False),
-        )
-        if sorted(wanted) != sorted(adapter_config.get("target_modules", [])):
-            mismatches.append(f"target_modules={adapter_config.get('target_modules')} (config gives {wanted})")
-    if mismatches:
-        raise ConfigError(f"adapter {path} does not match the model config: " + "; ".join(mismatches))
-
-
 def load_inference_model(
     model_cfg: DictConfig,
     checkpointer_cfg: DictConfig,
@@ -97,8 +71,6 @@ def load_inference_model(
         ConfigError: a missing adapter file, or an adapter for a different base shape.
     """
     from torchtune import training
-    from torchtune.modules.peft import get_adapter_params
-
 
     checkpointer = instantiate(checkpointer_cfg)
     info = hf_info_from_checkpointer(checkpointer)
@@ -106,35 +78,13 @@ def load_inference_model(
     with training.set_default_dtype(dtype), device:
         model = instantiate(model_cfg)
     load_base_state(model, base_state)
-    adapter_names = set(get_adapter_params(model))
     adapter_config, adapter_path = None, None
     if adapter_checkpoint:
-        adapter_path = _resolve_adapter_folder(Path(adapter_checkpoint))
-        try:
-            peft_weights, adapter_config = load_peft_adapter(adapter_path)
-        except FileNotFoundError as e:
-            raise ConfigError(str(e)) from None
-        if not adapter_names:
-            raise ConfigError(f"adapter_checkpoint={adapter_checkpoint} needs a LoRA model builder (lora_*)")
-        _check_lora_shape(adapter_config, model_cfg, adapter_path)
-        try:
-            adapter_state = peft_to_adapter(peft_weights, info)
-        except ValueError as e:
-            raise ConfigError(f"adapter {adapter_path} does not fit the base model: {e}") from None
-        load_adapter_state(model, adapter_state)
+        adapter = load_adapter(model, adapter_checkpoint, info, model_cfg=model_cfg)
+        adapter_config, adapter_path = adapter.config, adapter.path
     use_mas_attention(model, attention_backend)  # type: ignore[arg-type]
     model.eval()
     return InferenceModel(model, adapter_config, adapter_path)
-
-
-def _resolve_adapter_folder(path: Path) -> Path:
-
-    if (path / ADAPTER_WEIGHTS_FILE).exists():
-        return path
-    latest = latest_checkpoint(path) if path.exists() else None
-    if latest is not None:
-        return latest
-    raise ConfigError(f"adapter file not found: {path / ADAPTER_WEIGHTS_FILE} (nor a run folder with checkpoints/latest)")
 
 
 def prompt_mismatch_warnings(loaded: InferenceModel, attention: str, prompt_format: str, merge_system_and_user: bool) -> List[str]:

@@ -10,7 +10,7 @@ from mas.config import component, option
 from mas.generation._decoding import CompileMode
 from mas.masks import AttentionMode
 from mas.segments import PromptFormat
-from mas.training.model_setup import check_lora_values
+from mas.model_weights import check_lora_values
 
 __all__ = ["GenerateOptions", "InferenceOptions"]
 

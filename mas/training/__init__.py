@@ -1,13 +1,7 @@
 """Building blocks shared by the fine-tuning recipes (single device and distributed)."""
 
 from mas.training.metrics import MetricsFile, StepTimer, peak_memory_gib, read_metrics
-from mas.training.model_setup import (
-    check_attention_backend,
-    check_vocab,
-    load_adapter_state,
-    lora_settings,
-    tokenizer_vocab_size,
-)
+from mas.training.model_setup import check_attention_backend, lora_settings
 from mas.training.run_state import (
     DataPosition,
     capture_rng,
@@ -28,9 +22,7 @@ __all__ = [
     "StepTimer",
     "capture_rng",
     "check_attention_backend",
-    "check_vocab",
     "linear_schedule_with_warmup",
-    "load_adapter_state",
     "load_run_checkpoint",
     "lora_settings",
     "mas_settings",
@@ -40,5 +32,4 @@ __all__ = [
     "restore_rng",
     "save_run_checkpoint",
     "summed_token_loss",
-    "tokenizer_vocab_size",
 ]

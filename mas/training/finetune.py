@@ -25,9 +25,10 @@ from mas.checkpointing import CheckpointWriter, hf_info_from_checkpointer, lates
 from mas.config import ConfigError, instantiate, resolved_yaml
 from mas.errors import UserError
 from mas.data import collate_segmented, pad_token_id
+from mas.model_weights import check_vocab
 from mas.training.options import FinetuneOptions
 from mas.training.metrics import MetricsFile, StepTimer, peak_memory_gib
-from mas.training.model_setup import check_attention_backend, check_vocab, lora_settings
+from mas.training.model_setup import check_attention_backend, lora_settings
 from mas.training.parallel import Parallelism, initial_adapter_state
 from mas.training.run_identity import check_fresh_output_dir, check_resume_matches, run_fingerprint, write_run_file
 from mas.training.run_state import DataPosition, load_run_checkpoint, mas_settings, restore_rng, save_run_checkpoint

@@ -1,4 +1,6 @@
-"""Build a LoRA model from a config, load base weights, and check it against the tokenizer."""
+"""What fine-tuning needs to build its LoRA model: the LoRA settings of the config, and an attention
+backend that can train on the device. Loading weights and checking them lives in
+:mod:`mas.model_weights`, shared with inference."""
 
 from __future__ import annotations
 
@@ -7,17 +9,14 @@ from typing import Any, Dict
 
 import torch
 from omegaconf import DictConfig
-from torch import nn
 
 from mas.attention import AttentionBackend, flex_supported
 from mas.config import ConfigError
 
 __all__ = [
     "LORA_KEYS",
-    "check_lora_values",
-    "check_vocab",
+    "check_attention_backend",
     "lora_settings",
-    "tokenizer_vocab_size",
 ]
 
 log = logging.getLogger(__name__)
@@ -46,24 +45,6 @@ def check_attention_backend(backend: AttentionBackend, device: torch.device) -> 
         )
 
 
-def check_lora_values(model_cfg: Any) -> None:
-    """The LoRA numbers of a model node, checked before anything is built (a rank of 0 would
-    divide by zero inside the builder).
-
-    Raises:
-        ConfigError: naming ``model.<key>`` and its allowed range.
-    """
-    rules = (
-        ("lora_rank", lambda v: v >= 1, ">= 1"),
-        ("lora_alpha", lambda v: v > 0, "> 0"),
-        ("lora_dropout", lambda v: 0 <= v < 1, "in [0, 1)"),
-    )
-    for key, ok, allowed in rules:
-        value = model_cfg.get(key) if model_cfg is not None else None
-        if isinstance(value, (int, float)) and not isinstance(value, bool) and not ok(value):
-            raise ConfigError(f"model.{key} must be {allowed}, got {value!r}")
-
-
 def lora_settings(model_cfg: DictConfig) -> Dict[str, Any]:
     """The LoRA hyper-parameters of a LoRA model config (for the PEFT adapter config)."""
     missing = [k for k in ("lora_attn_modules", "lora_rank", "lora_alpha") if k not in model_cfg]
@@ -75,57 +56,3 @@ def lora_settings(model_cfg: DictConfig) -> Dict[str, Any]:
     settings = {k: model_cfg.get(k, _LORA_DEFAULTS.get(k)) for k in LORA_KEYS}
     settings["lora_attn_modules"] = list(settings["lora_attn_modules"])
     return settings
-
-
-def tokenizer_vocab_size(tokenizer: Any) -> int:
-    """The number of ids the tokenizer can emit (largest id + 1), across tokenizer families."""
-    for attr in ("vocab_size",):
-        value = getattr(tokenizer, attr, None)
-        if isinstance(value, int):
-            return value
-    ids = []
-    encoder = getattr(tokenizer, "encoder", None)
-    if encoder:
-        ids.append(max(encoder.values()))
-    special = getattr(tokenizer, "special_tokens", None)
-    if special:
-        ids.append(max(special.values()))
-    if not ids:
-        raise ConfigError(f"cannot tell the vocabulary size of {type(tokenizer).__name__}")
-    return max(ids) + 1
-
-
-def check_vocab(tokenizer: Any, model: nn.Module) -> None:
-    """Every id the tokenizer emits must have an embedding row."""
-    embedding = getattr(model, "tok_embeddings", None)
-    if embedding is None:
-        return
-    needed = tokenizer_vocab_size(tokenizer)
-    have = embedding.num_embeddings
-    if needed > have:
-        raise ConfigError(
-            f"vocab size mismatch: the tokenizer emits ids up to {needed - 1} but the model has only "
-            f"{have} embedding rows; the tokenizer and model checkpoint do not belong together"
-        )
-
-
-def load_adapter_state(model: nn.Module, adapter_state: Dict[str, torch.Tensor]) -> None:
-    """Load LoRA weights (torchtune names), requiring an exact match with the model's adapters."""
-    from torchtune.modules.peft import get_adapter_params
-
-    expected = set(get_adapter_params(model))
-    given = set(adapter_state)
-    if given != expected:
-        raise ConfigError(
-            "the adapter does not fit the model: "
-            f"missing {sorted(expected - given)[:4]}, unexpected {sorted(given - expected)[:4]}"
-        )
-    params = dict(model.named_parameters())
-    with torch.no_grad():
-        for name, value in adapter_state.items():
-            if params[name].shape != value.shape:
-                raise ConfigError(
-                    f"the adapter does not fit the model: {name} has shape {tuple(value.shape)}, "
-                    f"the model expects {tuple(params[name].shape)} (different base model or LoRA rank?)"
-                )
-            params[name].copy_(value)

@@ -12,7 +12,7 @@ from typing import Any, Literal, Optional
 from mas.attention import AttentionBackend
 from mas.config import ConfigError, component, option
 from mas.masks import AttentionMode
-from mas.training.model_setup import check_lora_values
+from mas.model_weights import check_lora_values
 
 __all__ = ["DistributedFinetuneOptions", "FinetuneOptions"]
 

@@ -18,9 +18,9 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from mas.config import ConfigError
-from mas.training.model_setup import load_adapter_state
+from mas.model_weights import load_adapter_state, load_base_state
 
-__all__ = ["FSDP2", "Parallelism", "SingleDevice", "initial_adapter_state", "load_base_state"]
+__all__ = ["FSDP2", "Parallelism", "SingleDevice", "initial_adapter_state"]
 
 log = logging.getLogger(__name__)
 
@@ -46,21 +46,6 @@ def initial_adapter_state(model: nn.Module, seed: int) -> Dict[str, Tensor]:
         else:
             raise ConfigError(f"cannot initialise adapter parameter {name} (DoRA is not supported here)")
     return state
-
-
-def load_base_state(model: nn.Module, base_state: Dict[str, Tensor]) -> None:
-    """Load base weights; every non-adapter parameter must be covered, nothing may be left over."""
-    from torchtune.modules.peft import get_adapter_params
-
-    missing, unexpected = model.load_state_dict(base_state, strict=False)
-    adapter_names = set(get_adapter_params(model))
-    missing_base = [k for k in missing if k not in adapter_names]
-    if missing_base or unexpected:
-        raise ConfigError(
-            "the base checkpoint does not fit the model: "
-            f"missing {missing_base[:5]}{'...' if len(missing_base) > 5 else ''}, "
-            f"unexpected {list(unexpected)[:5]}{'...' if len(unexpected) > 5 else ''}"
-        )
 
 
 class Parallelism:

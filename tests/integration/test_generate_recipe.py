@@ -100,7 +100,7 @@ def test_generate_recipe_loads_the_trained_adapter(tmp_path, tiny_base_dir, tiny
     import mas_generate
     from mas.checkpointing import HFModelInfo, latest_checkpoint, load_peft_adapter, peft_to_adapter
     from mas.models import lora_tiny_llama3_2, tiny_llama3_tokenizer
-    from mas.training import load_adapter_state
+    from mas.model_weights import load_adapter_state
 
     cfg = load_config("tiny_generate", _overrides(tmp_path, tiny_base_dir, adapter_checkpoint=tiny_mas_run))
     texts = mas_generate.run(cfg)["texts"]
