@@ -33,7 +33,8 @@ from mas.config import ConfigError, instantiate, parse, resolved_yaml, run_repor
 from mas.evaluation.benchmarks import benchmark_modes
 from mas.evaluation.options import EvalOptions
 from mas.evaluation.run import base_checkpoint_identity, evaluate_model, resolve_benchmark, sweep_payload
-from mas.generation.loading import InferenceModel, load_for_inference, prompt_mismatch_warnings
+from mas.generation.loading import InferenceModel, load_for_inference
+from mas.generation.options import prompt_settings, with_prompt_settings
 from mas.model_weights import load_adapter
 
 log = logging.getLogger("mas_eval")
@@ -66,8 +67,10 @@ def run(cfg: DictConfig) -> Dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)  # an unwritable folder fails before the model loads
     setup = load_for_inference(opts, adapter_checkpoint=str(folders[0]) if folders[0] else None)
     tokenizer, loaded = setup.tokenizer, setup.loaded
-    for note in prompt_mismatch_warnings(loaded, opts.attention, opts.prompt_format, opts.merge_system_and_user):
+    chosen = prompt_settings((loaded.adapter_config or {}).get("mas"), opts)
+    for note in chosen.mismatches + chosen.notes:
         log.warning(note)
+    opts = with_prompt_settings(opts, chosen)
     base = base_checkpoint_identity(opts.checkpointer)
     (out / "config.yaml").write_text(resolved_yaml(cfg, EvalOptions))
     if opts.checkpoints == "latest":

@@ -27,9 +27,9 @@ from omegaconf import DictConfig, OmegaConf
 from mas.config import ConfigError, parse, run_reporting_user_errors, to_options
 from mas.data import DataError, instruction_messages, load_rows
 from mas.devices import resolve_device
-from mas.generation import GenerationSettings, generate, prompt_messages
-from mas.generation.loading import load_for_inference, prompt_mismatch_warnings
-from mas.generation.options import GenerateOptions
+from mas.generation import generate, prompt_messages
+from mas.generation.loading import load_for_inference
+from mas.generation.options import GenerateOptions, generation_settings, prompt_settings, with_prompt_settings
 
 log = logging.getLogger("mas_generate")
 
@@ -62,25 +62,6 @@ def load_prompts(options: GenerateOptions) -> List[Any]:
     return [OmegaConf.to_container(prompt) if isinstance(prompt, DictConfig) else prompt if isinstance(prompt, dict) else str(prompt)]
 
 
-def settings_from(options: GenerateOptions) -> GenerationSettings:
-    return GenerationSettings(
-        attention=options.attention,
-        max_new_tokens=options.max_new_tokens,
-        temperature=options.temperature,
-        top_k=options.top_k,
-        top_p=options.top_p,
-        stop_tokens=options.stop_tokens,
-        seed=options.seed,
-        batch_size=options.batch_size,
-        reuse_system_cache=options.reuse_system_cache,
-        compile_decode=options.compile_decode,
-        compile_mode=options.compile_mode,
-        stop_check_every=options.stop_check_every,
-        max_cache_len=options.max_cache_len,
-        attention_backend=options.attention_backend,
-    )
-
-
 def _open_output(options: GenerateOptions) -> Optional[TextIO]:
     """Open ``output_file`` before any work, so an unwritable path fails before generating."""
     if not options.output_file:
@@ -93,22 +74,28 @@ def _open_output(options: GenerateOptions) -> Optional[TextIO]:
 def run(cfg: DictConfig) -> Dict[str, Any]:
     options = to_options(cfg, GenerateOptions, RECIPE)
     resolve_device(options.device)  # a missing device fails before the prompts are read
-    settings = settings_from(options)
     prompts = load_prompts(options)
     for i, p in enumerate(prompts):
         prompt_messages(p, i)  # validate before loading weights
     out = _open_output(options)
     setup = load_for_inference(options, adapter_checkpoint=options.adapter_checkpoint)
     tokenizer, loaded = setup.tokenizer, setup.loaded
-    prompt_format, merge = options.prompt_format, options.merge_system_and_user
-    for note in prompt_mismatch_warnings(loaded, settings.attention, prompt_format, merge):
+    chosen = prompt_settings((loaded.adapter_config or {}).get("mas"), options)
+    for note in chosen.mismatches + chosen.notes:
         log.warning(note)
-    result = generate(loaded.model, tokenizer, prompts, settings=settings, prompt_format=prompt_format, merge_system_and_user=merge)
+    options = with_prompt_settings(options, chosen)
+    settings = generation_settings(
+        options, rows=options.batch_size, temperature=options.temperature, top_k=options.top_k, top_p=options.top_p, stop_tokens=options.stop_tokens
+    )
+    result = generate(
+        loaded.model, tokenizer, prompts, settings=settings, prompt_format=chosen.prompt_format, merge_system_and_user=chosen.merge_system_and_user
+    )
     for i, text in enumerate(result.texts):
         print(f"--- completion {i} ---\n{text}")
     print(
-        f"time to first token: {result.time_to_first_token_s * 1e3:.1f} ms (mean per batch), "
-        f"decode: {result.decode_tokens_per_s:.1f} tokens/s, prompts: {len(prompts)}"
+        f"time to first token: {result.time_to_first_token_s * 1e3:.1f} ms (mean per prompt), "
+        f"decode: {result.decode_tokens_per_s:.1f} tokens/s, prompts: {len(prompts)}, "
+        f"prompt tokens from the prefix cache: {result.cached_prompt_tokens}"
     )
     if out is not None:
         with out:

@@ -186,7 +186,10 @@ def validate_config(cfg: DictConfig, options_type: Type[Any], recipe: str) -> No
     infos = {info.name: info for info in option_infos(options_type)}
     cfg = with_defaults(cfg, options_type)
     variables = _interpolated_roots(cfg)
+    renamed = getattr(options_type, "RENAMED_KEYS", {})
     for key in cfg:
+        if key in renamed and key not in infos:
+            raise ConfigError(f"{recipe} has no key '{key}': it is '{renamed[key]}' here ({infos[renamed[key]].help}); set {renamed[key]}={cfg[key]}")
         if key not in infos and key not in variables:
             raise ConfigError(
                 f"unknown config key '{key}' for {recipe}{suggest(str(key), infos)}; "

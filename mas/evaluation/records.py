@@ -40,6 +40,7 @@ def _generate(context: BenchmarkContext, items: List[EvalItem]) -> List[str]:
         settings=context.settings,
         prompt_format=builder.prompt_format,
         merge_system_and_user=builder.merge_system_and_user,
+        engine=context.engine,
     )
     return list(out.texts)
 

@@ -9,10 +9,11 @@ names (:class:`RunNames`) so tools pair the MAS and causal runs of one experimen
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional
+from typing import Any, Dict, Iterator, List, Mapping, Optional
 
 from omegaconf import DictConfig, ListConfig
 
@@ -34,11 +35,13 @@ from mas.evaluation.options import EvalOptions
 from mas.evaluation.results import markdown_table
 from mas.evaluation.spec import Benchmark, BenchmarkContext, BenchmarkData
 from mas.evaluation.user_tasks import BUILT_IN_BENCHMARKS, load_task_file, parse_user_tasks, register_user_tasks
-from mas.generation import GenerationSettings
+from mas.generation import GenerationSettings, InferenceEngine
 from mas.generation.loading import InferenceModel
+from mas.generation.options import generation_settings
+from mas.generation.settings import CACHE_LEN_MULTIPLE
 from mas.segments import SegmentBuilder
 
-__all__ = ["RunNames", "base_checkpoint_identity", "benchmark_data", "evaluate_model", "generation_settings", "resolve_benchmark", "run_identity", "sweep_payload"]
+__all__ = ["RunNames", "base_checkpoint_identity", "benchmark_data", "evaluate_model", "resolve_benchmark", "run_identity", "sweep_payload"]
 
 log = logging.getLogger(__name__)
 
@@ -52,23 +55,6 @@ def benchmark_data(opts: EvalOptions) -> BenchmarkData:
         data_config=opts.data_config,
         limit=opts.limit,
         answer_template=opts.answer_template,
-    )
-
-
-def generation_settings(opts: EvalOptions) -> GenerationSettings:
-    """Greedy generation settings of an evaluation run."""
-    return GenerationSettings(
-        attention=opts.attention,
-        max_new_tokens=opts.max_new_tokens,
-        batch_size=opts.batch_size,
-        # A merged system+user segment is not a reusable system prefix.
-        reuse_system_cache=opts.reuse_system_cache and not opts.merge_system_and_user,
-        compile_decode=opts.compile_decode,
-        compile_mode=opts.compile_mode,
-        stop_check_every=opts.stop_check_every,
-        max_cache_len=opts.max_cache_len,
-        attention_backend=opts.attention_backend,
-        seed=opts.seed,
     )
 
 
@@ -172,8 +158,8 @@ def evaluate_model(
         ConfigError: a mode the benchmark lacks, or ``out_dir`` holding another run's predictions.
     """
     modes = benchmark_modes(benchmark, opts.mode)
-    builder = SegmentBuilder(tokenizer, prompt_format=opts.prompt_format, merge_system_and_user=opts.merge_system_and_user)
-    settings = generation_settings(opts)
+    builder = SegmentBuilder(tokenizer, prompt_format=opts.prompt_format, merge_system_and_user=opts.merge_system_and_user)  # type: ignore[arg-type]
+    settings = generation_settings(opts, rows=opts.batch_size)
     data = benchmark_data(opts)
     names = RunNames.of(opts, loaded)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -183,7 +169,9 @@ def evaluate_model(
         identity = run_identity(opts, benchmark, mode, loaded, base)
         claim_predictions(predictions, identity, resume=opts.resume)
         context = BenchmarkContext(loaded.model, tokenizer, builder, settings, data, mode, predictions, opts.progress_bar)
-        results = evaluate_benchmark(benchmark, context)
+        with _engine_for(mode, loaded, tokenizer, settings) as context.engine:
+            results = evaluate_benchmark(benchmark, context)
+            engine_counts = _prefix_cache_counts(context.engine)
         result = results.write_json(
             out_dir / f"results_{mode}.json",
             model=names.label,
@@ -199,6 +187,7 @@ def evaluate_model(
                 "step": names.step,
                 "run_name": names.label,
                 "identity": identity.digest,
+                "prefix_cache": engine_counts,
             },
         )
         table = markdown_table([(names.label, result)])
@@ -206,6 +195,34 @@ def evaluate_model(
         print(f"\n{benchmark.name} [{mode}] {names.label}\n{table}\nresults: {out_dir / f'results_{mode}.json'}")
         written[mode] = result
     return written
+
+
+@contextlib.contextmanager
+def _engine_for(mode: str, loaded: InferenceModel, tokenizer: Any, settings: GenerationSettings) -> Iterator[Optional[InferenceEngine]]:
+    """One inference engine for every generating batch of a mode (log-likelihood scoring runs
+    plain forwards: none), closed at the end so the model has no caches afterwards."""
+    if mode == "loglik":
+        yield None
+        return
+    engine = InferenceEngine(
+        loaded.model,
+        settings,
+        tokenizer=tokenizer,
+        pad_id=getattr(tokenizer, "pad_id", None) or 0,
+        max_len=settings.max_cache_len or CACHE_LEN_MULTIPLE,  # grows to the longest batch when unset
+    )
+    try:
+        yield engine
+    finally:
+        engine.close()
+
+
+def _prefix_cache_counts(engine: Optional[InferenceEngine]) -> Optional[Dict[str, int]]:
+    """What the prefix cache saved in this mode (the results' metadata)."""
+    if engine is None or engine.prefix_cache is None:
+        return None
+    stats = engine.prefix_cache.stats
+    return {"hits": stats.hits, "misses": stats.misses, "cached_prompt_tokens": stats.saved_tokens, "prefill_forwards": engine.prefill_forwards}
 
 
 def sweep_payload(opts: EvalOptions, benchmark: Benchmark, loaded: InferenceModel, mode: str, points: List[Dict[str, Any]]) -> Dict[str, Any]:

@@ -22,7 +22,7 @@ from torch import nn
 from torchtune.data import Message
 
 from mas.evaluation.suites import ScoredRecord, TaskSuite
-from mas.generation import GenerationSettings
+from mas.generation import GenerationSettings, InferenceEngine
 from mas.segments import SegmentBuilder
 
 __all__ = ["ANSWER_TEMPLATE", "Benchmark", "BenchmarkContext", "BenchmarkData", "EvalItem", "RecordBuilder"]
@@ -97,6 +97,9 @@ class BenchmarkContext:
         mode (str): one of the benchmark's modes.
         predictions_path (Path): the per-example JSONL (appended, resumed).
         progress (bool): show a progress bar.
+        engine (Optional[InferenceEngine]): the inference engine every generating batch of the
+            run shares (its prefix cache prefills a shared system prompt once per run); None:
+            each batch makes its own.
     """
 
     model: nn.Module
@@ -107,6 +110,7 @@ class BenchmarkContext:
     mode: str
     predictions_path: Path
     progress: bool = True
+    engine: Optional[InferenceEngine] = None
 
 
 #: ``(context, benchmark name, items) -> records`` (:class:`~mas.evaluation.results.PredictionRecord`).

@@ -1,51 +1,58 @@
-"""Generation with a MAS prefill and causal decoding.
+"""Inference: one engine for ``mas.generate``, ``mas_eval`` and ``mas_serve``.
 
-Public names are imported from here (``from mas.generation import prefill``); the modules that
-define them are private (``_decoding``) or helpers, so ``mas.generation.generate`` is the
-function, never a module.
+Public names are imported from here (``from mas.generation import generate``);
+``mas.generation.generate`` is the function, never a module.
+
+- :class:`InferenceEngine` (``engine.py``): continuous batching over a slot KV cache
+  (``slot_cache.py``), batched and chunked MAS prefill (``prefill.py``, ``layout.py``), the exact
+  segment-prefix cache (``prefix_cache.py``), the decode step with sampling and stops on the
+  device (``decode_loop.py``, ``sampling.py``), stop strings (``text_stream.py``);
+- :func:`generate` (``api.py``): the offline driver; the server (``mas.serving``) is the other;
+- :class:`GenerationSettings` (``settings.py``), built from a recipe's options by
+  :func:`mas.generation.options.generation_settings`.
 """
 
-from mas.generation._decoding import (
-    BatchOutput,
-    CompileMode,
-    DecodeState,
-    GenerationSettings,
-    SystemPromptCache,
-    decode_one_token,
-    default_cache_len,
-    forward_one_token,
-    generate_batch,
-    prefill,
-    system_prefix,
-)
 from mas.generation.api import GenerationResult, Prompt, generate, prompt_messages
-from mas.generation.layout import PromptBatch, layout_prompts
-from mas.generation.decode_loop import DecodeOutput, compiled_decode_step, decode_step, decode_tokens, decode_width
-from mas.generation.sampling import sample_next_token, sample_with_noise
+from mas.generation.decode_loop import compiled_decode_step, decode_step, decode_width
+from mas.generation.engine import InferenceEngine, PromptTooLongError, Request, StepOutput
+from mas.generation.layout import PromptBatch, chunk_end, layout_chunks
+from mas.generation.prefill import prefill
+from mas.generation.prefix_cache import CachedPrefix, PrefixCache, PrefixCacheStats, is_cut_point, reusable_ends
+from mas.generation.sampling import RowSampling, SamplingParams, choose_tokens
+from mas.generation.settings import CompileMode, GenerationSettings, default_cache_len
+from mas.generation.slot_cache import SlotCaches, SlotKVCache, SlotPlan, install_slot_caches
+from mas.generation.text_stream import TextStream
 
 __all__ = [
-    "BatchOutput",
+    "CachedPrefix",
     "CompileMode",
-    "DecodeOutput",
-    "DecodeState",
     "GenerationResult",
     "GenerationSettings",
+    "InferenceEngine",
     "Prompt",
+    "PrefixCache",
+    "PrefixCacheStats",
     "PromptBatch",
-    "SystemPromptCache",
+    "PromptTooLongError",
+    "Request",
+    "RowSampling",
+    "SamplingParams",
+    "SlotCaches",
+    "SlotKVCache",
+    "SlotPlan",
+    "StepOutput",
+    "TextStream",
+    "choose_tokens",
+    "chunk_end",
     "compiled_decode_step",
-    "decode_one_token",
     "decode_step",
-    "decode_tokens",
     "decode_width",
     "default_cache_len",
-    "forward_one_token",
     "generate",
-    "generate_batch",
-    "layout_prompts",
+    "install_slot_caches",
+    "is_cut_point",
+    "layout_chunks",
     "prefill",
     "prompt_messages",
-    "sample_next_token",
-    "sample_with_noise",
-    "system_prefix",
+    "reusable_ends",
 ]

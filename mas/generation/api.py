@@ -1,22 +1,22 @@
-"""``mas.generate``: prompts in, token ids and text out."""
+"""``mas.generate``: prompts in, token ids and text out.
+
+The offline driver of :class:`~mas.generation.engine.InferenceEngine` (as vLLM's ``LLM`` drives
+the engine its server uses): submit every prompt, step until all are done. A caller that
+generates in several calls (``mas_eval``'s batches) passes one engine to all of them, so its
+prefix cache and compiled step live for the whole run.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
 
 import torch
 from torch import nn
 from torchtune.data import Message
 
-from mas.generation._decoding import (
-    GenerationSettings,
-    SystemPromptCache,
-    default_cache_len,
-    generate_batch,
-    system_prefix,
-)
-from mas.generation.kv_cache import clear_kv_caches
+from mas.generation.engine import InferenceEngine, PromptTooLongError
+from mas.generation.settings import GenerationSettings, default_cache_len
 from mas.segments import SegmentBuilder, SegmentedSequence
 
 __all__ = ["GenerationResult", "Prompt", "generate", "prompt_messages"]
@@ -34,9 +34,12 @@ class GenerationResult:
         tokens (List[List[int]]): generated ids per prompt (stop tokens excluded).
         texts (Optional[List[str]]): decoded completions (None without a tokenizer).
         prompts (List[SegmentedSequence]): the segmented prompts that were run.
-        time_to_first_token_s (float): mean over batches of prefill + first token.
+        time_to_first_token_s (float): mean over prompts of admission to first token.
         decode_tokens_per_s (float): decoded tokens (all rows) per second of decoding.
-        system_cache_hits (int): prompts whose system prompt KV came from the system cache.
+        system_cache_hits (int): prompts whose leading keys and values (a system prompt) came
+            from the prefix cache instead of a prefill.
+        cached_prompt_tokens (int): prompt tokens taken from the prefix cache, over all prompts.
+        finish_reasons (List[str]): ``"stop"`` or ``"length"`` per prompt.
     """
 
     tokens: List[List[int]]
@@ -45,6 +48,8 @@ class GenerationResult:
     time_to_first_token_s: float
     decode_tokens_per_s: float
     system_cache_hits: int = 0
+    cached_prompt_tokens: int = 0
+    finish_reasons: List[str] = field(default_factory=list)
 
 
 def prompt_messages(prompt: Prompt, index: int = 0) -> List[Message]:
@@ -76,15 +81,6 @@ def prompt_messages(prompt: Prompt, index: int = 0) -> List[Message]:
     return messages
 
 
-def _batches(sequences: Sequence[SegmentedSequence], batch_size: int, *, by_system_prompt: bool) -> List[List[int]]:
-    """Prompt indices in batches; with ``by_system_prompt`` each batch shares one system prompt."""
-    groups: Dict[Any, List[int]] = {}
-    for i, seq in enumerate(sequences):
-        prefix = system_prefix(seq) if by_system_prompt else None
-        groups.setdefault(tuple(prefix.tokens) if prefix else None, []).append(i)
-    return [ids[s : s + batch_size] for ids in groups.values() for s in range(0, len(ids), batch_size)]
-
-
 def generate(
     model: nn.Module,
     tokenizer_or_tokens: Any,
@@ -93,6 +89,7 @@ def generate(
     settings: Optional[GenerationSettings] = None,
     prompt_format: str = "text",
     merge_system_and_user: bool = False,
+    engine: Optional[InferenceEngine] = None,
     **setting_overrides: Any,
 ) -> GenerationResult:
     """Generate completions with a MAS prefill and causal decoding.
@@ -104,11 +101,17 @@ def generate(
         prompts (Optional[Sequence[Prompt]]): the prompts, when a tokenizer is given.
         settings (Optional[GenerationSettings]): sampling, batching, caching.
         prompt_format (str): ``"text"`` or ``"chat"``, as in training.
-        merge_system_and_user (bool): as in training (then no system-prompt cache).
+        merge_system_and_user (bool): as in training (the prefix cache then finds no reusable
+            system prompt: nothing before the end of the merged segment is final).
+        engine (Optional[InferenceEngine]): run on this engine (its engine-wide settings win;
+            ``settings`` then gives the sampling); default: one made for this call and closed.
         **setting_overrides: fields of :class:`GenerationSettings` (e.g. ``max_new_tokens=32``).
 
     Returns:
         GenerationResult: ids, texts and timings in prompt order.
+
+    Raises:
+        ValueError: an empty or malformed prompt, or one that does not fit the KV cache.
 
     Example:
         >>> out = mas.generate(model, tokenizer, [{"system": "Be brief.", "user": "Hi"}], max_new_tokens=8)
@@ -127,49 +130,45 @@ def generate(
     for i, seq in enumerate(sequences):
         if len(seq) == 0:
             raise ValueError(f"prompt {i} is empty")
-    if settings.reuse_system_cache and merge_system_and_user:
-        raise ValueError(
-            "reuse_system_cache needs the system prompt as its own segment; with "
-            "merge_system_and_user=True its tokens attend to the user turn"
-        )
-    if settings.stop_tokens is None and tokenizer is not None:
-        settings = replace(settings, stop_tokens=list(getattr(tokenizer, "stop_tokens", [tokenizer.eos_id])))
-    pad_id = getattr(tokenizer, "pad_id", None) or 0
-    device = model.tok_embeddings.weight.device
-    generator = None
-    if settings.seed is not None:
-        generator = torch.Generator(device=device).manual_seed(settings.seed)
-    system_cache = SystemPromptCache() if settings.reuse_system_cache else None
-    if settings.max_cache_len is None:
-        # One cache length for every batch: the caches are allocated once and a compiled decode
+    needed = default_cache_len([len(s) for s in sequences], settings.max_new_tokens, model.max_seq_len)
+    own_engine = engine is None
+    if engine is None:
+        # One cache length for the call: the caches are allocated once and a compiled decode
         # step keeps its shapes.
-        lengths = [len(s) for s in sequences]
-        settings = replace(settings, max_cache_len=default_cache_len(lengths, settings.max_new_tokens, model.max_seq_len))
+        engine_settings = settings if settings.max_cache_len is not None else replace(settings, max_cache_len=needed)
+        engine = InferenceEngine(model, engine_settings, tokenizer=tokenizer, pad_id=getattr(tokenizer, "pad_id", None) or 0)
+    elif engine.settings.max_cache_len is None:
+        engine.reserve(needed)
+    try:
+        return _run(engine, sequences, settings, tokenizer)
+    finally:
+        if own_engine:
+            engine.close()
 
-    tokens: Dict[int, List[int]] = {}
-    ttft, decode_s, decoded, cache_hits = [], 0.0, 0, 0
-    for batch_ids in _batches(sequences, settings.batch_size, by_system_prompt=system_cache is not None):
-        out = generate_batch(
-            model,
-            [sequences[i] for i in batch_ids],
-            settings,
-            pad_id=pad_id,
-            system_cache=system_cache,
-            generator=generator,
-        )
-        tokens.update(zip(batch_ids, out.tokens))
-        ttft.append(out.time_to_first_token_s)
-        decode_s += out.decode_seconds
-        decoded += out.decoded_tokens
-        cache_hits += len(batch_ids) if out.used_system_cache else 0
-    clear_kv_caches(model)  # leave the model as we found it: plain forwards work again
-    ordered = [tokens[i] for i in range(len(sequences))]
-    texts = [tokenizer.decode(t) for t in ordered] if tokenizer is not None else None
+
+def _run(engine: InferenceEngine, sequences: List[SegmentedSequence], settings: GenerationSettings, tokenizer: Any) -> GenerationResult:
+    """Submit every prompt, step until all are done, collect in prompt order."""
+    requests = []
+    for i, seq in enumerate(sequences):
+        try:
+            requests.append(engine.submit(seq, settings.sampling_params(i)))
+        except PromptTooLongError as e:
+            raise ValueError(f"prompt {i}: {e}") from None
+    decoded, decode_s = engine.decoded_tokens, engine.decode_seconds
+    while engine.has_unfinished():
+        engine.step()
+    texts = None
+    if tokenizer is not None:
+        texts = [r.text.text if r.text is not None else tokenizer.decode(r.tokens) for r in requests]
+    ttft = [r.first_token_at - r.admitted_at for r in requests if r.first_token_at is not None and r.admitted_at is not None]
+    decode_s = engine.decode_seconds - decode_s
     return GenerationResult(
-        tokens=ordered,
+        tokens=[r.tokens for r in requests],
         texts=texts,
-        prompts=sequences,
+        prompts=list(sequences),
         time_to_first_token_s=sum(ttft) / max(len(ttft), 1),
-        decode_tokens_per_s=decoded / decode_s if decode_s > 0 else 0.0,
-        system_cache_hits=cache_hits,
+        decode_tokens_per_s=(engine.decoded_tokens - decoded) / decode_s if decode_s > 0 else 0.0,
+        system_cache_hits=sum(r.cached_tokens > 0 for r in requests),
+        cached_prompt_tokens=sum(r.cached_tokens for r in requests),
+        finish_reasons=[r.finish_reason or "" for r in requests],
     )

@@ -7,16 +7,16 @@ query heads, 8 KV heads) it is most of the attention's memory traffic. Here the 
 hands the ``n_kv``-head keys and values to :class:`mas.attention.MASAttention`, which runs the
 kernel with ``enable_gqa=True`` (each group of ``n_h / n_kv`` query heads reads its one KV head).
 
-Its cache write also skips torchtune's ``assert`` on a device tensor, which reads the device from
-the host in every layer for every token (so layers without grouped queries switch too). The
-layer keeps its parameters, buffers and state dict; :func:`native_gqa_attention` switches the
+Its cache is the engine's slot cache (:mod:`mas.generation.slot_cache`), whose write reads
+nothing from the device (torchtune's ``KVCache.update`` asserts on a device tensor: a host read in
+every layer for every token). The layer keeps its parameters, buffers and state dict; :func:`native_gqa_attention` switches the
 layers' class for the duration of a ``with`` block (generation), and back.
 """
 
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator, List, Optional, Tuple
+from typing import Iterator, List, Optional
 
 from torch import Tensor, nn
 from torchtune.modules import MultiHeadAttention
@@ -69,7 +69,7 @@ class NativeGQAMultiHeadAttention(MultiHeadAttention):
             if self.k_norm is not None:
                 k = self.k_norm(k)
             if self.kv_cache is not None and self.cache_enabled:
-                k, v = _append_to_cache(self.kv_cache, k, v)
+                k, v = self.kv_cache.update(k, v)
         # k, v stay [b, n_kv, s, h_d]: the attention call groups the query heads.
         output = self._attention_call(
             q,
@@ -81,25 +81,6 @@ class NativeGQAMultiHeadAttention(MultiHeadAttention):
         )
         # [b, n_h, s_x, h_d] -> [b, s_x, n_h * h_d]
         return self.output_proj(output.transpose(1, 2).reshape(b, s_x, -1))
-
-
-def _append_to_cache(cache: nn.Module, k: Tensor, v: Tensor) -> Tuple[Tensor, Tensor]:
-    """torchtune's ``KVCache.update`` without its ``assert`` on a device tensor (a host read in
-    every layer for every token); the caller checks the room before generating.
-
-    Args:
-        cache (nn.Module): a torchtune ``KVCache`` (``k_cache``, ``v_cache``: ``[b, n_kv, L, h_d]``;
-            ``cache_pos``: ``[L]``, the next write slot first).
-        k (Tensor), v (Tensor): ``[b, n_kv, s, h_d]`` written to the next ``s`` slots.
-
-    Returns:
-        Tuple[Tensor, Tensor]: the whole caches.
-    """
-    slots = cache.cache_pos[: k.shape[2]]
-    cache.k_cache[:, :, slots] = k
-    cache.v_cache[:, :, slots] = v
-    cache.cache_pos.add_(k.shape[2])
-    return cache.k_cache, cache.v_cache
 
 
 @contextlib.contextmanager

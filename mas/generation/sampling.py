@@ -1,147 +1,197 @@
-"""Next-token choice: greedy, temperature, top-k and top-p (nucleus) sampling.
+"""Next-token choice for every row of a batch: greedy, temperature, top-k and top-p (nucleus).
 
-Two ways to draw from the same filtered distribution:
+Each row carries its own settings as tensors (:class:`RowSampling`), so one batch can mix greedy
+rows and sampled rows with different filters, and the choice traces into a compiled decode step
+(no host read, no data-dependent shape).
 
-- :func:`sample_with_noise` takes the randomness as a tensor of ``Exp(1)`` noise and picks
-  ``argmax(p / noise)``, a draw from ``p`` (the exponential-race form of the Gumbel-max trick).
-  It has no generator argument and no data-dependent shape, so it traces into a compiled decode
-  step and never reads the device from the host. ``mas.generate`` draws every token this way.
-- :func:`sample_with_generator` is one token choice of ``mas.generate``'s decode loop: one
-  :func:`exponential_noise` draw of the logits' shape from a generator, then
-  :func:`sample_with_noise`. The serving engine calls it per sequence with that sequence's own
-  generator, so a seeded request draws exactly the tokens ``mas.generate`` draws for that prompt
-  alone (batch size 1, same seed).
-- :func:`sample_next_token` draws with ``torch.multinomial`` (the per-token reference loop in
-  tests and benchmarks). Torch 2.13 happens to implement a one-sample multinomial as the same
-  exponential race, but nothing here relies on that: generation and serving both draw through
-  :func:`sample_with_noise`.
+A sampled row draws ``argmax(p / E)`` over ``E ~ Exp(1)`` noise, a draw from ``p`` (the
+exponential-race form of the Gumbel-max trick). The noise comes from the sequence's own
+generator, one ``[1, vocab]`` draw per chosen token (:func:`draw_noise`), so a seeded sequence
+draws the same tokens whatever else shares its batch. Greedy rows draw nothing.
 
-Greedy decoding (``temperature == 0``) is ``argmax`` on both paths.
+The slow twins (a scalar filter per row and ``torch.multinomial``) live in
+:mod:`mas.testing.reference_decoding`; the tests compare against them.
 """
 
 from __future__ import annotations
 
-from typing import Optional
+from dataclasses import dataclass
+from typing import Optional, Sequence
 
 import torch
 from torch import Tensor
 
-__all__ = ["exponential_noise", "filtered_probs", "sample_next_token", "sample_with_generator", "sample_with_noise"]
+__all__ = ["RowSampling", "SamplingParams", "choose_tokens", "draw_noise", "exponential_noise", "filtered_probs"]
 
 
-def filtered_probs(logits: Tensor, *, temperature: float, top_k: Optional[int] = None, top_p: Optional[float] = None) -> Tensor:
-    """The sampling distribution after temperature, top-k and top-p.
+@dataclass(frozen=True)
+class SamplingParams:
+    """How one sequence is decoded.
+
+    Attributes:
+        max_tokens (int): tokens to generate at most (a stop token is not counted).
+        temperature (float): 0: greedy.
+        top_k (Optional[int]): sample from the ``k`` most likely tokens (None: all).
+        top_p (Optional[float]): nucleus mass (None: off).
+        seed (Optional[int]): seeds this sequence's own generator on the model's device: the
+            tokens are then the same whatever else is decoding (None: the device's default RNG).
+        stop (Sequence[str]): strings that end the text (not included).
+        ignore_stop_tokens (bool): generate exactly ``max_tokens`` (benchmarks, tests).
+    """
+
+    max_tokens: int
+    temperature: float = 0.0
+    top_k: Optional[int] = None
+    top_p: Optional[float] = None
+    seed: Optional[int] = None
+    stop: Sequence[str] = ()
+    ignore_stop_tokens: bool = False
+
+    def __post_init__(self) -> None:
+        if self.max_tokens < 1:
+            raise ValueError(f"max_tokens must be >= 1, got {self.max_tokens}")
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if self.top_k is not None and self.top_k < 1:
+            raise ValueError(f"top_k must be >= 1 or None, got {self.top_k}")
+        if self.top_p is not None and not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1] or None, got {self.top_p}")
+
+    @property
+    def samples(self) -> bool:
+        return self.temperature > 0.0
+
+
+@dataclass
+class RowSampling:
+    """Per-row sampling settings as tensors, and which filters any row uses (static flags: a
+    compiled step keeps one graph per combination).
+
+    Attributes:
+        temperature (Tensor): ``[b]`` float32 (0: greedy).
+        top_k (Tensor): ``[b]`` long (the vocabulary size: no filter).
+        top_p (Tensor): ``[b]`` float32 (1: no filter).
+        samples (bool), uses_top_k (bool), uses_top_p (bool): whether any row samples / filters.
+    """
+
+    temperature: Tensor
+    top_k: Tensor
+    top_p: Tensor
+    samples: bool = False
+    uses_top_k: bool = False
+    uses_top_p: bool = False
+
+    @classmethod
+    def empty(cls, rows: int, vocab: int, device: torch.device) -> "RowSampling":
+        return cls(
+            torch.zeros(rows, dtype=torch.float32, device=device),
+            torch.full((rows,), vocab, dtype=torch.long, device=device),
+            torch.ones(rows, dtype=torch.float32, device=device),
+        )
+
+    def set_rows(self, rows: Sequence[int], params: Sequence[SamplingParams], vocab: int) -> None:
+        """Give rows ``rows`` the settings ``params`` (one host-to-device copy per field)."""
+        device = self.temperature.device
+        index = torch.tensor(list(rows), dtype=torch.long).to(device)
+        self.temperature[index] = torch.tensor([p.temperature for p in params], dtype=torch.float32).to(device)
+        self.top_k[index] = torch.tensor([min(p.top_k or vocab, vocab) for p in params], dtype=torch.long).to(device)
+        self.top_p[index] = torch.tensor([p.top_p if p.top_p is not None else 1.0 for p in params], dtype=torch.float32).to(device)
+
+    def flags_for(self, params: Sequence[SamplingParams]) -> "RowSampling":
+        """The same tensors with the static flags of the rows that use ``params``."""
+        return RowSampling(
+            self.temperature,
+            self.top_k,
+            self.top_p,
+            samples=any(p.samples for p in params),
+            uses_top_k=any(p.samples and p.top_k is not None for p in params),
+            uses_top_p=any(p.samples and p.top_p is not None and p.top_p < 1.0 for p in params),
+        )
+
+    def rows(self, index: Tensor) -> "RowSampling":
+        """The settings of some rows (``index``: ``[k]`` long)."""
+        return RowSampling(self.temperature[index], self.top_k[index], self.top_p[index], self.samples, self.uses_top_k, self.uses_top_p)
+
+    def head(self, k: int) -> "RowSampling":
+        """The settings of rows ``[0, k)`` (views)."""
+        return RowSampling(self.temperature[:k], self.top_k[:k], self.top_p[:k], self.samples, self.uses_top_k, self.uses_top_p)
+
+
+def filtered_probs(logits: Tensor, sampling: RowSampling) -> Tensor:
+    """Each row's sampling distribution after its temperature, top-k and top-p.
 
     Args:
         logits (Tensor): ``[b, vocab]`` next-token logits.
-        temperature (float): softmax temperature (> 0).
-        top_k (Optional[int]): keep the ``k`` most likely tokens.
-        top_p (Optional[float]): keep the smallest set of tokens whose probability reaches ``p``.
+        sampling (RowSampling): ``[b]`` settings; greedy rows are given temperature 1 here
+            (their distribution is unused).
 
     Returns:
-        Tensor: ``[b, vocab]`` float32 probabilities (zero outside the kept tokens).
+        Tensor: ``[b, vocab]`` float32 probabilities (zero outside each row's kept tokens).
     """
-    logits = logits.float() / temperature
-    if top_k is not None and top_k < logits.shape[-1]:
-        # Everything below the k-th largest logit is out.
-        kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
+    temperature = torch.where(sampling.temperature > 0, sampling.temperature, torch.ones_like(sampling.temperature))
+    logits = logits.float() / temperature[:, None]
+    if sampling.uses_top_k:
+        # Everything below a row's k-th largest logit is out (k = vocab keeps all).
+        ordered = torch.sort(logits, dim=-1, descending=True).values
+        kth = ordered.gather(-1, (sampling.top_k - 1)[:, None])
         logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p is not None and top_p < 1.0:
+    if sampling.uses_top_p:
         sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
-        cumulative = sorted_logits.softmax(-1).cumsum(-1)
-        # Drop a token when the tokens before it already reach top_p (the top token always stays).
-        drop_sorted = (cumulative - sorted_logits.softmax(-1)) >= top_p
+        sorted_probs = sorted_logits.softmax(-1)
+        # Drop a token when the tokens before it already reach top_p (the top token always
+        # stays); rows with top_p = 1 drop nothing, whatever the rounding of the sum.
+        drop_sorted = ((sorted_probs.cumsum(-1) - sorted_probs) >= sampling.top_p[:, None]) & (sampling.top_p < 1.0)[:, None]
         drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
         logits = logits.masked_fill(drop, float("-inf"))
     return logits.softmax(-1)
 
 
-def sample_next_token(
-    logits: Tensor,
-    *,
-    temperature: float = 0.0,
-    top_k: Optional[int] = None,
-    top_p: Optional[float] = None,
-    generator: Optional[torch.Generator] = None,
-) -> Tensor:
-    """Pick one token per row (``torch.multinomial``).
+def choose_tokens(logits: Tensor, noise: Optional[Tensor], sampling: RowSampling) -> Tensor:
+    """One token per row: ``argmax`` for greedy rows, a draw from the filtered distribution for
+    the others (traceable, no host read).
 
     Args:
         logits (Tensor): ``[b, vocab]`` next-token logits.
-        temperature (float): 0 for greedy (argmax, deterministic); else the softmax temperature.
-        top_k (Optional[int]): keep the ``k`` most likely tokens.
-        top_p (Optional[float]): keep the smallest set of tokens whose probability reaches ``p``.
-        generator (Optional[torch.Generator]): RNG for sampling (seeded runs are reproducible).
+        noise (Optional[Tensor]): ``[b, vocab]`` ``Exp(1)`` noise (:func:`draw_noise`); None when
+            no row samples.
+        sampling (RowSampling): ``[b]`` settings.
 
     Returns:
         Tensor: ``[b]`` token ids (int64).
     """
-    if temperature <= 0.0:
-        return logits.argmax(dim=-1)
-    probs = filtered_probs(logits, temperature=temperature, top_k=top_k, top_p=top_p)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
-
-
-def sample_with_noise(
-    logits: Tensor,
-    noise: Optional[Tensor],
-    *,
-    temperature: float = 0.0,
-    top_k: Optional[int] = None,
-    top_p: Optional[float] = None,
-) -> Tensor:
-    """Pick one token per row from pre-drawn noise (traceable, no host read).
-
-    ``P(argmax_i p_i / E_i = j) = p_j`` for independent ``E_i ~ Exp(1)``, so this is a draw from
-    the same distribution as :func:`sample_next_token` (not the same draw for a given seed).
-
-    Args:
-        logits (Tensor): ``[b, vocab]`` next-token logits.
-        noise (Optional[Tensor]): ``[b, vocab]`` ``Exp(1)`` samples (:func:`exponential_noise`);
-            unused (may be None) when greedy.
-        temperature, top_k, top_p: as in :func:`sample_next_token`.
-
-    Returns:
-        Tensor: ``[b]`` token ids (int64).
-    """
-    if temperature <= 0.0:
-        return logits.argmax(dim=-1)
+    greedy = logits.argmax(dim=-1)
+    if not sampling.samples:
+        return greedy
     if noise is None:
         raise ValueError("sampling with temperature > 0 needs noise")
-    probs = filtered_probs(logits, temperature=temperature, top_k=top_k, top_p=top_p)
-    return (probs / noise).argmax(dim=-1)
+    sampled = (filtered_probs(logits, sampling) / noise).argmax(dim=-1)
+    return torch.where(sampling.temperature > 0, sampled, greedy)
 
 
 def exponential_noise(shape: torch.Size, device: torch.device, generator: Optional[torch.Generator] = None) -> Tensor:
-    """``Exp(1)`` samples for :func:`sample_with_noise` (a device kernel, no host read)."""
+    """``Exp(1)`` samples for :func:`choose_tokens` (a device kernel, no host read)."""
     noise = torch.empty(shape, device=device, dtype=torch.float32).exponential_(generator=generator)
     # A zero would turn a filtered-out token's 0 / 0 into NaN, which argmax could pick.
     return noise.clamp_min_(torch.finfo(torch.float32).tiny)
 
 
-def sample_with_generator(
-    logits: Tensor,
-    *,
-    temperature: float = 0.0,
-    top_k: Optional[int] = None,
-    top_p: Optional[float] = None,
-    generator: Optional[torch.Generator] = None,
+def draw_noise(
+    rows: int, vocab: int, device: torch.device, sampled: Sequence[int], generators: Sequence[Optional[torch.Generator]]
 ) -> Tensor:
-    """One token choice as ``mas.generate``'s decode loop makes it (no host read).
-
-    When sampling, draws exactly one ``exponential_noise(logits.shape)`` from ``generator`` on
-    the logits' device, as each step of :func:`mas.generation.decode_tokens` does (prefill's
-    first token, then one draw per decode step); greedy draws nothing. So calling it once per
-    token with a generator seeded ``s`` on the model's device gives the tokens of
-    ``mas.generate(..., seed=s, batch_size=1)`` for that prompt.
+    """The noise of one token choice: a ``[1, vocab]`` draw from each sampled row's generator.
 
     Args:
-        logits (Tensor): ``[b, vocab]`` next-token logits (``b == 1`` for one sequence's stream).
-        temperature, top_k, top_p: as in :func:`sample_next_token`.
-        generator (Optional[torch.Generator]): the noise's RNG (None: the device's default RNG).
+        rows (int): batch rows.
+        vocab (int): vocabulary size.
+        device (torch.device): where the logits are.
+        sampled (Sequence[int]): the rows that sample.
+        generators (Sequence[Optional[torch.Generator]]): each sampled row's generator (None: the
+            device's default RNG), in the order of ``sampled``.
 
     Returns:
-        Tensor: ``[b]`` token ids (int64), on the logits' device.
+        Tensor: ``[rows, vocab]`` (ones in rows that do not sample).
     """
-    noise = exponential_noise(logits.shape, logits.device, generator) if temperature > 0.0 else None
-    return sample_with_noise(logits, noise, temperature=temperature, top_k=top_k, top_p=top_p)
+    noise = torch.ones((rows, vocab), dtype=torch.float32, device=device)
+    for row, generator in zip(sampled, generators):
+        noise[row] = exponential_noise((1, vocab), device, generator)[0]
+    return noise

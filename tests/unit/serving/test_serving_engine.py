@@ -1,7 +1,7 @@
-"""The serving engine against its slow twin, ``mas.generate``: same greedy tokens alone, batched,
-joining mid-decode, with and without a prefix-cache hit, turn by turn, for MAS and causal; faults
-stay with their request; cancelled and finished sequences free their rows. The compiled decode
-(``compile_decode``) gives the eager engine's tokens and compiles once per width bucket."""
+"""The server's driver of the inference engine against its slow twin, ``mas.generate``: same
+greedy tokens alone, batched, joining mid-decode, with and without a prefix-cache hit, turn by
+turn, for MAS and causal; faults stay with their request; cancelled and finished sequences free
+their rows; a compiled decode gives the eager tokens, and a failing compiler falls back once."""
 
 from __future__ import annotations
 
@@ -15,8 +15,9 @@ import torch
 from torchtune.data import Message
 
 import mas
+from mas.generation import GenerationSettings, PrefixCache
 from mas.segments import SegmentBuilder
-from mas.serving import Engine, PrefixCache, QueueFullError, SamplingParams, SequenceHandle
+from mas.serving import Engine, QueueFullError, SamplingParams, SequenceHandle
 
 SYSTEM = "Below is an instruction that describes a task. Write a response that appropriately completes the request.\n\n"
 USERS = [
@@ -65,15 +66,21 @@ def _expected(model, tokenizer, prompts, attention, max_new_tokens) -> List[List
     ]
 
 
-def _engine(model, tokenizer, attention, rows=4, cache=True, **kwargs) -> Engine:
+def _settings(attention="mas", rows=4, cache=True, **kwargs) -> GenerationSettings:
+    return GenerationSettings(attention=attention, batch_size=rows, max_cache_len=512, reuse_system_cache=cache, **kwargs)
+
+
+def _engine(model, tokenizer, attention, rows=4, cache=True, stop_tokens=None, max_queue=64, **kwargs) -> Engine:
     prefix_cache = PrefixCache(max_tokens=100_000, max_bytes=1 << 30) if cache else None
-    return Engine(copy.deepcopy(model), tokenizer, attention=attention, rows=rows, max_len=512, prefix_cache=prefix_cache, **kwargs).start()
+    settings = _settings(attention, rows, cache, **kwargs)
+    return Engine(copy.deepcopy(model), tokenizer, settings, prefix_cache=prefix_cache, stop_tokens=stop_tokens, max_queue=max_queue).start()
 
 
 def _submit(engine, tokenizer, messages, max_tokens, **params) -> Collector:
     collector = Collector()
     prompt = SegmentBuilder(tokenizer)(messages, for_generation=True)
-    engine.submit([SequenceHandle(prompt, SamplingParams(max_tokens=max_tokens, **params), collector)])
+    collector.handle = SequenceHandle(prompt, SamplingParams(max_tokens=max_tokens, **params), collector)
+    engine.submit([collector.handle])
     return collector
 
 
@@ -178,7 +185,7 @@ def test_a_failing_request_fails_alone(model, tokenizer):
     others = {t for row in expected[1:] for t in row}
     poison = next(t for t in expected[0][1:-1] if t not in others)  # a token only prompt 0 decodes
     engine_model = copy.deepcopy(model)
-    engine = Engine(engine_model, tokenizer, attention="mas", rows=3, max_len=512).start()
+    engine = Engine(engine_model, tokenizer, _settings(rows=3, cache=False)).start()
 
     def fail_on_poison(module, args):
         tokens = args[0]
@@ -208,15 +215,12 @@ def test_cancel_frees_the_row_and_queue_is_bounded(model, tokenizer):
         waiting = _submit(engine, tokenizer, _messages(None, USERS[1]), 2)
         with pytest.raises(QueueFullError, match="at capacity"):
             _submit(engine, tokenizer, _messages(None, USERS[2]), 2)
-        handle_events: Dict[str, object] = {}
-        engine_handle = next(r.handle for r in engine._rows if r is not None)
-        engine_handle.cancel()
+        running.handle.cancel()
         running.wait()
         assert running.events[-1].finish_reason == "cancelled"
         assert len(running.tokens) < 400
         assert waiting.wait().events[-1].finish_reason == "length"
         assert engine.active_slots() == 0 and engine.queue_depth() == 0
-        assert not handle_events
     finally:
         engine.stop()
 
@@ -297,67 +301,49 @@ def test_unseeded_sampling_still_generates(model, tokenizer):
         engine.stop()
 
 
-@pytest.mark.parametrize("attention", ["mas", "causal"])
-def test_bucketed_prefill_is_exact_and_sees_few_shapes(model, tokenizer, attention, monkeypatch):
-    """Prefill rounded up to 16-slot buckets (128 where flex runs), right-padded: the same tokens
-    as mas.generate, cold and with a prefix-cache hit, and every prefill width a bucket multiple."""
-    import mas.serving._engine as engine_module
-
-    widths = []
-    real_prefill = engine_module.prefill
-
-    def counting_prefill(model, batch, **kwargs):
-        widths.append(batch.num_slots - batch.prefix_len)
-        return real_prefill(model, batch, **kwargs)
-
-    monkeypatch.setattr(engine_module, "prefill", counting_prefill)
-    prompts = [{"system": SYSTEM, "user": u} for u in USERS]
-    expected = _expected(model, tokenizer, prompts, attention, max_new_tokens=10)
-    engine = _engine(model, tokenizer, attention, rows=2, prefill_bucket=16)
-    try:
-        cold = _submit(engine, tokenizer, _messages(SYSTEM, USERS[0]), 10).wait()
-        warm = [_submit(engine, tokenizer, _messages(SYSTEM, u), 10) for u in USERS[1:]]
-        assert [cold.tokens] + [c.wait().tokens for c in warm] == expected
-        assert engine.prefix_cache.stats.hits >= 3
-    finally:
-        engine.stop()
-    assert widths and all(w % 16 == 0 for w in widths), widths
-    lengths = [len(SegmentBuilder(tokenizer)(_messages(SYSTEM, u), for_generation=True)) for u in USERS]
-    assert any(length % 16 for length in lengths)  # some prompts really were padded
-
-
 def test_prefill_is_rounded_to_the_flex_tile_only_where_flex_runs(model, tokenizer):
     from mas.block_mask import FLEX_TILE
 
-    assert Engine(copy.deepcopy(model), tokenizer, attention="mas", rows=1, max_len=256).prefill_bucket == 0
-    flex = Engine(copy.deepcopy(model), tokenizer, attention="mas", attention_backend="flex", rows=1, max_len=300)
-    assert flex.prefill_bucket == FLEX_TILE
-    assert flex._prefill_end(0, 130) == 256  # rounded up past the cached prefix...
-    assert flex._prefill_end(40, 130) == 168
-    assert flex._prefill_end(0, 290) == 300  # ...but never past the row
+    plain = Engine(copy.deepcopy(model), tokenizer, _settings(rows=1))
+    assert plain.core.prefill_bucket == 0
+    flex = Engine(copy.deepcopy(model), tokenizer, _settings(rows=1, attention_backend="flex"))
+    assert flex.core.prefill_bucket == FLEX_TILE
 
 
-# ------------------------------------------------------------------ compiled decode (compile_decode)
-def _recording_widths(engine: Engine) -> List[tuple]:
-    """Wrap the engine's compiled forward: every call's (batch size, width) is appended to the list."""
-    calls: List[tuple] = []
-    compiled = engine._compiled_forward
+def test_a_failing_compiler_falls_back_to_eager_decoding_once(model, tokenizer, monkeypatch, caplog):
+    """A compiled decode step that cannot run (a broken compiler toolchain): the step is retried
+    row by row eagerly, the tokens stay exact, and the engine stops trying to compile."""
+    import importlib
 
-    def recording(model, tokens, slots, busy, *, width):
-        calls.append((tokens.shape[0], width))
-        return compiled(model, tokens, slots, busy, width=width)
+    from mas.generation.decode_loop import decode_step
 
-    engine._compiled_forward = recording
-    return calls
+    engine_module = importlib.import_module("mas.generation.engine")
+    attempts = []
+
+    def broken_compiler(mode):
+        def step(*args, **kwargs):
+            attempts.append(kwargs["width"])
+            raise RuntimeError("inductor: no C++ compiler")
+
+        return step
+
+    monkeypatch.setattr(engine_module, "compiled_decode_step", broken_compiler)
+    expected = _expected(model, tokenizer, [{"system": SYSTEM, "user": USERS[0]}], "mas", max_new_tokens=8)
+    engine = _engine(model, tokenizer, "mas", rows=2, cache=False, compile_decode=True)
+    try:
+        with caplog.at_level("ERROR", logger="mas.generation.engine"):
+            assert [_submit(engine, tokenizer, _messages(SYSTEM, USERS[0]), 8).wait().tokens] == expected
+        assert len(attempts) == 1 and engine.core._step_fn is decode_step
+        assert any("decoding eagerly from now on" in r.message for r in caplog.records)
+    finally:
+        engine.stop()
 
 
 @pytest.mark.slow
 def test_compiled_decode_equals_eager_engine_and_generate(model, tokenizer):
     """Real inductor compile: the same greedy and seeded sampled tokens as the eager engine and as
     mas.generate alone, with a request joining rows at other lengths, across the 64 and 128 slot
-    width buckets; one graph per bucket, every step compiled over all rows."""
-    from torch._dynamo.utils import counters
-
+    width buckets."""
     greedy = [{"system": SYSTEM, "user": USERS[2]}, {"user": USERS[0]}, {"user": USERS[3]}]
     sampled_prompt = {"system": SYSTEM, "user": USERS[1]}
     sampling = dict(temperature=1.0, top_k=20, seed=5)
@@ -376,77 +362,7 @@ def test_compiled_decode_equals_eager_engine_and_generate(model, tokenizer):
 
     eager = serve(_engine(model, tokenizer, "mas", rows=3, cache=False, stop_tokens=[]))
     torch._dynamo.reset()
-    counters.clear()
-    compiled_engine = Engine(copy.deepcopy(model), tokenizer, attention="mas", rows=3, max_len=512, stop_tokens=[], compile_decode=True)
-    compiled_forward = compiled_engine._compiled_forward
-    calls = _recording_widths(compiled_engine)
-    compiled = serve(compiled_engine.start())
+    compiled = serve(_engine(model, tokenizer, "mas", rows=3, cache=False, stop_tokens=[], compile_decode=True))
     reference = [expected[0], expected_sampled, expected[1], expected[2]]
     assert eager == reference
     assert compiled == reference
-    assert {w for _, w in calls} == {64, 128} and {b for b, _ in calls} == {3}
-    assert counters["stats"]["unique_graphs"] == 2 and compiled_forward.uncompiled_calls == 0
-
-
-def test_compiled_decode_compiles_once_per_width_bucket(model, tokenizer, monkeypatch):
-    """Counting backend (the graphs run eagerly): rows growing through every length of a bucket,
-    and another row joining and leaving, never recompile; the graphs are one per width bucket."""
-    from torch._dynamo.testing import CompileCounter
-
-    import mas.serving._engine as engine_module
-    from mas.serving._slot_cache import compiled_slot_decode_forward
-
-    counter = CompileCounter()
-    monkeypatch.setattr(engine_module, "compiled_slot_decode_forward", lambda mode: compiled_slot_decode_forward(mode, backend=counter))
-    torch._dynamo.reset()
-    engine = Engine(copy.deepcopy(model), tokenizer, attention="mas", rows=2, max_len=256, stop_tokens=[], compile_decode=True)
-    calls = _recording_widths(engine)
-    graphs_after_call: List[int] = []
-    recording = engine._compiled_forward
-
-    def counting(*args, **kwargs):
-        out = recording(*args, **kwargs)
-        graphs_after_call.append(counter.frame_count)
-        return out
-
-    engine._compiled_forward = counting
-    engine.start()
-    try:
-        long_run = _submit(engine, tokenizer, _messages(None, USERS[3]), 240)
-        while len(long_run.tokens) < 80 and not long_run.done.is_set():
-            time.sleep(0.001)
-        joining = _submit(engine, tokenizer, _messages(SYSTEM, USERS[1]), 30)
-        assert len(long_run.wait().tokens) == 240 and len(joining.wait().tokens) == 30
-    finally:
-        engine.stop()
-    widths = [w for _, w in calls]
-    assert set(widths) == {64, 128, 256}  # every bucket of a 256-slot row
-    # A new graph only at the first step of each bucket, none while lengths grow inside it.
-    assert graphs_after_call == [len(set(widths[: i + 1])) for i in range(len(widths))]
-    assert len(widths) >= 239 and counter.frame_count == 3
-
-
-def test_a_failing_compiler_falls_back_to_eager_decoding_once(model, tokenizer, monkeypatch, caplog):
-    """A compiled forward that cannot run (a broken compiler toolchain): the step is retried row by
-    row eagerly, the tokens stay exact, and the engine stops trying to compile."""
-    import mas.serving._engine as engine_module
-
-    attempts = []
-
-    def broken_compiler(mode):
-        def forward(*args, **kwargs):
-            attempts.append(kwargs["width"])
-            raise RuntimeError("inductor: no C++ compiler")
-
-        return forward
-
-    monkeypatch.setattr(engine_module, "compiled_slot_decode_forward", broken_compiler)
-    expected = _expected(model, tokenizer, [{"system": SYSTEM, "user": USERS[0]}], "mas", max_new_tokens=8)
-    engine = _engine(model, tokenizer, "mas", rows=2, cache=False, compile_decode=True)
-    try:
-        with caplog.at_level("ERROR", logger="mas_serve.engine"):
-            assert [_submit(engine, tokenizer, _messages(SYSTEM, USERS[0]), 8).wait().tokens] == expected
-        assert len(attempts) == 1 and engine._compiled_forward is None
-        assert any("decoding eagerly from now on" in r.message for r in caplog.records)
-    finally:
-        engine.stop()

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from mas.masks import CAUSAL
-from mas.serving import PrefixCache, TextStream, is_cut_point, prompt_settings, reusable_ends
+from mas.generation import PrefixCache, TextStream, is_cut_point, reusable_ends
 from mas.serving._protocol import ChatCompletionRequest, RequestError, parse_request, prompt_messages_of
 from mas.serving.options import ServeOptions
 
@@ -74,7 +74,7 @@ def test_slot_cache_rows_match_torchtune_cache():
     from mas.attention import use_mas_attention
     from mas.masks import dense_mas_mask
     from mas.models import tiny_llama3_2
-    from mas.serving import install_slot_caches
+    from mas.generation import install_slot_caches
 
     torch.manual_seed(0)
     model = use_mas_attention(tiny_llama3_2().eval())
@@ -84,7 +84,7 @@ def test_slot_cache_rows_match_torchtune_cache():
     with torch.inference_mode():
         full = twin(tokens, mask=dense_mas_mask(segs))  # no cache: the whole sequence at once
         caches = install_slot_caches(model, rows=3, max_len=16, dtype=torch.float32)
-        caches.plan_prefill(2, 0, 8)
+        caches.plan_rows([2], torch.arange(8)[None], 8)
         prefill = model(tokens[:, :8], mask=dense_mas_mask(segs[:, :8]), input_pos=torch.arange(8)[None])
         slots = torch.tensor([0, 0, 8])
         mask = torch.zeros(3, 1, 9, dtype=torch.bool)
@@ -140,33 +140,3 @@ def test_chat_messages_map_roles_and_text_parts():
     [messages] = prompt_messages_of(request)
     assert [m.role for m in messages] == ["system", "user", "assistant"]
     assert messages[1].text_content == "Hi" and not messages[2].masked
-
-
-def test_adapter_settings_win_over_the_config_with_warnings():
-    opts = ServeOptions(model={}, checkpointer={}, tokenizer={}, attention="mas", prompt_format="chat")
-    settings = prompt_settings({"attention": "causal", "prompt_format": "text", "merge_system_and_user": False}, opts)
-    assert (settings.attention, settings.prompt_format, settings.merge_system_and_user) == ("causal", "text", False)
-    assert len(settings.notes) == 2 and len(settings.response_warnings) == 1
-    assert "serving with attention=causal" in settings.response_warnings[0]
-    merged = prompt_settings(None, ServeOptions(model={}, checkpointer={}, tokenizer={}, merge_system_and_user=True))
-    assert merged.merge_system_and_user and any("no prefix before the end of a user turn is reusable" in n for n in merged.notes)
-
-
-def test_compile_decode_config_is_accepted_and_reaches_the_engine(monkeypatch):
-    """``tune run mas_serve --config tiny_serve compile_decode=True compile_mode=...`` validates, and
-    the engine is built with those settings (the library takes them as arguments)."""
-    from types import SimpleNamespace
-
-    import mas.serving._setup as setup_module
-    from mas.config import load_config, to_options
-
-    opts = to_options(load_config("tiny_serve", ["compile_decode=True", "compile_mode=reduce-overhead"]), ServeOptions, "mas_serve")
-    assert (opts.compile_decode, opts.compile_mode) == (True, "reduce-overhead")
-    built = {}
-    monkeypatch.setattr(setup_module, "Engine", lambda model, tokenizer, **kwargs: built.update(kwargs))
-    settings = prompt_settings(None, opts)
-    loaded = SimpleNamespace(model=object(), adapter_path=None)
-    setup_module._build_engine(opts, settings, loaded, SimpleNamespace(pad_id=0), 64, None)
-    assert (built["compile_decode"], built["compile_mode"]) == (True, "reduce-overhead")
-    default = to_options(load_config("tiny_serve"), ServeOptions, "mas_serve")
-    assert default.compile_decode is False  # eager unless asked
