@@ -2,6 +2,7 @@
 
 Layout of a run's ``output_dir``::
 
+    run.json                        what produced the run: base weights, settings (run_identity.py)
     checkpoints/
       step_000100/                  one complete checkpoint (written as step_000100.tmp, renamed)
         adapter_model.safetensors   LoRA weights, PEFT key names (base_model.model.model.layers...)
@@ -37,6 +38,7 @@ __all__ = [
     "CheckpointWriter",
     "HFModelInfo",
     "RECIPE_STATE_FILE",
+    "RUN_FILE",
     "adapter_to_peft",
     "hf_info_from_checkpointer",
     "latest_checkpoint",
@@ -51,6 +53,7 @@ ADAPTER_CONFIG_FILE = "adapter_config.json"
 RECIPE_STATE_FILE = "recipe_state.pt"
 MERGED_DIR = "merged"
 LATEST_FILE = "latest"
+RUN_FILE = "run.json"
 
 # torchtune module name -> Hugging Face module path inside a decoder layer.
 _TUNE_TO_HF_MODULE = {

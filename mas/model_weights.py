@@ -5,31 +5,45 @@ messages: a base checkpoint that does not cover the model, an adapter for anothe
 tokenizer larger than the embedding. :func:`load_adapter` is the one way to put an adapter
 folder's weights into a model (``mas_generate``, ``mas_eval`` and its checkpoint sweep,
 ``mas_serve``).
+
+An adapter only makes sense on the base it was trained on. Fine-tuning records that base in its
+run's ``run.json`` (:func:`mas.fingerprint.weights_identity`: each weights file's size and a hash
+of its first MiB), and :func:`check_trained_base` compares it with the base being loaded by
+content, never by path: a copy of the base folder elsewhere is the same base, the tiny
+checkpointer's folder rewritten with another ``pretrain_steps`` is not.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass
+import json
+from collections import Counter
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
+from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from mas.checkpointing import (
     ADAPTER_WEIGHTS_FILE,
+    RUN_FILE,
     HFModelInfo,
+    hf_info_from_checkpointer,
     latest_checkpoint,
     load_peft_adapter,
     peft_target_modules,
     peft_to_adapter,
 )
 from mas.errors import ConfigError
+from mas.fingerprint import weights_identity
 
 __all__ = [
+    "BaseWeights",
     "LoadedAdapter",
+    "check_trained_base",
     "check_lora_values",
     "check_vocab",
     "load_adapter",
@@ -162,6 +176,111 @@ def _check_lora_shape(adapter_config: Dict[str, Any], model_cfg: Any, path: Path
         raise ConfigError(f"adapter {path} does not match the model config: " + "; ".join(mismatches))
 
 
+#: Checkpointer arguments that say where the base is, not what it is.
+_WHERE_ARGS = ("checkpoint_dir", "output_dir")
+
+
+@dataclass(frozen=True)
+class BaseWeights:
+    """The base checkpoint a model was loaded from: what its adapters are converted for and
+    checked against.
+
+    Attributes:
+        info (HFModelInfo): the checkpoint's architecture (PEFT names are converted for it).
+        checkpoint_dir (Path): the folder the checkpointer reads.
+        files (Tuple[str, ...]): the weight files it reads (empty: every weights file there).
+        arguments (Dict[str, Any]): the checkpointer node's other arguments (the tiny
+            checkpointer's ``seed`` and ``pretrain_steps``), to say what differs.
+    """
+
+    info: HFModelInfo
+    checkpoint_dir: Path
+    files: Tuple[str, ...] = ()
+    arguments: Dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_checkpointer(cls, checkpointer: Any, node: Any = None) -> "BaseWeights":
+        """The base a torchtune ``FullModelHFCheckpointer`` reads; ``node``: its config node."""
+        info = hf_info_from_checkpointer(checkpointer)
+        paths = getattr(checkpointer, "_checkpoint_paths", None) or ()
+        arguments: Dict[str, Any] = {}
+        if node is not None:
+            plain = OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else dict(node)
+            arguments = {str(k): v for k, v in plain.items() if k not in _WHERE_ARGS}
+        return cls(info, Path(checkpointer._checkpoint_dir), tuple(str(p) for p in paths), arguments)
+
+    def weights(self) -> Dict[str, List[Any]]:
+        """Each weights file's ``[size, head hash]``, as ``run.json`` records a base."""
+        return weights_identity(self.checkpoint_dir, self.files or None)["weights"]
+
+
+def _trained_base(adapter: Path) -> Tuple[Optional[Dict[str, Any]], Optional[Path]]:
+    """What the adapter's fine-tuning run recorded about its base (None: nothing), and where."""
+    if adapter.parent.name != "checkpoints":
+        return None, None
+    run_file = adapter.parent.parent / RUN_FILE
+    try:
+        run = json.loads(run_file.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None, run_file
+    recorded = run.get("base_weights") if isinstance(run, dict) else None
+    if not isinstance(recorded, dict) or not isinstance(recorded.get("weights"), dict) or not recorded["weights"]:
+        return None, run_file
+    settings = run.get("settings")
+    checkpointer = settings.get("checkpointer") if isinstance(settings, dict) else None
+    return {**recorded, "checkpointer": checkpointer if isinstance(checkpointer, dict) else {}}, run_file
+
+
+def _describe_weights(weights: Dict[str, List[Any]]) -> str:
+    shown = [f"{Path(name).name} {size} bytes, head {head}" for name, (size, head) in list(weights.items())[:2]]
+    return "; ".join(shown) + ("; ..." if len(weights) > 2 else "")
+
+
+def _base_difference(trained: Dict[str, Any], base: BaseWeights, loaded: Dict[str, List[Any]]) -> str:
+    """What tells the two bases apart: differing checkpointer arguments, else the weights."""
+    recorded = {k: v for k, v in trained["checkpointer"].items() if k not in _WHERE_ARGS}
+    show = lambda v: "unset" if v is None else json.dumps(v) if not isinstance(v, str) else v  # noqa: E731
+    changed = [
+        f"checkpointer.{k}={show(recorded.get(k))} (this config: {show(base.arguments.get(k))})"
+        for k in sorted(set(recorded) | set(base.arguments))
+        if recorded.get(k) != base.arguments.get(k)
+    ]
+    if changed:
+        return "with " + ", ".join(changed)
+    return f"(its weights: {_describe_weights(trained['weights'])}; these: {_describe_weights(loaded)})"
+
+
+def check_trained_base(adapter: Path, base: BaseWeights) -> None:
+    """Refuse an adapter whose fine-tuning run recorded another base than ``base``.
+
+    The same base means the same content: every weights file loaded now has the size and head
+    hash of a weights file of the recorded base, whatever its folder or name (a copied base
+    folder is the same base). An adapter without a record (a run from before ``run.json``
+    recorded its base, a PEFT adapter from elsewhere, a checkpoint folder copied out of its
+    run) loads with a warning.
+
+    Raises:
+        ConfigError: one line naming the adapter, both bases and how to load the right one.
+    """
+    trained, run_file = _trained_base(adapter)
+    if trained is None:
+        log.warning(
+            "adapter %s records no base model (no %s with base weights beside its checkpoints): "
+            "cannot check that it was trained on the base in %s",
+            adapter, RUN_FILE, base.checkpoint_dir,
+        )
+        return
+    loaded = base.weights()
+    trained_files = Counter(tuple(v) for v in trained["weights"].values())
+    if loaded and not Counter(tuple(v) for v in loaded.values()) - trained_files:
+        return
+    raise ConfigError(
+        f"adapter {adapter} was trained on the base in {trained.get('folder')} "
+        f"{_base_difference(trained, base, loaded)}, not on the weights in checkpointer.checkpoint_dir="
+        f"{base.checkpoint_dir}; point checkpointer.checkpoint_dir (and its settings) at the base recorded in {run_file}"
+    )
+
+
 @dataclass(frozen=True)
 class LoadedAdapter:
     """An adapter now in the model.
@@ -178,7 +297,7 @@ class LoadedAdapter:
 def load_adapter(
     model: nn.Module,
     adapter_checkpoint: str | os.PathLike,
-    info: HFModelInfo,
+    base: BaseWeights,
     *,
     model_cfg: Optional[Any] = None,
 ) -> LoadedAdapter:
@@ -188,13 +307,14 @@ def load_adapter(
         model (nn.Module): a LoRA model (``lora_*`` builder) with the base weights loaded.
         adapter_checkpoint: a checkpoint folder (``.../checkpoints/step_N``), a PEFT adapter
             folder, or a run's ``output_dir`` (its latest checkpoint).
-        info (HFModelInfo): the base checkpoint's architecture (PEFT names are converted for it).
+        base (BaseWeights): the base in the model; it must be the one the adapter's run recorded
+            (:func:`check_trained_base`), and PEFT names are converted for its architecture.
         model_cfg: the model node; when given, the adapter's rank, alpha and target modules must
             equal its LoRA keys.
 
     Raises:
-        ConfigError: a missing adapter file, a model without LoRA layers, or an adapter of
-            another LoRA shape or base architecture.
+        ConfigError: a missing adapter file, a model without LoRA layers, an adapter trained on
+            another base, or of another LoRA shape or base architecture.
     """
     from torchtune.modules.peft import get_adapter_params
 
@@ -205,10 +325,11 @@ def load_adapter(
         raise ConfigError(str(e)) from None
     if not get_adapter_params(model):
         raise ConfigError(f"adapter_checkpoint={adapter_checkpoint} needs a LoRA model builder (lora_*)")
+    check_trained_base(path, base)
     if model_cfg is not None:
         _check_lora_shape(adapter_config, model_cfg, path)
     try:
-        adapter_state = peft_to_adapter(peft_weights, info)
+        adapter_state = peft_to_adapter(peft_weights, base.info)
     except ValueError as e:
         raise ConfigError(f"adapter {path} does not fit the base model: {e}") from None
     load_adapter_state(model, adapter_state)

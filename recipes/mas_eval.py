@@ -28,8 +28,8 @@ if getattr(mas, "__file__", None) is None:  # a plain folder named "mas" in the 
 
 from omegaconf import DictConfig
 
-from mas.checkpointing import RECIPE_STATE_FILE, hf_info_from_checkpointer
-from mas.config import ConfigError, instantiate, parse, resolved_yaml, run_reporting_user_errors, to_options
+from mas.checkpointing import RECIPE_STATE_FILE
+from mas.config import ConfigError, parse, resolved_yaml, run_reporting_user_errors, to_options
 from mas.evaluation.benchmarks import benchmark_modes
 from mas.evaluation.options import EvalOptions
 from mas.evaluation.run import base_checkpoint_identity, evaluate_model, resolve_benchmark, sweep_payload
@@ -76,12 +76,11 @@ def run(cfg: DictConfig) -> Dict[str, Any]:
     if opts.checkpoints == "latest":
         return evaluate_model(opts, benchmark, loaded, tokenizer, out, base)
     # A checkpoint sweep: same base weights, one adapter after another, each in its own folder
-    # (and so with its own fingerprint).
-    info = hf_info_from_checkpointer(instantiate(opts.checkpointer))
+    # (and so with its own fingerprint), each checked against the base it was trained on.
     sweep: Dict[str, List[Dict[str, Any]]] = {mode: [] for mode in modes}
     for folder in folders:
-        adapter = load_adapter(loaded.model, folder, info, model_cfg=opts.model)
-        loaded = InferenceModel(loaded.model, adapter.config, adapter.path)
+        adapter = load_adapter(loaded.model, folder, loaded.base, model_cfg=opts.model)
+        loaded = InferenceModel(loaded.model, adapter.config, adapter.path, loaded.base)
         for mode, data in evaluate_model(opts, benchmark, loaded, tokenizer, out / folder.name, base).items():
             point = {"step": int(folder.name.split("_")[1]), "average_accuracy": data["average_accuracy"], "tasks": data["tasks"]}
             sweep[mode].append(point)

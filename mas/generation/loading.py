@@ -12,11 +12,10 @@ from omegaconf import DictConfig
 from torch import nn
 
 from mas.attention import use_mas_attention
-from mas.checkpointing import hf_info_from_checkpointer
 from mas.config import instantiate
 from mas.devices import resolve_device
 from mas.generation.options import InferenceOptions
-from mas.model_weights import check_vocab, load_adapter, load_base_state
+from mas.model_weights import BaseWeights, check_vocab, load_adapter, load_base_state
 
 __all__ = [
     "InferenceSetup",
@@ -36,11 +35,14 @@ class InferenceModel:
         model (nn.Module): in eval mode, MAS attention installed.
         adapter_config (Optional[dict]): the PEFT adapter config (with ``"mas"``), if one was loaded.
         adapter_path (Optional[Path]): where the adapter came from.
+        base (Optional[BaseWeights]): the base weights in the model (what another adapter of
+            a checkpoint sweep is checked against).
     """
 
     model: nn.Module
     adapter_config: Optional[Dict[str, Any]]
     adapter_path: Optional[Path]
+    base: Optional[BaseWeights] = None
 
     @property
     def trained_attention(self) -> Optional[str]:
@@ -68,23 +70,24 @@ def load_inference_model(
         attention_backend (str): see :class:`mas.attention.MASAttention`.
 
     Raises:
-        ConfigError: a missing adapter file, or an adapter for a different base shape.
+        ConfigError: a missing adapter file, an adapter trained on another base (as its run's
+            ``run.json`` records it), or one for a different base shape.
     """
     from torchtune import training
 
     checkpointer = instantiate(checkpointer_cfg)
-    info = hf_info_from_checkpointer(checkpointer)
+    base = BaseWeights.from_checkpointer(checkpointer, checkpointer_cfg)
     base_state = checkpointer.load_checkpoint()["model"]
     with training.set_default_dtype(dtype), device:
         model = instantiate(model_cfg)
     load_base_state(model, base_state)
     adapter_config, adapter_path = None, None
     if adapter_checkpoint:
-        adapter = load_adapter(model, adapter_checkpoint, info, model_cfg=model_cfg)
+        adapter = load_adapter(model, adapter_checkpoint, base, model_cfg=model_cfg)
         adapter_config, adapter_path = adapter.config, adapter.path
     use_mas_attention(model, attention_backend)  # type: ignore[arg-type]
     model.eval()
-    return InferenceModel(model, adapter_config, adapter_path)
+    return InferenceModel(model, adapter_config, adapter_path, base)
 
 
 def prompt_mismatch_warnings(loaded: InferenceModel, attention: str, prompt_format: str, merge_system_and_user: bool) -> List[str]:

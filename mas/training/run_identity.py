@@ -24,12 +24,12 @@ from typing import Any, Dict, List, Optional
 
 from omegaconf import DictConfig, OmegaConf
 
+from mas.checkpointing import RUN_FILE
 from mas.errors import ConfigError
 from mas.fingerprint import file_stats, weights_identity
 
-__all__ = ["RUN_FILE", "check_fresh_output_dir", "check_resume_matches", "run_fingerprint", "write_run_file"]
+__all__ = ["check_fresh_output_dir", "check_resume_matches", "run_fingerprint", "write_run_file"]
 
-RUN_FILE = "run.json"
 #: Options that do not change what a run computes; a resumed run may change them.
 _NOT_IDENTITY = {
     "output_dir",
