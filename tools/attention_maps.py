@@ -200,8 +200,8 @@ def _panel_title(attention: str, loaded) -> str:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     from mas.config import instantiate, load_config, to_options
-    from mas.generation.options import GenerateOptions
     from mas.generation.loading import load_inference_model
+    from mas.generation.options import GenerateOptions, prompt_settings, with_prompt_settings
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", default="tiny_generate", help="a mas_generate-style config (tiny_generate)")
@@ -222,6 +222,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         parser.error(f"--heads takes head indices or 'mean', got {args.heads}")
 
     options = to_options(load_config(args.config, args.override), GenerateOptions, "mas_generate")
+    # One prompt for both panels: the config's prompt keys, else the defaults (the two adapters
+    # differ only in their attention mode, which each panel sets).
+    options = with_prompt_settings(options, prompt_settings(None, options))
     prompt = options.prompt if isinstance(options.prompt, dict) else {"user": options.prompt} if options.prompt else {}
     system = args.system if args.system is not None else prompt.get("system")
     user = args.user if args.user is not None else prompt.get("user")

@@ -5,12 +5,9 @@ Measured on one model with random weights (tiny on CPU, Llama-3.2-1B shape on CU
 - prefill latency of one prompt batch, MAS mask vs causal mask on the same path (target
   MAS / causal <= 1.05), with the LM head on each row's last slot as ``mas.generate`` runs it,
   and beside it the same MAS prefill projecting every slot to the vocabulary (as before);
-- decode tokens/s after a MAS vs a causal prefill (decoding is causal in both; target >= 0.98);
-- the decode loop before and after issue 12 in the same run: "before" is the per-token loop
-  (a host read of "all done" every token, sampling outside the step, torchtune's forward that
-  copies K/V to every query head and asserts on a device tensor per layer, the compiled step
-  attending over the whole cache), "after" is ``mas.generate``'s loop (one step with sampling
-  and stops, a host check every 8 tokens, native grouped-query attention, width bucketed);
+- decode tokens/s after a MAS vs a causal prefill (decoding is causal in both; target >= 0.98),
+  through ``mas.generate`` (the inference engine: one decode step with sampling and stops on the
+  device, a host read every 8 tokens, native grouped-query attention, widths bucketed);
 - greedy tokens/s of ``mas.generate`` against torchtune's ``generate`` on the same model and prompt;
 - the compiled decode step in each ``torch.compile`` mode side by side (CUDA: ``default`` and
   ``reduce-overhead``, i.e. CUDA graphs; CPU: ``default``); on CUDA as a fraction of the
@@ -38,19 +35,10 @@ from typing import Dict, List, Optional
 
 import torch
 
+import mas
 from mas import use_mas_attention
-from mas.generation import (
-    DecodeState,
-    GenerationSettings,
-    compiled_decode_step,
-    decode_one_token,
-    forward_one_token,
-    generate_batch,
-    layout_prompts,
-    prefill,
-    sample_next_token,
-)
-from mas.generation.kv_cache import clear_kv_caches, setup_kv_caches
+from mas.generation import GenerationSettings, InferenceEngine, compiled_decode_step, install_slot_caches, layout_chunks, prefill
+from mas.generation.slot_cache import remove_caches
 from mas.segments import SegmentedSequence
 from mas.testing import benchmark_model, random_prompt
 from mas.testing.benchlib import BENCHMARKS_FILE, interleaved_median_ms, machine_description, markdown_table, update_section
@@ -105,35 +93,15 @@ def profile_decode_steps(
         return out
 
     summary: List[ProfileSummary] = []
-    generate_batch(model, [seq], settings, step=step)
+    with InferenceEngine(model, settings) as engine:
+        engine._step_fn = step  # the engine's compiled step, inside a profiler window
+        mas.generate(model, [seq], settings=settings, engine=engine)
     return summary[0]
 
 
-def per_token_loop_tokens_per_s(model, seq: SegmentedSequence, cache_len: int, new_tokens: int, forward=None) -> float:
-    """The decode loop as it was before issue 12 (batch of one, greedy): a host read every token,
-    sampling outside the step, torchtune's attention forward, a full-width mask when compiled."""
-    device = model.tok_embeddings.weight.device
-    dtype = model.tok_embeddings.weight.dtype
-    batch = layout_prompts([seq], pad_id=0).to(device)
-    with torch.inference_mode():
-        setup_kv_caches(model, 1, cache_len, dtype)
-        token = sample_next_token(prefill(model, batch)[:, -1])
-        state = DecodeState.after_prefill(batch, cache_len, full_width_mask=forward is not None)
-        done = torch.zeros(1, dtype=torch.bool, device=device)
-        stop = torch.tensor([], dtype=torch.long, device=device)
-        out = []
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        start = time.perf_counter()
-        for step in range(new_tokens):
-            done |= torch.isin(token, stop)
-            out.append(torch.where(done, torch.full_like(token, -1), token))
-            if bool(done.all()) or step == new_tokens - 1:
-                break
-            token = sample_next_token(decode_one_token(model, token, state, forward or forward_one_token))
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-    return (new_tokens - 1) / (time.perf_counter() - start)
+def decode_tokens_per_s(model, seq: SegmentedSequence, settings: GenerationSettings) -> float:
+    """Decoded tokens per second of one ``mas.generate`` call (the engine's own decode clock)."""
+    return mas.generate(model, [seq], settings=settings).decode_tokens_per_s
 
 
 def bench(args: argparse.Namespace) -> str:
@@ -149,14 +117,15 @@ def bench(args: argparse.Namespace) -> str:
     for length in args.prompt_lens:
         for batch_size in args.batch_sizes:
             seqs = [prompt(length, vocab, seed=i) for i in range(batch_size)]
-            layout = layout_prompts(seqs, pad_id=0).to(device)
+            layout = layout_chunks(seqs, [len(s) for s in seqs], start=0).to(device)
+            caches = install_slot_caches(model, batch_size, cache_len, dtype)
 
             # As mas.generate runs it: the LM head on each row's last slot only.
             last_slot = torch.full((batch_size,), layout.num_slots - 1, dtype=torch.long, device=device)
 
             def run_prefill(attention: str, every_slot: bool = False):
                 def fn():
-                    setup_kv_caches(model, batch_size, cache_len, dtype)
+                    caches.plan_rows(list(range(batch_size)), layout.positions, layout.num_slots)
                     with torch.inference_mode():
                         prefill(model, layout, attention=attention, backend=backend, logits_at=None if every_slot else last_slot)
 
@@ -183,15 +152,11 @@ def bench(args: argparse.Namespace) -> str:
     # launch per token), default launches every kernel from the host.
     length = args.prompt_lens[0]
     seq = prompt(length, vocab)
-    # The prefill timings left caches made outside inference mode; generate_batch makes them
-    # inside it, and a compiled step guards on that (one recompile in a timed round otherwise).
-    clear_kv_caches(model)
+    remove_caches(model)
     modes = compile_modes(device)
-    mode = modes[-1]  # the "before" loop gets the best mode of the device
+    mode = modes[-1]  # the best mode of the device
     compiled_names = {m: f"MAS compiled ({m})" for m in modes}
     decode: Dict[str, List[float]] = {
-        "MAS, before (per-token loop)": [],
-        "MAS compiled, before (per-token loop)": [],
         "MAS": [],
         "causal": [],
         **{name: [] for name in compiled_names.values()},
@@ -207,15 +172,10 @@ def bench(args: argparse.Namespace) -> str:
             for m, name in compiled_names.items()
         },
     }
-    compiled_forward = torch.compile(forward_one_token, dynamic=False, mode=mode)
-    before = {
-        "MAS, before (per-token loop)": lambda: per_token_loop_tokens_per_s(model, seq, cache_len, args.new_tokens),
-        "MAS compiled, before (per-token loop)": lambda: per_token_loop_tokens_per_s(model, seq, cache_len, args.new_tokens, compiled_forward),
-    }
     from torchtune.generation import generate as tt_generate
 
     def torchtune_run() -> float:
-        clear_kv_caches(model)
+        remove_caches(model)
         with device:
             model.setup_caches(batch_size=1, dtype=dtype, decoder_max_seq_len=cache_len)
         prompt_ids = torch.tensor(seq.tokens, device=device)
@@ -224,7 +184,7 @@ def bench(args: argparse.Namespace) -> str:
             tt_generate(model, prompt_ids, max_generated_tokens=args.new_tokens, pad_id=0, temperature=1.0, top_k=1)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
-        clear_kv_caches(model)
+        remove_caches(model)
         return args.new_tokens / (time.perf_counter() - start)
 
     for round_index in range(args.rounds + 1):
@@ -232,17 +192,12 @@ def bench(args: argparse.Namespace) -> str:
         # re-allocating the caches' memory, and that must not count against one variant.
         names = list(settings) if round_index % 2 else list(reversed(settings))
         for name in names:
-            out = generate_batch(model, [seq], settings[name])
+            tokens_per_s = decode_tokens_per_s(model, seq, settings[name])
             if round_index:  # round 0 warms up (and compiles)
-                decode[name].append(out.decoded_tokens / out.decode_seconds)
-        for name, run in before.items():
-            tokens_per_s = run()
-            if round_index:
                 decode[name].append(tokens_per_s)
         tokens_per_s = torchtune_run()
         if round_index:
             decode["torchtune generate"].append(tokens_per_s)
-    clear_kv_caches(model)
     median = {k: statistics.median(v) for k, v in decode.items()}
     for name, value in median.items():
         decode_rows.append({"batch 1, greedy": name, "tokens/s": f"{value:,.1f}", "vs MAS": f"{value / median['MAS']:.3f}"})
@@ -251,8 +206,6 @@ def bench(args: argparse.Namespace) -> str:
         f"- decode after a MAS prefill / after a causal prefill: {median['MAS'] / median['causal']:.3f} (target >= 0.98)",
         f"- mas.generate (eager) / torchtune generate: {median['MAS'] / median['torchtune generate']:.2f}x; compiled "
         f"({mode}): {median[compiled_names[mode]] / median['torchtune generate']:.2f}x",
-        f"- decode loop after / before issue 12: eager {median['MAS'] / median['MAS, before (per-token loop)']:.2f}x, "
-        f"compiled ({mode}) {median[compiled_names[mode]] / median['MAS compiled, before (per-token loop)']:.2f}x",
     ]
     if len(modes) > 1:
         notes.append(
@@ -311,7 +264,6 @@ def bench(args: argparse.Namespace) -> str:
             Path(args.profile_dir).mkdir(parents=True, exist_ok=True)
             (Path(args.profile_dir) / "bench_generation_decode_profile.md").write_text("\n\n".join(profiles) + "\n")
         print("\n" + "\n\n".join(profiles), flush=True)
-    clear_kv_caches(model)
     return "\n\n".join([timings, *profiles])
 
 

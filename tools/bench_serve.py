@@ -8,7 +8,11 @@ Llama-3.2-1B shape on CUDA) and random-token prompts (a system and a user segmen
   clients, each sending its next request when the previous one ends, against the same requests
   run one at a time through ``mas.generate``;
 - time to first token of a request with a ``--system-len``-token (500) system prompt: cold (a
-  system prompt never seen) vs warm (its keys and values copied from the prefix cache).
+  system prompt never seen) vs warm (its keys and values copied from the prefix cache);
+- time to first token when 8 requests arrive at once (one batched prefill);
+- the stall of a running stream when a long multi-segment prompt arrives: the longest gap
+  between two of its tokens while the arrival is prefilled, with the default prefill chunk and
+  a small one (the chunks end at segment boundaries; a segment is never split).
 
 With ``--compile-decode`` it measures instead the engine's eager decode against its compiled one
 (``mas_serve compile_decode=True``) side by side: two engines on copies of one model, each warmed
@@ -37,8 +41,9 @@ from typing import Dict, List, Optional, Tuple
 import torch
 
 import mas
+from mas.generation import GenerationSettings, PrefixCache
 from mas.segments import SegmentedSequence
-from mas.serving import Engine, PrefixCache, SamplingParams, SequenceHandle
+from mas.serving import Engine, SamplingParams, SequenceHandle
 from mas.testing import benchmark_model, random_prompt
 from mas.testing.benchlib import BENCHMARKS_FILE, machine_description, markdown_table, update_section
 
@@ -54,6 +59,12 @@ class _SilentTokenizer:
 
     def decode(self, ids: List[int]) -> str:
         return ""
+
+
+def _engine(model: torch.nn.Module, rows: int, max_len: int, *, max_queue: int = 64, prefix_cache: Optional[PrefixCache] = None, **settings) -> Engine:
+    """A started server engine of ``rows`` rows (no stop tokens: random prompts)."""
+    config = GenerationSettings(attention="mas", batch_size=rows, max_cache_len=max_len, reuse_system_cache=prefix_cache is not None, **settings)
+    return Engine(model, _SilentTokenizer(), config, max_queue=max_queue, prefix_cache=prefix_cache).start()
 
 
 def _run_one(engine: Engine, prompt: SegmentedSequence, max_tokens: int) -> SequenceHandle:
@@ -76,7 +87,7 @@ def _concurrent(engine: Engine, prompts: List[SegmentedSequence], clients: int, 
     with concurrent.futures.ThreadPoolExecutor(clients) as pool:
         handles = list(pool.map(lambda p: _run_one(engine, p, max_tokens), prompts))
     elapsed = time.perf_counter() - start
-    latencies = [(h.finished_at - h.submitted_at) * 1e3 for h in handles]
+    latencies = [(h.request.finished_at - h.submitted_at) * 1e3 for h in handles]
     tokens = sum(len(h.tokens) for h in handles)
     return {"tok_s": tokens / elapsed, "p50": _percentile(latencies, 0.5), "p99": _percentile(latencies, 0.99)}
 
@@ -127,7 +138,7 @@ def bench(args: argparse.Namespace) -> str:
     reference = _sequential_generate(model, prompts, args.new_tokens)
 
     rows = []
-    engine = Engine(model, _SilentTokenizer(), attention="mas", rows=max(args.clients), max_len=cache_len, max_queue=requests, prefix_cache=None).start()
+    engine = _engine(model, max(args.clients), cache_len, max_queue=requests)
     try:
         _concurrent(engine, prompts[:4], 4, 4)  # warm-up
         rows.append({"clients": "1 (mas.generate, one at a time)", "tokens/s": f"{reference['tok_s']:.0f}", "p50 latency ms": f"{reference['p50']:.0f}", "p99 latency ms": f"{reference['p99']:.0f}", "speed-up": "1.00"})
@@ -147,9 +158,7 @@ def bench(args: argparse.Namespace) -> str:
 
     # Cold vs warm system prompt: random system prompts of system_len tokens, a short user turn.
     n = args.ttft_repeats
-    cached = Engine(
-        model, _SilentTokenizer(), attention="mas", rows=1, max_len=cache_len, prefix_cache=PrefixCache(max_tokens=1 << 20, max_bytes=1 << 34)
-    ).start()
+    cached = _engine(model, 1, cache_len, prefix_cache=PrefixCache(max_tokens=1 << 20, max_bytes=1 << 34))
     try:
         def with_system(seed: int, user_seed: int) -> SegmentedSequence:
             system = random_prompt(args.system_len, vocab, system=args.system_len, seed=10_000 + seed)
@@ -168,6 +177,8 @@ def bench(args: argparse.Namespace) -> str:
         {"system prompt": "warm (copied from the prefix cache)", "TTFT ms (median)": f"{warm_ms:.1f}"},
         {"system prompt": "warm / cold", "TTFT ms (median)": f"{warm_ms / cold_ms:.2f}"},
     ]
+    burst = _burst_ttft_ms(model, prompts[:8], cache_len)
+    stalls = [_stall(model, args, vocab, chunk) for chunk in (None, args.stall_chunk)]
     return _report(
         f"{device.type.upper()}: {args.model} model, random weights, {dtype}",
         device,
@@ -180,7 +191,69 @@ def bench(args: argparse.Namespace) -> str:
         f"Time to first token with a {args.system_len}-token system prompt and a 32-token user turn, one request at a time, "
         f"median of {n} (warm requests copied {saved} prompt tokens in all instead of prefilling them):",
         markdown_table(ttft),
+        f"Time to first token when 8 requests ({args.prompt_len}-{args.prompt_len + 24} prompt tokens) arrive at once on an idle "
+        f"8-row engine (one batched prefill): median {statistics.median(burst):.1f} ms, max {max(burst):.1f} ms.",
+        f"Stall of a running stream (1 request decoding) when a {args.stall_segments} x {args.stall_segment_len}-token prompt "
+        "(one system and user segments, as a long chat) arrives; the gap is the longest time between two tokens of the running "
+        "stream while the arrival is prefilled, against its median gap:",
+        markdown_table(stalls),
     )
+
+
+def _burst_ttft_ms(model: torch.nn.Module, prompts: List[SegmentedSequence], cache_len: int) -> List[float]:
+    """Time to first token of each of ``len(prompts)`` requests submitted together."""
+    engine = _engine(model, len(prompts), cache_len)
+    try:
+        _concurrent(engine, prompts, len(prompts), 2)  # warm-up
+        done = [threading.Event() for _ in prompts]
+        handles = [
+            SequenceHandle(p, SamplingParams(max_tokens=2, ignore_stop_tokens=True), lambda e, d=d: d.set() if e.kind in ("finish", "error") else None)
+            for p, d in zip(prompts, done)
+        ]
+        engine.submit(handles)
+        for d in done:
+            d.wait()
+    finally:
+        engine.stop()
+    return [(h.first_token_at - h.submitted_at) * 1e3 for h in handles]
+
+
+def _stall(model: torch.nn.Module, args: argparse.Namespace, vocab: int, chunk: Optional[int]) -> Dict[str, str]:
+    """The running stream's longest inter-token gap while a long prompt arrives (ms)."""
+    segments, length = args.stall_segments, args.stall_segment_len
+    long_prompt = random_prompt(segments * length, vocab, system=length, seed=99)
+    long_prompt = SegmentedSequence(long_prompt.tokens, long_prompt.labels, [i // length for i in range(segments * length)])
+    running = random_prompt(args.prompt_len, vocab, system=args.prompt_len // 4, seed=98)
+    cache_len = segments * length + 2 * args.new_tokens + 64
+    engine = _engine(model, 2, cache_len, prefill_chunk_tokens=chunk)
+    try:
+        _concurrent(engine, [long_prompt, running], 2, 2)  # warm-up
+        stamps: List[float] = []
+        finished = threading.Event()
+
+        def on_event(event) -> None:
+            stamps.append(time.perf_counter())
+            if event.kind in ("finish", "error"):
+                finished.set()
+
+        stream = SequenceHandle(running, SamplingParams(max_tokens=4 * args.new_tokens, ignore_stop_tokens=True), on_event)
+        engine.submit([stream])
+        while len(stamps) < 8:
+            time.sleep(0.001)
+        arrived = time.perf_counter()
+        arrival = _run_one(engine, long_prompt, 1)
+        prefilled = arrival.first_token_at
+        finished.wait()
+    finally:
+        engine.stop()
+    gaps = [b - a for a, b in zip(stamps, stamps[1:])]
+    during = [b - a for a, b in zip(stamps, stamps[1:]) if b >= arrived and a <= prefilled]
+    return {
+        "prefill chunk": f"{chunk} tokens" if chunk else "none (whole prompt)",
+        "arrival's TTFT ms": f"{(prefilled - arrived) * 1e3:.0f}",
+        "longest gap of the running stream ms": f"{max(during) * 1e3:.0f}",
+        "its median gap ms": f"{statistics.median(gaps) * 1e3:.1f}",
+    }
 
 
 def bench_compiled_decode(args: argparse.Namespace) -> str:
@@ -191,12 +264,9 @@ def bench_compiled_decode(args: argparse.Namespace) -> str:
     rows = max(args.clients)
     modes = {"eager": False, "compiled": True}
     engines = {
-        mode: Engine(
-            copy.deepcopy(model), _SilentTokenizer(), attention="mas", rows=rows, max_len=cache_len, max_queue=requests,
-            prefix_cache=None, compile_decode=compiled, compile_mode=args.compile_mode,
-        ).start()
+        mode: _engine(copy.deepcopy(model), rows, cache_len, max_queue=requests, compile_decode=compiled, compile_mode=args.compile_mode)
         for mode, compiled in modes.items()
-    }  # fmt: skip
+    }
     warm_up_s = {}
     results: Dict[tuple, List[Dict[str, float]]] = {}
     try:
@@ -235,9 +305,9 @@ def bench_compiled_decode(args: argparse.Namespace) -> str:
         f"`python tools/bench_serve.py --compile-decode --clients {' '.join(map(str, args.clients))} --requests {requests} "
         f"--rounds {args.rounds} --prompt-len {args.prompt_len} --new-tokens {args.new_tokens}`: {requests} requests of {args.prompt_len}-{args.prompt_len + 24} prompt tokens and "
         f"{args.new_tokens} generated tokens each (stop tokens ignored), clients sending back to back, on two engines of "
-        f"{rows} KV-cache rows each (copies of one model): eager (rows up to the last busy one, attention "
+        f"{rows} KV-cache rows each (copies of one model): eager (rows up to the last decoding one, attention "
         f"`max(length) + 1` slots wide) and compiled (compile mode `{args.compile_mode}`; every row, attention width "
-        f"rounded up to a power of two). Medians of {args.rounds} interleaved rounds, after a warm-up over the same lengths "
+        f"rounded up to a power of two; token choice and stops inside the graph). Medians of {args.rounds} interleaved rounds, after a warm-up over the same lengths "
         f"(eager {warm_up_s['eager']:.1f} s, compiled {warm_up_s['compiled']:.1f} s including its compiles, which torch's "
         "on-disk compile cache shortens on a rerun). The compiled engine always runs all its rows, so at 1 client it "
         "computes 8 rows for 1; GPU: not measured.",
@@ -255,6 +325,9 @@ def main(argv: Optional[List[str]] = None) -> None:
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--system-len", type=int, default=500)
     parser.add_argument("--ttft-repeats", type=int, default=8)
+    parser.add_argument("--stall-segments", type=int, default=8, help="segments of the long prompt that arrives mid-stream")
+    parser.add_argument("--stall-segment-len", type=int, default=128, help="tokens per segment of that prompt")
+    parser.add_argument("--stall-chunk", type=int, default=256, help="the small prefill chunk the stall is measured with")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--no-write", action="store_true", help="print only, leave BENCHMARKS.md alone")
     parser.add_argument("--compile-decode", action="store_true", help="measure the eager engine against the compiled decode instead")

@@ -217,11 +217,13 @@ _SMALL_SERVE = ["--clients", "1", "2", "--requests", "4", "--prompt-len", "16", 
 
 def test_serving_benchmark_runs_its_tables_on_cpu(monkeypatch, capsys):
     _no_write(monkeypatch, bench_serve)
-    bench_serve.main([*_SMALL_SERVE, "--system-len", "32", "--ttft-repeats", "2"])
+    bench_serve.main([*_SMALL_SERVE, "--system-len", "32", "--ttft-repeats", "2", "--stall-segments", "3", "--stall-segment-len", "16", "--stall-chunk", "16"])
     out = capsys.readouterr().out
     assert "| 1 (mas.generate, one at a time) |" in out and "| 2 (engine) |" in out
     warm_over_cold = re.search(r"\| warm / cold \| ([0-9.]+) \|", out)
     assert warm_over_cold and float(warm_over_cold.group(1)) > 0
+    assert re.search(r"8 requests .* arrive at once .* median [0-9.]+ ms", out)
+    assert re.search(r"\| none \(whole prompt\) \| \d+ \| \d+ \|", out) and re.search(r"\| 16 tokens \| \d+ \| \d+ \|", out)
 
 
 @pytest.mark.slow

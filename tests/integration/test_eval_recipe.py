@@ -81,7 +81,10 @@ def test_checkpoint_sweep_and_cross_evaluation(tmp_path, tiny_base_dir, tiny_mas
     with caplog.at_level("WARNING"):
         cross = _run(tmp_path / "cross", tiny_base_dir, adapter_checkpoint=tiny_mas_run, attention="causal", mode="loglik", limit=2)
     assert cross["loglik"]["attention"] == "causal" and cross["loglik"]["trained_attention"] == "mas"
-    assert "trained with attention=mas but is run with attention=causal" in caplog.text
+    assert "attention=causal is used as configured, but the adapter was trained with attention=mas" in caplog.text
+    # Left unset, the prompt keys follow the adapter (trained with MAS).
+    first = sorted((tmp_path / "sweep").glob("step_*"))[0]
+    assert json.loads((first / "results_loglik.json").read_text())["attention"] == "mas"
 
 
 def _bad_data(tmp_path: Path, rows) -> Path:

@@ -324,22 +324,14 @@ def test_every_family_is_covered():
 
 
 def test_generation_runs_and_its_cache_is_exact(family_model_and_tokenizer):
-    """Each family generates with the shared builder; cached decoding equals a full recompute."""
+    """Each family generates with the shared builder; the engine equals a full recompute per token."""
     import mas
-    from mas import CAUSAL, dense_mas_mask
-    from mas.generation.kv_cache import clear_kv_caches
+    from mas.generation import SamplingParams
+    from mas.testing.reference_decoding import reference_generate
 
     model, tokenizer = family_model_and_tokenizer
     model.eval()
     prompt = {"system": "Below is an instruction that describes a task.", "user": "### Instruction:\nIs ice cold?\n\n### Response:\n"}
     out = mas.generate(model, tokenizer, [prompt], max_new_tokens=6, stop_tokens=[])
     assert len(out.tokens[0]) == 6 and isinstance(out.texts[0], str)
-    seq = out.prompts[0]
-    tokens, segments = list(seq.tokens), list(seq.segment_ids)
-    clear_kv_caches(model)
-    with torch.no_grad():
-        for expected in out.tokens[0]:
-            logits = _logits(model, torch.tensor([tokens]), mask=dense_mas_mask(torch.tensor([segments])))
-            assert int(logits[0, -1].argmax()) == expected
-            tokens.append(expected)
-            segments.append(CAUSAL)
+    assert out.tokens[0] == reference_generate(model, out.prompts[0], SamplingParams(6))[0]

@@ -58,7 +58,7 @@ def test_tune_run_generate_with_adapter_and_prompts_file(tmp_path, tiny_base_dir
 def test_mode_mismatch_is_reported(tmp_path, tiny_base_dir, tiny_mas_run):
     result = _tune_run(tmp_path, _overrides(tmp_path, tiny_base_dir, adapter_checkpoint=tiny_mas_run, attention="causal"))
     assert result.returncode == 0, result.stderr[-2000:]
-    assert "trained with attention=mas but is run with attention=causal" in result.stderr
+    assert "attention=causal is used as configured, but the adapter was trained with attention=mas" in result.stderr
 
 
 @pytest.mark.parametrize(

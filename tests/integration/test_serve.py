@@ -139,7 +139,7 @@ def tiny_causal_run(tmp_path_factory, tiny_base_dir) -> Path:
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, tiny_base_dir, tiny_mas_run):
-    s = _start(tmp_path_factory.mktemp("serve_mas"), tiny_base_dir, tiny_mas_run, batch_size=4)
+    s = _start(tmp_path_factory.mktemp("serve_mas"), tiny_base_dir, tiny_mas_run, max_num_seqs=4)
     yield s
     assert s.stop() in (0, -signal.SIGTERM), s.log.read_text()[-3000:]
     assert "Finished server process" in s.log.read_text()
@@ -346,7 +346,7 @@ def test_burst_of_64_requests_from_16_clients(server, reference):
 def test_compiled_decode_server_equals_generate(tmp_path, tiny_base_dir, tiny_mas_run, reference):
     """`compile_decode=True` is accepted by the recipe and reaches the engine: the server decodes
     compiled (its start-up line says so) and its greedy and seeded tokens, batched, equal `mas.generate`."""
-    compiled = _start(tmp_path, tiny_base_dir, tiny_mas_run, batch_size=2, compile_decode=True)
+    compiled = _start(tmp_path, tiny_base_dir, tiny_mas_run, max_num_seqs=2, compile_decode=True)
     try:
         jobs = [(_chat_messages(SYSTEM, USERS[1]), dict(temperature=0)), (_chat_messages(None, USERS[0]), dict(temperature=1.0, seed=3, ignore_eos=True))]
         with concurrent.futures.ThreadPoolExecutor(len(jobs)) as pool:
@@ -362,7 +362,7 @@ def test_compiled_decode_server_equals_generate(tmp_path, tiny_base_dir, tiny_ma
 def test_causal_adapter_capacity_and_graceful_shutdown(tmp_path, tiny_base_dir, tiny_causal_run):
     """A causal adapter is served causally (exactly); a full server answers 429; SIGTERM lets an
     in-flight stream end cleanly and the process exit 0."""
-    small = _start(tmp_path, tiny_base_dir, tiny_causal_run, batch_size=1, max_queue=0, shutdown_timeout_s=30)
+    small = _start(tmp_path, tiny_base_dir, tiny_causal_run, max_num_seqs=1, max_queue=0, shutdown_timeout_s=30)
     try:
         reference = _Reference(tiny_base_dir, tiny_causal_run, tmp_path / "ref")
         assert reference.attention == "causal" and small.health()["attention"] == "causal"

@@ -79,21 +79,32 @@ def test_compiled_flex_on_cpu_equals_dense_twin_and_never_recompiles_a_seen_shap
 # ---------------------------------------------------------------------------------------------
 
 
-def test_prefill_slots_are_tiles_of_queries_where_flex_runs():
-    from mas.generation._decoding import prompt_slots
+def test_prefill_slots_are_tiles_of_queries_where_flex_runs(monkeypatch, llama3_tokenizer):
+    """The engine's prefill rounds its query slots up to the flex tile past the written slots,
+    never past the row; without flex it takes the prompts' own length."""
+    import importlib
+
+    import mas
+    from mas.generation import GenerationSettings, InferenceEngine, SamplingParams
     from mas.segments import SegmentedSequence
+    from support.models import varied_tiny_model
 
-    def prompts(*lengths):
-        return [SegmentedSequence(list(range(n)), [-100] * n, [0] * n) for n in lengths]
+    engine_module = importlib.import_module("mas.generation.engine")
+    widths = []
+    monkeypatch.setattr(engine_module, "prefill", lambda m, batch, **kw: widths.append((batch.prefix_len, batch.num_slots)) or torch.zeros(batch.tokens.shape[0], 1024))
 
-    assert prompt_slots(prompts(30, 70), 0, room=1000, tile=0) == 70
-    assert prompt_slots(prompts(30, 70), 0, room=1000, tile=FLEX_TILE) == 128
-    assert prompt_slots(prompts(30, 200), 0, room=1000, tile=FLEX_TILE) == 256
-    # After a cached 40-token prefix the query part (slots 40..) is what is bucketed.
-    assert prompt_slots(prompts(60, 170), 40, room=1000, tile=FLEX_TILE) == 40 + 256
-    # Never past the cache's room for the new tokens, never below the longest prompt.
-    assert prompt_slots(prompts(30, 200), 0, room=220, tile=FLEX_TILE) == 220
-    assert prompt_slots(prompts(30, 200), 0, room=150, tile=FLEX_TILE) == 200
+    def prefill_widths(lengths, max_len, bucket):
+        widths.clear()
+        with InferenceEngine(varied_tiny_model(), GenerationSettings(batch_size=2, max_cache_len=max_len, stop_tokens=[]), prefill_bucket=bucket) as engine:
+            for n in lengths:
+                engine.submit(SegmentedSequence(list(range(1, n + 1)), [-100] * n, [0] * n), SamplingParams(1))
+            engine.step()
+        return widths[:]
+
+    assert prefill_widths([30, 70], 1000, 0) == [(0, 70)]
+    assert prefill_widths([30, 70], 1000, FLEX_TILE) == [(0, 128)]
+    assert prefill_widths([30, 200], 1000, FLEX_TILE) == [(0, 256)]
+    assert prefill_widths([30, 200], 220, FLEX_TILE) == [(0, 220)]  # never past the row
 
 
 def _flex_query_lengths(monkeypatch):
