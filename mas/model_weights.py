@@ -25,6 +25,7 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 from omegaconf import DictConfig, OmegaConf
+from safetensors import SafetensorError
 from torch import nn
 
 from mas.checkpointing import (
@@ -250,14 +251,15 @@ def _base_difference(trained: Dict[str, Any], base: BaseWeights, loaded: Dict[st
     return f"(its weights: {_describe_weights(trained['weights'])}; these: {_describe_weights(loaded)})"
 
 
-def check_trained_base(adapter: Path, base: BaseWeights) -> None:
+def check_trained_base(adapter: Path, base: BaseWeights, *, allow_other_base: bool = False) -> None:
     """Refuse an adapter whose fine-tuning run recorded another base than ``base``.
 
     The same base means the same content: every weights file loaded now has the size and head
     hash of a weights file of the recorded base, whatever its folder or name (a copied base
     folder is the same base). An adapter without a record (a run from before ``run.json``
     recorded its base, a PEFT adapter from elsewhere, a checkpoint folder copied out of its
-    run) loads with a warning.
+    run) loads with a warning. ``allow_other_base`` (the recipes' key of that name) turns the
+    refusal into a warning, for a deliberate cross-base experiment.
 
     Raises:
         ConfigError: one line naming the adapter, both bases and how to load the right one.
@@ -274,10 +276,17 @@ def check_trained_base(adapter: Path, base: BaseWeights) -> None:
     trained_files = Counter(tuple(v) for v in trained["weights"].values())
     if loaded and not Counter(tuple(v) for v in loaded.values()) - trained_files:
         return
-    raise ConfigError(
+    mismatch = (
         f"adapter {adapter} was trained on the base in {trained.get('folder')} "
         f"{_base_difference(trained, base, loaded)}, not on the weights in checkpointer.checkpoint_dir="
-        f"{base.checkpoint_dir}; point checkpointer.checkpoint_dir (and its settings) at the base recorded in {run_file}"
+        f"{base.checkpoint_dir}"
+    )
+    if allow_other_base:
+        log.warning("%s; running it anyway (allow_other_base=True)", mismatch)
+        return
+    raise ConfigError(
+        f"{mismatch}; point checkpointer.checkpoint_dir (and its settings) at the base recorded in {run_file}, "
+        "or set allow_other_base=True to run it on this base anyway"
     )
 
 
@@ -300,6 +309,7 @@ def load_adapter(
     base: BaseWeights,
     *,
     model_cfg: Optional[Any] = None,
+    allow_other_base: bool = False,
 ) -> LoadedAdapter:
     """Put an adapter folder's LoRA weights into a model that holds its base weights.
 
@@ -311,6 +321,7 @@ def load_adapter(
             (:func:`check_trained_base`), and PEFT names are converted for its architecture.
         model_cfg: the model node; when given, the adapter's rank, alpha and target modules must
             equal its LoRA keys.
+        allow_other_base (bool): warn instead of refusing an adapter trained on another base.
 
     Raises:
         ConfigError: a missing adapter file, a model without LoRA layers, an adapter trained on
@@ -323,9 +334,14 @@ def load_adapter(
         peft_weights, adapter_config = load_peft_adapter(path)
     except FileNotFoundError as e:
         raise ConfigError(str(e)) from None
+    except (SafetensorError, json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(
+            f"adapter {path}: unreadable adapter file ({type(e).__name__}: {e}); a truncated or corrupt copy? "
+            "copy the checkpoint again or point adapter_checkpoint at another one"
+        ) from None
     if not get_adapter_params(model):
         raise ConfigError(f"adapter_checkpoint={adapter_checkpoint} needs a LoRA model builder (lora_*)")
-    check_trained_base(path, base)
+    check_trained_base(path, base, allow_other_base=allow_other_base)
     if model_cfg is not None:
         _check_lora_shape(adapter_config, model_cfg, path)
     try:

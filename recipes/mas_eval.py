@@ -79,7 +79,7 @@ def run(cfg: DictConfig) -> Dict[str, Any]:
     # (and so with its own fingerprint), each checked against the base it was trained on.
     sweep: Dict[str, List[Dict[str, Any]]] = {mode: [] for mode in modes}
     for folder in folders:
-        adapter = load_adapter(loaded.model, folder, loaded.base, model_cfg=opts.model)
+        adapter = load_adapter(loaded.model, folder, loaded.base, model_cfg=opts.model, allow_other_base=opts.allow_other_base)
         loaded = InferenceModel(loaded.model, adapter.config, adapter.path, loaded.base)
         for mode, data in evaluate_model(opts, benchmark, loaded, tokenizer, out / folder.name, base).items():
             point = {"step": int(folder.name.split("_")[1]), "average_accuracy": data["average_accuracy"], "tasks": data["tasks"]}

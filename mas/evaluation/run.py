@@ -181,6 +181,7 @@ def evaluate_model(
             extra={
                 "benchmark": benchmark.name,
                 "trained_attention": loaded.trained_attention,
+                "base": dict(base),  # folder, weight sizes and head hashes, checkpointer arguments
                 "adapter": str(loaded.adapter_path) if loaded.adapter_path else None,
                 "run": names.run,
                 "experiment": names.experiment,

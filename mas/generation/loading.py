@@ -57,6 +57,7 @@ def load_inference_model(
     device: torch.device,
     dtype: torch.dtype,
     attention_backend: str = "auto",
+    allow_other_base: bool = False,
 ) -> InferenceModel:
     """Build the model, load base weights, then (optionally) a fine-tuning checkpoint's adapter.
 
@@ -68,6 +69,7 @@ def load_inference_model(
             run's ``output_dir`` (its latest checkpoint); None for base or merged weights.
         device, dtype: where and in what precision.
         attention_backend (str): see :class:`mas.attention.MASAttention`.
+        allow_other_base (bool): warn instead of refusing an adapter trained on another base.
 
     Raises:
         ConfigError: a missing adapter file, an adapter trained on another base (as its run's
@@ -83,7 +85,7 @@ def load_inference_model(
     load_base_state(model, base_state)
     adapter_config, adapter_path = None, None
     if adapter_checkpoint:
-        adapter = load_adapter(model, adapter_checkpoint, base, model_cfg=model_cfg)
+        adapter = load_adapter(model, adapter_checkpoint, base, model_cfg=model_cfg, allow_other_base=allow_other_base)
         adapter_config, adapter_path = adapter.config, adapter.path
     use_mas_attention(model, attention_backend)  # type: ignore[arg-type]
     model.eval()
@@ -151,6 +153,7 @@ def load_for_inference(options: InferenceOptions, *, adapter_checkpoint: Optiona
         device=device,
         dtype=dtype,
         attention_backend=options.attention_backend,
+        allow_other_base=options.allow_other_base,
     )
     check_vocab(tokenizer, loaded.model)
     return InferenceSetup(tokenizer, loaded, device, dtype)

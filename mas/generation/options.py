@@ -25,6 +25,7 @@ class InferenceOptions:
     checkpointer: Any = component("base (or merged) weights: a torchtune FullModelHFCheckpointer")
     tokenizer: Any = component("the tokenizer builder")
     adapter_checkpoint: Optional[str] = option(None, "a mas_lora_finetune checkpoint folder or run folder (null: base model)")
+    allow_other_base: bool = option(False, "run an adapter on a base other than the one its run.json records (a warning instead of the refusal)")
     attention: Optional[AttentionMode] = option(None, "the prompt mask (null: as the adapter was trained, else mas; a value that differs from the adapter's is used, with a warning)")
     attention_backend: AttentionBackend = option("auto", "auto: FlexAttention on CUDA, SDPA otherwise")
     prompt_format: Optional[PromptFormat] = option(None, "plain text or the tokenizer's chat headers (null: as the adapter was trained, else text)")

@@ -53,7 +53,7 @@ def _refusal(run: Path, trained_on: Path, given: Path) -> str:
         rf"adapter {re.escape(str(run))}/checkpoints/step_\d+ was trained on the base in {re.escape(str(trained_on))} "
         rf"with checkpointer\.pretrain_steps=30 \(this config: {OTHER_STEPS}\), not on the weights in "
         rf"checkpointer\.checkpoint_dir={re.escape(str(given))}; point checkpointer\.checkpoint_dir \(and its settings\) "
-        rf"at the base recorded in {re.escape(str(run / 'run.json'))}$"
+        rf"at the base recorded in {re.escape(str(run / 'run.json'))}, or set allow_other_base=True to run it on this base anyway$"
     )
 
 
@@ -71,6 +71,20 @@ def test_adapter_on_another_base_is_refused_by_generate_and_eval(tmp_path, tiny_
         assert not list(out.glob("predictions_*")), "refused before evaluating"
     # Without an adapter the other base is simply a base model.
     assert mas_generate.run(load_config("tiny_generate", _generate_overrides(other, OTHER_STEPS)))["texts"]
+
+
+def test_allow_other_base_runs_the_adapter_with_a_warning_and_results_name_the_base(tmp_path, tiny_base_dir, tiny_mas_run, caplog):
+    other = tmp_path / "other_base"
+    with caplog.at_level("WARNING"):
+        cfg = load_config("tiny_generate", _generate_overrides(other, OTHER_STEPS, adapter_checkpoint=tiny_mas_run, allow_other_base=True))
+        assert mas_generate.run(cfg)["texts"]
+    warnings = [r.getMessage() for r in caplog.records if r.name == "mas.model_weights"]
+    assert len(warnings) == 1 and warnings[0].endswith("running it anyway (allow_other_base=True)"), warnings
+    out = tmp_path / "eval"
+    mas_eval.run(load_config("tiny_eval", _eval_overrides(out, other, OTHER_STEPS, adapter_checkpoint=tiny_mas_run, allow_other_base=True)))
+    results = json.loads((out / "results_loglik.json").read_text())
+    assert results["base"]["folder"] == str(other.resolve())
+    assert results["base"]["checkpointer"]["pretrain_steps"] == OTHER_STEPS and results["base"]["weights"]
 
 
 def test_refusal_is_one_line_with_exit_code_2(tmp_path, tiny_base_dir, tiny_mas_run, capsys):

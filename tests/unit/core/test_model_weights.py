@@ -62,7 +62,7 @@ def test_other_weights_of_the_same_size_are_another_base(tmp_path):
     assert "\n" not in message
     assert message.startswith(f"adapter {adapter} was trained on the base in {trained} (its weights: model-00001-of-00002.safetensors 3000 bytes, head ")
     assert f"), not on the weights in checkpointer.checkpoint_dir={other}; point checkpointer.checkpoint_dir" in message
-    assert message.endswith(f"at the base recorded in {tmp_path / 'run' / 'run.json'}")
+    assert message.endswith(f"at the base recorded in {tmp_path / 'run' / 'run.json'}, or set allow_other_base=True to run it on this base anyway")
 
 
 def test_the_message_names_the_checkpointer_arguments_that_differ(tmp_path):
