@@ -32,6 +32,7 @@ from mas.checkpointing import RECIPE_STATE_FILE
 from mas.config import ConfigError, parse, resolved_yaml, run_reporting_user_errors, to_options
 from mas.evaluation.benchmarks import benchmark_modes
 from mas.evaluation.options import EvalOptions
+from mas.evaluation.identity import check_eval_output_dir
 from mas.evaluation.run import base_checkpoint_identity, evaluate_model, resolve_benchmark, sweep_payload
 from mas.generation.loading import InferenceModel, load_for_inference
 from mas.generation.options import prompt_settings, with_prompt_settings
@@ -64,6 +65,7 @@ def run(cfg: DictConfig) -> Dict[str, Any]:
     modes = benchmark_modes(benchmark, opts.mode)
     folders = _checkpoint_folders(opts)
     out = Path(opts.output_dir)
+    check_eval_output_dir(out)  # a user's file under a name this run writes survives
     out.mkdir(parents=True, exist_ok=True)  # an unwritable folder fails before the model loads
     setup = load_for_inference(opts, adapter_checkpoint=str(folders[0]) if folders[0] else None)
     tokenizer, loaded = setup.tokenizer, setup.loaded

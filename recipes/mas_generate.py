@@ -67,12 +67,16 @@ def _open_output(options: GenerateOptions) -> Optional[TextIO]:
     if not options.output_file:
         return None
     path = Path(options.output_file)
+    if path.is_dir():
+        raise ConfigError(f"output_file={path} is a folder; name a file (e.g. output_file={path / 'completions.jsonl'})")
     path.parent.mkdir(parents=True, exist_ok=True)
     return open(path, "w")
 
 
 def run(cfg: DictConfig) -> Dict[str, Any]:
     options = to_options(cfg, GenerateOptions, RECIPE)
+    if options.output_file and options.prompts_file and Path(options.output_file).resolve() == Path(options.prompts_file).resolve():
+        raise ConfigError(f"output_file {options.output_file} is the prompts_file; writing it would replace the prompts: name another output_file")
     resolve_device(options.device)  # a missing device fails before the prompts are read
     prompts = load_prompts(options)
     for i, p in enumerate(prompts):

@@ -45,8 +45,8 @@ from mas.attention import block_mask_to_dense  # noqa: E402
 from mas.masks import as_causal  # noqa: E402
 from mas.testing.drawing import draw_mask_panel  # noqa: E402
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_OUT = REPO_ROOT / "docs" / "attention_maps.png"
+#: In the working directory, never a tracked file of the repository unless named with --out.
+DEFAULT_OUT = Path("attention_maps.png")
 #: Inches per panel; the PNG is (2 * width, rows * height) * dpi pixels.
 PANEL_SIZE = (6.0, 5.4)
 

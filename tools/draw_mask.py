@@ -6,7 +6,7 @@ of the causal mask are hatched, and segment boundaries are drawn as lines.
 
 Usage::
 
-    python tools/draw_mask.py                       # writes docs/mas_mask.png
+    python tools/draw_mask.py --out docs/mas_mask.png   # the README figure (default: ./mas_mask.png)
     python tools/draw_mask.py --system 3 --user 8 --answer 4 --out /tmp/mask.png
 """
 
@@ -29,8 +29,8 @@ from mas import dense_mas_mask  # noqa: E402
 from mas.testing import segment_row  # noqa: E402
 from mas.testing.drawing import MASK_KIND_COLOURS, MASK_KIND_NAMES, MASKED_COLOUR, draw_mask_panel  # noqa: E402
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_OUT = REPO_ROOT / "docs" / "mas_mask.png"
+#: In the working directory: the tracked docs/mas_mask.png is rewritten only when named (--out docs/mas_mask.png).
+DEFAULT_OUT = Path("mas_mask.png")
 
 def example_segments(system_len: int, user_len: int, answer_len: int) -> Tuple[torch.Tensor, List[int]]:
     """A one-row layout: system segment (id 0), user segment (id 1), answer (``CAUSAL``).

@@ -44,7 +44,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             args.rows, args.out, steps=args.steps, seed=args.seed, include_answers=args.include_answers,
             batch_size=args.batch_size, lr=args.lr, dims=dims,
         )  # fmt: skip
-    except (UserError, ValueError, OSError) as e:
+    except (UserError, OSError) as e:  # anything else is a bug: its traceback stays
         print(f"pretrain_tiny_base: {e}", file=sys.stderr)
         return 2
     recipe = json.loads((folder / BASE_RECIPE_FILE).read_text())

@@ -40,6 +40,7 @@ __all__ = [
     "adapter_run_name",
     "adapter_step",
     "base_identity",
+    "check_eval_output_dir",
     "claim_predictions",
     "data_identity",
     "experiment_name",
@@ -150,6 +151,33 @@ class RunIdentity:
     def differences(self, recorded: Mapping[str, Any]) -> List[str]:
         """What differs from a recorded identity, one ``key: old -> new`` per leaf."""
         return _differences(dict(recorded), self.to_json())
+
+
+#: What ``mas_eval`` writes in its output folder (and in a sweep's step folders).
+_EVAL_WRITES = ("config.yaml", "predictions_*.jsonl", "identity_*.json", "results_*.json", "results_*.md", "sweep_*.json")
+
+
+def check_eval_output_dir(out_dir: Path) -> None:
+    """Refuse an ``output_dir`` whose files an evaluation would overwrite but no evaluation wrote.
+
+    An evaluation's folder holds ``identity_<mode>.json`` (or step folders that do); other
+    folders may hold anything except files under the names ``mas_eval`` writes.
+
+    Raises:
+        ConfigError: naming the file and ``output_dir``.
+    """
+    if not out_dir.is_dir():
+        if out_dir.exists():
+            raise ConfigError(f"output_dir={out_dir} is a file, not a folder; set output_dir to a folder")
+        return
+    if any(out_dir.glob("identity_*.json")) or any(out_dir.glob("*/identity_*.json")):
+        return
+    taken = sorted(p.name for pattern in _EVAL_WRITES for p in out_dir.glob(pattern))
+    if taken:
+        raise ConfigError(
+            f"output_dir={out_dir} holds {taken[0]!r}, which no evaluation wrote and this one would overwrite; "
+            "choose another output_dir"
+        )
 
 
 def claim_predictions(predictions_path: Path, identity: RunIdentity, *, resume: bool) -> None:

@@ -29,7 +29,9 @@ from safetensors.torch import save_file
 from torchtune.models.convert_weights import tune_to_hf
 from torchtune.models.qwen2._convert_weights import qwen2_tune_to_hf
 
-__all__ = ["HF_WEIGHTS_FILE", "hf_config", "to_hf_state", "write_hf_model"]
+from mas.errors import ConfigError
+
+__all__ = ["HF_WEIGHTS_FILE", "check_replaceable_model_dir", "hf_config", "to_hf_state", "write_hf_model"]
 
 #: The single weights file of a tiny HF model folder.
 HF_WEIGHTS_FILE = "model.safetensors"
@@ -133,3 +135,31 @@ def write_hf_model(
     save_file(hf_state, str(Path(out_dir) / HF_WEIGHTS_FILE), metadata={"format": "pt"})
     config = {**hf_config(model_type, dims, tie_word_embeddings), **(extra_config or {})}
     (Path(out_dir) / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+
+
+def check_replaceable_model_dir(folder: Path, *, marker: str, writer: str, key: str) -> None:
+    """Refuse to replace ``folder`` unless it is absent, empty, or a model folder ``writer`` made.
+
+    A folder this project made holds ``marker`` (the recipe file it writes) and nothing but the
+    files :func:`write_hf_model` writes beside it; anything else there is the user's and must
+    survive, so the caller stops before deleting or overwriting.
+
+    Raises:
+        ConfigError: one line naming the folder, the first foreign file and ``key`` to change.
+    """
+    folder = Path(folder)
+    if not folder.exists():
+        return
+    if not folder.is_dir():
+        raise ConfigError(f"{key}={folder} is a file, not a folder; set {key} to a new or empty folder")
+    names = sorted(p.name for p in folder.iterdir())
+    if not names:
+        return
+    ours = {marker, HF_WEIGHTS_FILE, "config.json"}
+    foreign = [n for n in names if n not in ours] if marker in names else names
+    if foreign:
+        more = f" and {len(foreign) - 1} more" if len(foreign) > 1 else ""
+        raise ConfigError(
+            f"{key}={folder} holds {foreign[0]!r}{more}, which {writer} did not write; it replaces only a "
+            f"folder it made (marked by {marker}): set {key} to a new or empty folder"
+        )

@@ -30,7 +30,7 @@ from torchtune.training import FullModelHFCheckpointer
 from mas.assets import TINY_TOKENIZER_DIR, commonsense_train_rows
 from mas.data.formats import instruction_messages
 from mas.errors import ConfigError
-from mas.models._hf_layout import HF_WEIGHTS_FILE, write_hf_model
+from mas.models._hf_layout import HF_WEIGHTS_FILE, check_replaceable_model_dir, write_hf_model
 
 __all__ = [
     "TINY_LLAMA3_2",
@@ -218,7 +218,8 @@ def seeded_tiny_model(
 
 
 def write_tiny_hf_checkpoint(
-    checkpoint_dir: str | os.PathLike, seed: int = 0, pretrain_steps: int = 200, **overrides: Any
+    checkpoint_dir: str | os.PathLike, seed: int = 0, pretrain_steps: int = 200, *,
+    key: str = "checkpoint_dir", **overrides: Any,
 ) -> Path:
     """Write the tiny model in the HF Llama layout (``config.json``, ``model.safetensors``).
 
@@ -227,16 +228,22 @@ def write_tiny_hf_checkpoint(
     so concurrent runs never see half a checkpoint.
 
     Args:
-        checkpoint_dir: folder to create.
+        checkpoint_dir: folder to create; an earlier tiny checkpoint there (marked by
+            :data:`TINY_RECIPE_FILE`) is replaced, a folder holding anything else is refused.
         seed (int): init and data-order seed.
         pretrain_steps (int): causal pre-training steps.
+        key (str): the config key or argument that named the folder (for the refusal).
         **overrides: dimension overrides (see :data:`TINY_LLAMA3_2`).
 
     Returns:
         Path: ``checkpoint_dir``.
+
+    Raises:
+        ConfigError: the folder holds files the writer did not make.
     """
     dims = {**TINY_LLAMA3_2, **overrides}
     checkpoint_dir = Path(checkpoint_dir)
+    check_replaceable_model_dir(checkpoint_dir, marker=TINY_RECIPE_FILE, writer="the tiny model's writer", key=key)
     checkpoint_dir.parent.mkdir(parents=True, exist_ok=True)
     tokenizer = tiny_llama3_tokenizer()
     model, losses = seeded_tiny_model(
@@ -252,6 +259,11 @@ def write_tiny_hf_checkpoint(
     recipe["pretraining_loss"] = {"first": losses[0], "last": losses[-1]} if losses else None
     (staging / TINY_RECIPE_FILE).write_text(json.dumps(recipe, indent=2) + "\n")
     if checkpoint_dir.exists():
+        try:  # again: the folder may have changed while the model trained
+            check_replaceable_model_dir(checkpoint_dir, marker=TINY_RECIPE_FILE, writer="the tiny model's writer", key=key)
+        except ConfigError:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
         shutil.rmtree(checkpoint_dir)
     try:
         os.replace(staging, checkpoint_dir)
@@ -311,11 +323,19 @@ def tiny_hf_checkpointer(
         raise ConfigError(
             f"{folder} holds a checkpoint that is not the embedded tiny model; load it with "
             "checkpointer._component_=torchtune.training.FullModelHFCheckpointer "
-            "checkpointer.checkpoint_files=[model.safetensors] checkpointer.model_type=LLAMA3_2"
+            "checkpointer.checkpoint_files=[model.safetensors] checkpointer.model_type=LLAMA3_2 "
+            "'~checkpointer.pretrain_steps'"
+        )
+    if not _tiny_checkpoint_is_current(folder, seed, pretrain_steps, dims):
+        # Checked on every rank, so all of them stop on a user's folder.
+        check_replaceable_model_dir(
+            folder, marker=TINY_RECIPE_FILE, writer="the tiny model's checkpointer", key="checkpointer.checkpoint_dir"
         )
     if not distributed or dist.get_rank() == 0:
         if not _tiny_checkpoint_is_current(folder, seed, pretrain_steps, dims):
-            write_tiny_hf_checkpoint(checkpoint_dir, seed=seed, pretrain_steps=pretrain_steps, **overrides)
+            write_tiny_hf_checkpoint(
+                checkpoint_dir, seed=seed, pretrain_steps=pretrain_steps, key="checkpointer.checkpoint_dir", **overrides
+            )
     if distributed:
         dist.barrier()
     return FullModelHFCheckpointer(

@@ -31,8 +31,8 @@ from torchtune.models.llama3 import Llama3Tokenizer
 
 from mas.data.formats import instruction_messages
 from mas.data.rows import load_rows
-from mas.errors import DataError
-from mas.models._hf_layout import HF_WEIGHTS_FILE, write_hf_model
+from mas.errors import ConfigError, DataError
+from mas.models._hf_layout import HF_WEIGHTS_FILE, check_replaceable_model_dir, write_hf_model
 from mas.models._tiny import TINY_LLAMA3_2, pretrain_causal_lm, seeded_tiny_model, tiny_llama3_tokenizer
 
 __all__ = ["BASE_RECIPE_FILE", "CHECKPOINTER_OVERRIDES", "pretrain_causal_lm", "row_texts", "write_tiny_base"]
@@ -107,7 +107,8 @@ def write_tiny_base(
     Args:
         source: a ``.json``/``.jsonl`` file of rows or a ``.txt`` file (module docstring).
         checkpoint_dir: the folder to write (``config.json``, ``model.safetensors``,
-            :data:`BASE_RECIPE_FILE`); replaced if it holds an earlier base written here.
+            :data:`BASE_RECIPE_FILE`); replaced if it holds an earlier base written here and
+            nothing else, refused if it holds anything else.
         steps (int): pre-training steps.
         seed (int): init and batch-order seed.
         include_answers (bool): learn the answers of prompt/answer rows too.
@@ -122,15 +123,17 @@ def write_tiny_base(
         Path: ``checkpoint_dir``.
 
     Raises:
-        DataError: unusable rows. ValueError: an unknown dimension or a folder holding other weights.
+        DataError: unusable rows. ConfigError: ``steps`` < 1 or a folder holding files this tool
+        did not write, or an unknown dimension.
     """
     dims = dict(dims or {})
     unknown = sorted(set(dims) - set(TINY_LLAMA3_2))
     if unknown:
-        raise ValueError(f"unknown model dimension {unknown[0]!r}; known: {', '.join(TINY_LLAMA3_2)}")
-    checkpoint_dir = Path(checkpoint_dir).expanduser()
-    if (checkpoint_dir / HF_WEIGHTS_FILE).exists() and not (checkpoint_dir / BASE_RECIPE_FILE).exists():
-        raise ValueError(f"{checkpoint_dir} holds weights this tool did not write; choose another folder")
+        raise ConfigError(f"unknown model dimension {unknown[0]!r}; known: {', '.join(TINY_LLAMA3_2)}")
+    if steps < 1:
+        raise ConfigError(f"steps must be >= 1, got {steps}: a base needs pre-training (--steps)")
+    checkpoint_dir = Path(os.path.expandvars(checkpoint_dir)).expanduser()
+    check_replaceable_model_dir(checkpoint_dir, marker=BASE_RECIPE_FILE, writer="pretrain_tiny_base", key="out")
     tokenizer = tiny_llama3_tokenizer()
     texts = row_texts(source, include_answers)
     sequences = _sequences(texts, tokenizer, max_len)
@@ -158,6 +161,11 @@ def write_tiny_base(
     }
     (staging / BASE_RECIPE_FILE).write_text(json.dumps(recipe, indent=2) + "\n")
     if checkpoint_dir.exists():
+        try:  # again: the folder may have changed while the model trained
+            check_replaceable_model_dir(checkpoint_dir, marker=BASE_RECIPE_FILE, writer="pretrain_tiny_base", key="out")
+        except ConfigError:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
         shutil.rmtree(checkpoint_dir)
     os.replace(staging, checkpoint_dir)
     return checkpoint_dir

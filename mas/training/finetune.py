@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import logging
 import math
+import tempfile
 from pathlib import Path
 from typing import Any, Dict, Iterator, Optional
 
@@ -106,9 +107,8 @@ class LoRAFinetuneRecipe:
         self.metric_logger = self.metrics_file = None
         if self.parallel.is_main:
             self.output_dir.mkdir(parents=True, exist_ok=True)
-            probe = self.output_dir / ".write_test"
-            probe.write_text("")
-            probe.unlink()
+            # A fresh name: a probe must never replace a file of the user's.
+            tempfile.TemporaryFile(dir=self.output_dir).close()
         self.writer = CheckpointWriter(self.output_dir, self.opts.keep_last_n_checkpoints)
 
     def _claim_output_dir(self) -> None:

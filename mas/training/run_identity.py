@@ -24,7 +24,7 @@ from typing import Any, Dict, List, Optional
 
 from omegaconf import DictConfig, OmegaConf
 
-from mas.checkpointing import RUN_FILE
+from mas.checkpointing import LATEST_FILE, RECIPE_STATE_FILE, RUN_FILE
 from mas.errors import ConfigError
 from mas.fingerprint import file_stats, weights_identity
 
@@ -100,33 +100,63 @@ def write_run_file(output_dir: Path, fingerprint: Dict[str, Any]) -> None:
     tmp.replace(output_dir / RUN_FILE)
 
 
+#: Files a run writes at the top of its output_dir (beside ``checkpoints/``).
+_RUN_FILES = (RUN_FILE, "config.yaml", "metrics.jsonl")
+
+
+def _own_checkpoint_entries(checkpoints: Path) -> List[Path]:
+    """What a run wrote under ``checkpoints/``: ``latest``, complete step folders, torn ``*.tmp``."""
+    if not checkpoints.is_dir():
+        return []
+    return [
+        p for p in checkpoints.iterdir()
+        if p.name == LATEST_FILE or p.name.endswith(".tmp") or (p.is_dir() and (p / RECIPE_STATE_FILE).exists())
+    ]  # fmt: skip
+
+
 def _occupants(output_dir: Path) -> List[str]:
     found = []
     checkpoints = output_dir / "checkpoints"
     if checkpoints.is_dir() and any(checkpoints.iterdir()):
         found.append(f"checkpoints/ ({len([p for p in checkpoints.iterdir() if p.is_dir()])} folder(s))")
-    if (output_dir / RUN_FILE).exists():
-        found.append(RUN_FILE)
+    found += [name for name in _RUN_FILES if (output_dir / name).exists()]
     return found
 
 
 def check_fresh_output_dir(output_dir: Path, *, overwrite: bool) -> None:
     """A fresh run starts in an empty folder (or one without another run's files).
 
+    ``overwrite`` removes only what a run wrote (``run.json`` marks the folder as one): the files
+    of :data:`_RUN_FILES` and the checkpoint folders; a folder whose files no run wrote is never
+    overwritten, and anything else under ``checkpoints/`` is kept.
+
     Raises:
-        ConfigError: the folder holds another run and ``overwrite`` is False.
+        ConfigError: the folder holds another run and ``overwrite`` is False, or it holds files a
+            run would write but no ``run.json`` (a user's files).
     """
     found = _occupants(output_dir)
     if not found:
         return
+    if not (output_dir / RUN_FILE).exists():
+        raise ConfigError(
+            f"output_dir={output_dir} holds {found[0]}, which no run wrote (there is no {RUN_FILE}); "
+            "a run would overwrite it: choose another output_dir"
+        )
     if not overwrite:
         raise ConfigError(
             f"output_dir={output_dir} holds another run ({', '.join(found)}); set "
             "resume_from_checkpoint=True to continue it, overwrite_output_dir=True to replace it, "
             "or choose another output_dir"
         )
-    shutil.rmtree(output_dir / "checkpoints", ignore_errors=True)
-    for name in (RUN_FILE, "metrics.jsonl"):
+    checkpoints = output_dir / "checkpoints"
+    for entry in _own_checkpoint_entries(checkpoints):
+        if entry.is_dir():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            entry.unlink(missing_ok=True)
+    if checkpoints.is_dir() and not any(checkpoints.iterdir()):
+        checkpoints.rmdir()
+    for name in _RUN_FILES:
         (output_dir / name).unlink(missing_ok=True)
 
 
