@@ -23,6 +23,7 @@ already and are never permuted (torchtune 0.6.1's own PEFT export permutes them 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 from dataclasses import dataclass
@@ -47,6 +48,8 @@ __all__ = [
     "peft_target_modules",
     "peft_to_adapter",
 ]
+
+log = logging.getLogger(__name__)
 
 ADAPTER_WEIGHTS_FILE = "adapter_model.safetensors"
 ADAPTER_CONFIG_FILE = "adapter_config.json"
@@ -259,13 +262,27 @@ def merged_hf_state(model_state: Dict[str, Tensor], lora_rank: int, lora_alpha: 
 
 
 def latest_checkpoint(output_dir: str | os.PathLike) -> Optional[Path]:
-    """The newest complete checkpoint folder of a run, or None."""
+    """The newest complete checkpoint folder of a run, or None.
+
+    ``checkpoints/latest`` names it; when that names no complete checkpoint (a step folder
+    deleted by hand, a lost pointer), the newest complete one is used, with a warning.
+    """
     root = Path(output_dir) / "checkpoints"
     pointer = root / LATEST_FILE
-    if not pointer.exists():
+    named = pointer.read_text().strip() if pointer.is_file() else None
+    if named and (root / named / RECIPE_STATE_FILE).exists():
+        return root / named
+    if not root.is_dir():
         return None
-    folder = root / pointer.read_text().strip()
-    return folder if (folder / RECIPE_STATE_FILE).exists() else None
+    # Names are zero-padded step numbers, so name order is step order; *.tmp were never published.
+    complete = sorted(
+        p for p in root.iterdir() if p.is_dir() and not p.name.endswith(".tmp") and (p / RECIPE_STATE_FILE).exists()
+    )
+    if not complete:
+        return None
+    stale = f"names {named}, which is not a complete checkpoint" if named else "is missing"
+    log.warning("%s %s; using the newest complete checkpoint, %s", pointer, stale, complete[-1])
+    return complete[-1]
 
 
 def load_peft_adapter(folder: str | os.PathLike) -> tuple[Dict[str, Tensor], Dict[str, Any]]:

@@ -19,6 +19,7 @@ Checks (:func:`validate_config`), before anything is built:
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 from typing import Any, Dict, Optional, Sequence, Set, Type, TypeVar
@@ -218,6 +219,51 @@ def validate_config(cfg: DictConfig, options_type: Type[Any], recipe: str) -> No
         raise ConfigError(f"cannot resolve the config: {e}") from None
 
 
+#: Option and component argument names that hold a path (``~`` and ``$VAR`` are expanded).
+_PATH_NAMES = ("adapter_checkpoint", "path", "source")
+_PATH_SUFFIXES = ("_dir", "_file", "_path")
+_UNSET_VARIABLE = re.compile(r"\$(\w+|\{\w+\})")
+
+
+def _is_path_key(name: str) -> bool:
+    return name in _PATH_NAMES or name.endswith(_PATH_SUFFIXES)
+
+
+def _expanded_path(key: str, value: Any) -> Any:
+    """``~`` and environment variables of a path expanded; an unset variable is refused."""
+    if not isinstance(value, str) or ("~" not in value and "$" not in value):
+        return value
+    expanded = os.path.expanduser(os.path.expandvars(value))
+    unset = _UNSET_VARIABLE.search(expanded)
+    if unset:
+        raise ConfigError(f"{key}={value}: environment variable {unset.group(1).strip('{}')} is not set; set it or write the path out")
+    return expanded
+
+
+def expand_paths(cfg: DictConfig) -> None:
+    """Expand ``~`` and ``$VAR`` in place in every path key (top level and component arguments),
+    so a folder literally named ``~`` is never made and every reader sees the same path.
+
+    Raises:
+        ConfigError: a path naming an unset environment variable.
+    """
+
+    def walk(node: DictConfig, prefix: str) -> None:
+        for key in map(str, list(node.keys())):
+            try:
+                value = node[key]
+            except OmegaConfBaseException:
+                continue  # an unresolvable interpolation: the checks report it
+            if isinstance(value, DictConfig):
+                walk(value, f"{prefix}{key}.")
+            elif _is_path_key(key):
+                expanded = _expanded_path(prefix + key, value)
+                if expanded is not value:
+                    node[key] = expanded
+
+    walk(cfg, "")
+
+
 def to_options(cfg: DictConfig, options_type: Type[T], recipe: str) -> T:
     """Validate ``cfg`` and return the recipe's typed options.
 
@@ -226,6 +272,7 @@ def to_options(cfg: DictConfig, options_type: Type[T], recipe: str) -> T:
     rules) when it has one.
     """
     validate_config(cfg, options_type, recipe)
+    expand_paths(cfg)
     cfg = with_defaults(cfg, options_type)
     values: Dict[str, Any] = {}
     for info in option_infos(options_type):

@@ -15,9 +15,11 @@ Predictions are appended to a JSONL file after every batch; a rerun skips what i
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import List
 
 from mas.data.formats import instruction_messages
+from mas.errors import ConfigError
 from mas.evaluation.benchmarks import register_benchmark
 from mas.evaluation.records import extraction_records, loglik_records
 from mas.evaluation.spec import ANSWER_TEMPLATE, Benchmark, BenchmarkContext, EvalItem
@@ -49,6 +51,12 @@ def commonsense_items(context: BenchmarkContext) -> List[EvalItem]:
         DataError: a missing file or a bad row (naming the file and row).
     """
     data = context.data
+    if data.source and Path(data.source).expanduser().is_file():
+        # One file would be read as every task's rows (another task's rows scored where labels fit).
+        raise ConfigError(
+            f"data_dir={data.source} is a file; the commonsense benchmark reads a folder with one file per "
+            "task (<task>/test.json or <task>.json): set data_dir to that folder"
+        )
     source = data.source or str(SAMPLE_SOURCE)
     template = data.answer_template or ANSWER_TEMPLATE
     items: List[EvalItem] = []

@@ -163,3 +163,20 @@ def test_a_new_model_is_one_file(tmp_path, monkeypatch):
     assert model.tok_embeddings.num_embeddings == 32064 and len(model.layers) == 32
     qlora = to_options(load_config("phi3_mini_mas_qlora"), FinetuneOptions, "mas_lora_finetune")
     assert qlora.model._component_.endswith("qlora_phi3_mini")
+
+
+def test_tilde_and_environment_variables_are_expanded_in_every_path_key(monkeypatch, tmp_path):
+    monkeypatch.setenv("MAS_TEST_DATA", str(tmp_path))
+    cfg = load_config("tiny_mas", ["output_dir=~/mas_runs/x", "checkpointer.checkpoint_dir=$MAS_TEST_DATA/base", "dataset.source=${oc.env:HOME}/rows.json"])
+    opts = to_options(cfg, FinetuneOptions, "mas_lora_finetune")
+    home = str(Path.home())
+    assert opts.output_dir == f"{home}/mas_runs/x"
+    assert opts.checkpointer.checkpoint_dir == f"{tmp_path}/base"
+    assert cfg.checkpointer.output_dir == f"{home}/mas_runs/x", "interpolations see the expanded path"
+    assert "~" not in resolved_yaml(cfg, FinetuneOptions)
+
+
+def test_a_path_naming_an_unset_variable_is_refused(monkeypatch):
+    monkeypatch.delenv("MAS_NOT_SET", raising=False)
+    with pytest.raises(ConfigError, match=r"output_dir=\$MAS_NOT_SET/x: environment variable MAS_NOT_SET is not set"):
+        to_options(load_config("tiny_mas", ["output_dir=$MAS_NOT_SET/x"]), FinetuneOptions, "mas_lora_finetune")

@@ -83,3 +83,22 @@ def test_an_adapter_outside_a_run_is_checked_by_nobody_and_says_so(tmp_path, cap
         f"adapter {adapter} records no base model (no run.json with base weights beside its checkpoints): "
         f"cannot check that it was trained on the base in {base}"
     ]
+
+
+def test_a_stale_latest_falls_back_to_the_newest_complete_checkpoint(tmp_path, caplog):
+    from mas.checkpointing import RECIPE_STATE_FILE, latest_checkpoint
+
+    checkpoints = tmp_path / "run" / "checkpoints"
+    for name in ("step_0000003", "step_0000006", "step_0000009.tmp"):
+        (checkpoints / name).mkdir(parents=True)
+        (checkpoints / name / RECIPE_STATE_FILE).write_bytes(b"state")
+    (checkpoints / "step_0000008").mkdir()  # torn: no recipe state
+    (checkpoints / "latest").write_text("step_0000012")  # deleted by hand
+    with caplog.at_level("WARNING"):
+        assert latest_checkpoint(tmp_path / "run") == checkpoints / "step_0000006"
+    assert "names step_0000012, which is not a complete checkpoint; using the newest complete checkpoint" in caplog.text
+    (checkpoints / "latest").write_text("step_0000003")
+    assert latest_checkpoint(tmp_path / "run") == checkpoints / "step_0000003", "a good pointer wins"
+    (checkpoints / "latest").unlink()
+    assert latest_checkpoint(tmp_path / "run") == checkpoints / "step_0000006"
+    assert latest_checkpoint(tmp_path / "none") is None
