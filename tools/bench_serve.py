@@ -224,7 +224,7 @@ def _stall(model: torch.nn.Module, args: argparse.Namespace, vocab: int, chunk: 
     long_prompt = random_prompt(segments * length, vocab, system=length, seed=99)
     long_prompt = SegmentedSequence(long_prompt.tokens, long_prompt.labels, [i // length for i in range(segments * length)])
     running = random_prompt(args.prompt_len, vocab, system=args.prompt_len // 4, seed=98)
-    cache_len = segments * length + 2 * args.new_tokens + 64
+    cache_len = min(segments * length + 4 * args.new_tokens + args.prompt_len, model.max_seq_len)
     engine = _engine(model, 2, cache_len, prefill_chunk_tokens=chunk)
     try:
         _concurrent(engine, [long_prompt, running], 2, 2)  # warm-up
@@ -325,7 +325,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--system-len", type=int, default=500)
     parser.add_argument("--ttft-repeats", type=int, default=8)
-    parser.add_argument("--stall-segments", type=int, default=8, help="segments of the long prompt that arrives mid-stream")
+    parser.add_argument("--stall-segments", type=int, default=7, help="segments of the long prompt that arrives mid-stream")
     parser.add_argument("--stall-segment-len", type=int, default=128, help="tokens per segment of that prompt")
     parser.add_argument("--stall-chunk", type=int, default=256, help="the small prefill chunk the stall is measured with")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")

@@ -3,7 +3,7 @@
 Public names are imported from here (``from mas.generation import generate``);
 ``mas.generation.generate`` is the function, never a module.
 
-- :class:`InferenceEngine` (``engine.py``): continuous batching over a slot KV cache
+- :class:`InferenceEngine` (``engine.py``; per sequence a :class:`Request`, ``request.py``): continuous batching over a slot KV cache
   (``slot_cache.py``), batched and chunked MAS prefill (``prefill.py``, ``layout.py``), the exact
   segment-prefix cache (``prefix_cache.py``), the decode step with sampling and stops on the
   device (``decode_loop.py``, ``sampling.py``), stop strings (``text_stream.py``);
@@ -14,7 +14,8 @@ Public names are imported from here (``from mas.generation import generate``);
 
 from mas.generation.api import GenerationResult, Prompt, generate, prompt_messages
 from mas.generation.decode_loop import compiled_decode_step, decode_step, decode_width
-from mas.generation.engine import InferenceEngine, PromptTooLongError, Request, StepOutput
+from mas.generation.engine import InferenceEngine
+from mas.generation.request import PromptTooLongError, Request, StepOutput
 from mas.generation.layout import PromptBatch, chunk_end, layout_chunks
 from mas.generation.prefill import prefill
 from mas.generation.prefix_cache import CachedPrefix, PrefixCache, PrefixCacheStats, is_cut_point, reusable_ends

@@ -9,13 +9,13 @@ prefix cache and compiled step live for the whole run.
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
+from typing import Any, List, Mapping, Optional, Sequence, Union
 
-import torch
 from torch import nn
 from torchtune.data import Message
 
-from mas.generation.engine import InferenceEngine, PromptTooLongError
+from mas.generation.engine import InferenceEngine
+from mas.generation.request import PromptTooLongError
 from mas.generation.settings import GenerationSettings, default_cache_len
 from mas.segments import SegmentBuilder, SegmentedSequence
 

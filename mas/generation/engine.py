@@ -27,11 +27,9 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import itertools
 import logging
 import threading
 import time
-from dataclasses import dataclass, field
 from typing import Any, Callable, Counter, Deque, Dict, Hashable, List, Optional, Sequence, Tuple
 
 import torch
@@ -44,6 +42,7 @@ from mas.generation.gqa_attention import native_gqa_attention
 from mas.generation.layout import chunk_end, layout_chunks
 from mas.generation.prefill import prefill
 from mas.generation.prefix_cache import PrefixCache, reusable_ends
+from mas.generation.request import PromptTooLongError, Request, StepOutput
 from mas.generation.sampling import RowSampling, SamplingParams, choose_tokens, draw_noise
 from mas.generation.settings import GenerationSettings
 from mas.generation.slot_cache import SlotCaches, install_slot_caches, remove_caches
@@ -54,84 +53,6 @@ from mas.segments import SegmentedSequence
 __all__ = ["InferenceEngine", "PromptTooLongError", "Request", "StepOutput"]
 
 log = logging.getLogger("mas.generation.engine")
-
-_ids = itertools.count()
-
-
-class PromptTooLongError(ValueError):
-    """The prompt plus ``max_tokens`` does not fit a row of the KV cache."""
-
-
-@dataclass(eq=False)
-class Request:
-    """One sequence, from submission to its last token.
-
-    Attributes:
-        prompt (SegmentedSequence): the segmented prompt (``for_generation=True``).
-        params (SamplingParams): how it is decoded.
-        tokens (List[int]): generated ids so far (a stop token excluded).
-        finish_reason (Optional[str]): ``"stop"``, ``"length"``, ``"cancelled"`` or ``"error"``.
-        error (str): what failed (``finish_reason == "error"``).
-        cached_tokens (int): prompt tokens whose keys and values came from the prefix cache.
-        submitted_at, admitted_at, first_token_at, finished_at (float): ``perf_counter`` times.
-    """
-
-    prompt: SegmentedSequence
-    params: SamplingParams
-    id: int = field(default_factory=lambda: next(_ids))
-    tokens: List[int] = field(default_factory=list)
-    finish_reason: Optional[str] = None
-    error: str = ""
-    cached_tokens: int = 0
-    submitted_at: float = field(default_factory=time.perf_counter)
-    admitted_at: Optional[float] = None
-    first_token_at: Optional[float] = None
-    finished_at: Optional[float] = None
-    # Engine bookkeeping.
-    row: int = -1
-    prefilled: int = 0  # prompt tokens written to the row
-    decode_steps: int = 0  # generated tokens written to the row
-    chosen: int = 0  # tokens chosen (first token included), read or not
-    generator: Optional[torch.Generator] = field(default=None, repr=False)
-    text: Optional[TextStream] = field(default=None, repr=False)
-    shared_key: Optional[Tuple[int, ...]] = field(default=None, repr=False)
-    _cancelled: threading.Event = field(default_factory=threading.Event, repr=False)
-
-    def cancel(self) -> None:
-        """Stop generating (thread-safe); the engine frees the row at its next step."""
-        self._cancelled.set()
-
-    @property
-    def cancelled(self) -> bool:
-        return self._cancelled.is_set()
-
-    @property
-    def finished(self) -> bool:
-        return self.finish_reason is not None
-
-    @property
-    def decoding(self) -> bool:
-        return self.chosen > 0 and not self.finished
-
-
-@dataclass
-class StepOutput:
-    """What one step did for one sequence.
-
-    Attributes:
-        request (Request): the sequence.
-        tokens (List[int]): ids accepted this step.
-        pieces (List[str]): the text each of them adds (empty strings without text streaming).
-        finished (bool): the sequence ended this step (see ``request.finish_reason``).
-        final_text (str): text held back until the end (a possible stop-string start).
-    """
-
-    request: Request
-    tokens: List[int] = field(default_factory=list)
-    pieces: List[str] = field(default_factory=list)
-    finished: bool = False
-    final_text: str = ""
-
 
 class InferenceEngine:
     """Continuous batching over a slot KV cache (see the module docstring).
@@ -180,6 +101,11 @@ class InferenceEngine:
         self.device = model.tok_embeddings.weight.device
         self.vocab = model.tok_embeddings.num_embeddings
         self.max_len = max_len or settings.max_cache_len or model.max_seq_len
+        if self.max_len > model.max_seq_len:
+            raise ValueError(
+                f"max_cache_len {self.max_len} is more than the model's max_seq_len {model.max_seq_len} (its positions end there); "
+                f"set max_cache_len <= {model.max_seq_len}"
+            )
         self.rows = settings.batch_size
         _ensure_mas_attention(model, settings)
         if stop_tokens is None:
@@ -211,8 +137,10 @@ class InferenceEngine:
         self.prefill_forwards = 0
         self.prefilled_tokens = 0
 
+    @torch.inference_mode()
     def _init_state(self) -> None:
-        """Per-row device state of the decode step."""
+        """Per-row device state of the decode step (inference tensors, as the step's outputs that
+        replace them: a compiled step then sees one kind of input)."""
         r, device = self.rows, self.device
         self.token = torch.zeros(r, dtype=torch.long, device=device)
         self.done = torch.ones(r, dtype=torch.bool, device=device)
@@ -360,11 +288,13 @@ class InferenceEngine:
         budget = self.settings.prefill_chunk_tokens if any(r is not None and r.decoding for r in self._slots) else None
         groups: Dict[int, Tuple[List[Request], List[int]]] = {}
         left = budget
-        for request in self._prefilling:
+        for i, request in enumerate(self._prefilling):
             if left is not None and left <= 0:
                 break
             end = chunk_end(request.prompt.segment_ids, request.prefilled, left, self.settings.attention)
             if left is not None:
+                if i > 0 and end - request.prefilled > left:
+                    break  # only the first chunk of a pass may overrun the budget (a whole segment)
                 left -= end - request.prefilled
             group = groups.setdefault(request.prefilled, ([], []))
             group[0].append(request)
@@ -508,11 +438,19 @@ class InferenceEngine:
         return emitted
 
     def _decode_rows(self, fn: Callable[..., Tuple[Tensor, ...]], lo: int, hi: int, noise: Optional[Tensor], sampling: RowSampling, width: int) -> Tensor:
+        whole = hi - lo == self.rows
         rows = slice(lo, hi)
-        self.caches.plan_decode(self.slot[rows], width, first_row=lo)
+
+        def part(t: Tensor) -> Tensor:  # the buffer itself when whole: a compiled step sees one kind of input
+            return t if whole else t[rows]
+
+        self.caches.plan_decode(part(self.slot), width, first_row=lo)
         token, emitted, done, slot = fn(
-            self.model, self.token[rows], self.done[rows], self.slot[rows], self.decoding[rows], self.stop, self.stoppable[rows], noise, sampling, width=width
+            self.model, part(self.token), part(self.done), part(self.slot), part(self.decoding), self.stop, part(self.stoppable), noise, sampling, width=width
         )
+        if whole and not self.settings.uses_cuda_graphs():
+            self.token, self.done, self.slot = token, done, slot  # fresh tensors: no copy
+            return emitted
         # Copies into the engine's buffers (a CUDA graph's outputs are overwritten at its next replay).
         self.token[rows] = token
         self.done[rows] = done
@@ -583,6 +521,7 @@ class InferenceEngine:
         self.decoding[row] = False
         self.done[row] = True
 
+    @torch.inference_mode()
     def abort_all(self, message: str) -> List[StepOutput]:
         """End every waiting and running sequence with ``"error"`` and ``message`` (a server that
         stops, or a step that failed outside any one sequence)."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, Optional
 
 import torch
 from omegaconf import DictConfig
@@ -22,7 +22,6 @@ __all__ = [
     "load_for_inference",
     "InferenceModel",
     "load_inference_model",
-    "prompt_mismatch_warnings",
 ]
 
 log = logging.getLogger(__name__)
@@ -90,26 +89,6 @@ def load_inference_model(
     use_mas_attention(model, attention_backend)  # type: ignore[arg-type]
     model.eval()
     return InferenceModel(model, adapter_config, adapter_path, base)
-
-
-def prompt_mismatch_warnings(loaded: InferenceModel, attention: str, prompt_format: str, merge_system_and_user: bool) -> List[str]:
-    """Differences between how the adapter was trained and how it is about to be prompted."""
-    if loaded.adapter_config is None:
-        return []
-    recorded = loaded.adapter_config.get("mas", {})
-    notes = []
-    if recorded.get("attention") not in (None, attention):
-        notes.append(
-            f"the adapter was trained with attention={recorded['attention']} but is run with attention={attention} "
-            "(the paper's Table 3 cross-evaluation; expect lower accuracy)"
-        )
-    if recorded.get("prompt_format") not in (None, prompt_format):
-        notes.append(f"the adapter was trained with prompt_format={recorded['prompt_format']}, run with {prompt_format}")
-    if recorded.get("merge_system_and_user") not in (None, merge_system_and_user):
-        notes.append(
-            f"the adapter was trained with merge_system_and_user={recorded['merge_system_and_user']}, run with {merge_system_and_user}"
-        )
-    return notes
 
 
 @dataclass

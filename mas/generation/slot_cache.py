@@ -89,11 +89,11 @@ class SlotKVCache(nn.Module):
         if plan.contiguous_from >= 0:
             rows = slice(plan.contiguous_from, plan.contiguous_from + b)
             k_rows, v_rows = self.k_cache[rows], self.v_cache[rows]
-            # Advanced indices [b, 1] and [b, s] around the head slice put the new dims first:
-            # the target is [b, s, n_kv, d], so the values are transposed to match.
-            batch_index = torch.arange(b, device=k_val.device)[:, None]
-            k_rows[batch_index, :, plan.slots] = k_val.transpose(1, 2)
-            v_rows[batch_index, :, plan.slots] = v_val.transpose(1, 2)
+            # [b, s] slots -> [b, n_kv, s, d]: a scatter along the slot dimension (about half the
+            # time of an index_put with two advanced indices on a CPU).
+            index = plan.slots[:, None, :, None].expand(-1, k_val.shape[1], -1, k_val.shape[3])
+            k_rows.scatter_(2, index, k_val)
+            v_rows.scatter_(2, index, v_val)
             return k_rows[:, :, : plan.width], v_rows[:, :, : plan.width]
         row_index = plan.rows[:, None]
         self.k_cache[row_index, :, plan.slots] = k_val.transpose(1, 2)

@@ -22,7 +22,6 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Hashable, List, Optional, Sequence
 
-import torch
 from torch import nn
 
 from mas.generation import GenerationSettings, InferenceEngine, PrefixCache, PromptTooLongError, Request, SamplingParams, StepOutput

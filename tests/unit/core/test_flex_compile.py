@@ -84,7 +84,6 @@ def test_prefill_slots_are_tiles_of_queries_where_flex_runs(monkeypatch, llama3_
     never past the row; without flex it takes the prompts' own length."""
     import importlib
 
-    import mas
     from mas.generation import GenerationSettings, InferenceEngine, SamplingParams
     from mas.segments import SegmentedSequence
     from support.models import varied_tiny_model

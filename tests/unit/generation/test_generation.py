@@ -181,6 +181,8 @@ def test_clear_errors(model, llama3_tokenizer):
         mas.generate(model, llama3_tokenizer, [{"system": "s", "user": ""}])
     with pytest.raises(ValueError, match=r"prompt 0: .*max_tokens \(30\) = .* > the 64-slot KV cache"):
         mas.generate(model, llama3_tokenizer, ["word " * 40], max_new_tokens=30, max_cache_len=64)
+    with pytest.raises(ValueError, match=r"max_cache_len 4096 is more than the model's max_seq_len \d+"):
+        mas.generate(model, llama3_tokenizer, ["hi"], max_cache_len=4096)
     with pytest.raises(ValueError, match="attention must be"):
         GenerationSettings(attention="bidirectional")
     with pytest.raises(ValueError, match="compile_mode must be one of"):

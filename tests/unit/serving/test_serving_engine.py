@@ -8,7 +8,7 @@ from __future__ import annotations
 import copy
 import threading
 import time
-from typing import Dict, List
+from typing import List
 
 import pytest
 import torch

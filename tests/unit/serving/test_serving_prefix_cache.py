@@ -11,7 +11,6 @@ import torch
 from mas.masks import CAUSAL
 from mas.generation import PrefixCache, TextStream, is_cut_point, reusable_ends
 from mas.serving._protocol import ChatCompletionRequest, RequestError, parse_request, prompt_messages_of
-from mas.serving.options import ServeOptions
 
 
 def _kv(n: int, layers: int = 2, fill: float = 0.0):
