@@ -9,26 +9,29 @@ Each argument is a ``results_<mode>.json`` written by ``mas_eval`` (any benchmar
 included). Rows follow the argument order; ``--labels`` names them (default: the ``run_name``
 the run recorded, e.g. ``tiny_mas step 36 (trained mas, eval mas)``).
 
-How runs are paired for the win-rate row: runs are grouped by the *experiment* they record (the
-fine-tuning run's folder name without its ``mas``/``causal`` words, so ``tiny_mas`` and
-``tiny_causal`` are experiment ``tiny``), benchmark and mode; files written before experiments
-were recorded are grouped by their ``model`` field. In a group, the run trained and evaluated
-with ``--baseline`` attention (default ``causal``) is paired with the one trained and evaluated
-with ``--challenger`` (default ``mas``); with several runs per side (checkpoints), runs of the
-same step are paired. Cross-evaluations (trained one way, evaluated the other) and runs without
-a partner are listed under the table and left out of the win rate; two runs of one side and step
-in a group that has both sides are ambiguous and an error. See
+How runs are paired for the win-rate row: by what the results record, never by folder names.
+Runs are grouped by the base model they ran on (the ``base`` record of ``mas_eval``: its weights
+files' sizes and head hashes, so a copied base folder is the same base), benchmark and mode;
+adapters and base-model evaluations form separate groups. Files written before results recorded
+their base are grouped by their recorded ``experiment`` (or ``model``), with a note saying so.
+In a group, the run trained and evaluated with ``--baseline`` attention (default ``causal``) is
+paired with the one trained and evaluated with ``--challenger`` (default ``mas``); with several
+runs per side (checkpoints), runs of the same step are paired. Cross-evaluations (trained one
+way, evaluated the other) and runs without a partner are listed under the table and left out of
+the win rate; two runs of one side and step in a group that has both sides (two MAS fine-tunes
+of one base, say) are ambiguous and an error: compare them in separate calls. See
 :func:`mas.evaluation.win_rate_row` for the rate.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-from mas.errors import DataError
+from mas.errors import DataError, UserError
 from mas.evaluation.results import load_results, markdown_table, win_rate_row
 
 Results = Dict[str, Any]
@@ -51,10 +54,29 @@ def side_of(results: Results) -> Optional[str]:
     return evaluated if trained in (None, evaluated) else None
 
 
+def _base_weights(results: Results) -> Optional[str]:
+    """The recorded base by content (weights files' sizes and head hashes), or None."""
+    base = results.get("base")
+    weights = base.get("weights") if isinstance(base, dict) else None
+    if not isinstance(weights, dict) or not weights:
+        return None
+    return json.dumps(sorted(list(v) if isinstance(v, (list, tuple)) else [v] for v in weights.values()))
+
+
 def _group_key(results: Results) -> Tuple[str, Any, Any, Any]:
+    weights = _base_weights(results)
+    if weights is not None:
+        kind = "adapters on base" if results.get("adapter") else "base model"
+        return (kind, weights, results.get("benchmark"), results.get("mode"))
     if results.get("experiment"):
         return ("experiment", results["experiment"], results.get("benchmark"), results.get("mode"))
     return ("model", results.get("model"), results.get("benchmark"), results.get("mode"))
+
+
+def _group_name(kind: str, name: Any, members: Sequence[Run]) -> str:
+    if kind in ("adapters on base", "base model"):
+        return f"{kind} {members[0][1]['base'].get('folder', '?')}"
+    return f"{kind} {name!r}"
 
 
 def pair_runs(runs: Sequence[Run], baseline: str, challenger: str) -> Tuple[List[Tuple[Results, Results]], List[str], List[str]]:
@@ -62,7 +84,7 @@ def pair_runs(runs: Sequence[Run], baseline: str, challenger: str) -> Tuple[List
     and the labels of cross-evaluations.
 
     Raises:
-        ValueError: two runs of one side and step in a group that has both sides.
+        DataError: two runs of one side and step in a group that has both sides.
     """
     groups: Dict[Tuple[str, Any, Any, Any], Dict[str, List[Run]]] = {}
     unpaired: List[str] = []
@@ -92,9 +114,9 @@ def pair_runs(runs: Sequence[Run], baseline: str, challenger: str) -> Tuple[List
             if b and c and (len(b) > 1 or len(c) > 1):
                 side = baseline if len(b) > 1 else challenger
                 first, second = (b if len(b) > 1 else c)[:2]
-                raise ValueError(
-                    f"runs '{first[0]}' and '{second[0]}' are both {side} runs of {kind} {name!r} in mode {mode!r}; "
-                    "compare them in separate calls"
+                raise DataError(
+                    f"runs '{first[0]}' and '{second[0]}' are both {side} runs of {_group_name(kind, name, b + c)} "
+                    f"in mode {mode!r}; compare them in separate calls"
                 )
             if b and c:
                 pairs.append((b[0][1], c[0][1]))
@@ -114,10 +136,13 @@ def build_report(paths: Sequence[Path], labels: Optional[Sequence[str]], baselin
     if pairs:
         lines.append(win_rate_row(pairs, label=f"{challenger} > {baseline} (win rate)"))
     lines.append("")
+    unrecorded = [name for name, results in runs if _base_weights(results) is None]
     lines.append(
-        f"Win rate: {len(pairs)} {baseline}/{challenger} pair(s) matched by experiment and mode; "
+        f"Win rate: {len(pairs)} {baseline}/{challenger} pair(s) matched by recorded base model, benchmark and mode; "
         "task cells count models where the challenger is strictly better, Avg. counts all (model, task) cells."
     )
+    if unrecorded:
+        lines.append(f"Paired by recorded experiment name instead (results without a recorded base): {', '.join(unrecorded)}.")
     if unpaired:
         lines.append(f"Not in the win rate (no partner run): {', '.join(unpaired)}.")
     if crossed:
@@ -137,7 +162,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         parser.error(f"--labels has {len(args.labels)} names for {len(args.results)} results files")
     try:
         report = build_report(args.results, args.labels, args.baseline, args.challenger)
-    except (DataError, ValueError) as e:
+    except UserError as e:  # anything else is a bug: its traceback stays
         print(f"compare_results: {e}", file=sys.stderr)
         return 2
     print(report, end="")

@@ -241,6 +241,10 @@ def load_done(jsonl_path: PathLike) -> Dict[Tuple[str, int], PredictionRecord]:
 def load_results(path: PathLike) -> Dict[str, Any]:
     """Read a results JSON written by :meth:`EvalResults.write_json`, checking its shape."""
     path = Path(path)
+    if path.is_dir():
+        found = sorted(p.name for p in path.glob("results_*.json"))
+        hint = f" ({', '.join(found)} there)" if found else ""
+        raise DataError(f"{path} is a folder; give the results_<mode>.json file of a mas_eval run{hint}")
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
@@ -296,7 +300,7 @@ def suite_of(results: Mapping[str, Any]) -> TaskSuite:
 def _common_suite(results: Sequence[Mapping[str, Any]]) -> TaskSuite:
     benchmarks = {r.get("benchmark") or DEFAULT_BENCHMARK for r in results}
     if len(benchmarks) > 1:
-        raise ValueError(f"cannot tabulate runs of different benchmarks together: {sorted(benchmarks)}")
+        raise DataError(f"cannot tabulate runs of different benchmarks together: {sorted(benchmarks)}")
     if not results:
         return get_suite(None)
     suite = suite_of(results[0])

@@ -124,7 +124,8 @@ def test_compare_pairs_default_named_runs_of_one_experiment(tmp_path, monkeypatc
     printed = capsys.readouterr().out
     assert "| tiny_causal step 36 (trained causal, eval causal) | 50.0 |" in printed
     assert "| mas > causal (win rate) | 100% (1/1) |" in printed
-    assert "Win rate: 1 causal/mas pair(s) matched by experiment and mode" in printed
+    assert "Win rate: 1 causal/mas pair(s) matched by recorded base model, benchmark and mode" in printed
+    assert "Paired by recorded experiment name instead (results without a recorded base)" in printed
     assert "cross-evaluations, trained and evaluated differently): tiny_causal step 36 (trained causal, eval mas)" in printed
 
 
@@ -141,3 +142,41 @@ def test_compare_tabulates_two_checkpoints_of_one_run_with_labels(tmp_path, monk
     causal = [_default(tmp_path, f"c{s}", "causal", "causal", 0.5, step=s) for s in (12, 36)]
     assert compare_results.main([str(early), str(late), *map(str, causal)]) == 0
     assert "| mas > causal (win rate) | 50% (1/2) |" in capsys.readouterr().out
+
+
+def _with_base(path: Path, trained: str, weights: dict, acc: float, run: str) -> Path:
+    """Results as mas_eval writes them now: the base recorded, run names that say nothing."""
+    return _results(
+        path, acc=acc, model=run, run_name=run, attention=trained, trained_attention=trained, experiment=run, run=run,
+        step=36, adapter=f"/runs/{run}/checkpoints/step_0000036", base={"folder": "/somewhere", "weights": weights},
+    )  # fmt: skip
+
+
+def test_compare_pairs_on_the_recorded_base_never_on_folder_names(tmp_path, capsys):
+    import compare_results
+
+    base_a = {"model.safetensors": [1000, "aa"]}
+    base_b = {"model.safetensors": [1000, "bb"]}
+    runs = [
+        _with_base(tmp_path / "1.json", "causal", base_a, 0.5, "baseline"),
+        _with_base(tmp_path / "2.json", "mas", base_a, 0.7, "run-mas"),
+        _with_base(tmp_path / "3.json", "mas", base_b, 0.9, "mas"),  # another base: no partner
+    ]
+    assert compare_results.main([str(p) for p in runs]) == 0
+    printed = capsys.readouterr().out
+    assert "| mas > causal (win rate) | 100% (1/1) |" in printed
+    assert "Not in the win rate (no partner run): mas." in printed
+    assert "Paired by recorded experiment name" not in printed
+    twin = _with_base(tmp_path / "4.json", "mas", base_a, 0.6, "other-lr")
+    assert compare_results.main([str(runs[0]), str(runs[1]), str(twin)]) == 2
+    assert "both mas runs of adapters on base /somewhere" in capsys.readouterr().err
+
+
+def test_compare_given_a_folder_says_so_in_one_line(tmp_path, capsys):
+    import compare_results
+
+    (tmp_path / "eval").mkdir()
+    _results(tmp_path / "eval" / "results_generate.json", acc=0.5)
+    assert compare_results.main([str(tmp_path / "eval")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"compare_results: {tmp_path / 'eval'} is a folder; give the results_<mode>.json file of a mas_eval run (results_generate.json there)"
