@@ -405,8 +405,11 @@ class InferenceEngine:
         self.decode_steps += steps
         self.decoded_tokens += steps * len(decoding)
         self.decode_seconds += time.perf_counter() - started  # the read is added in _read
+        # Only decoding rows' columns count: a row still prefilling (or free) inside [0, k) took
+        # part without a sequence to decode, and its emitted values mean nothing.
         out = torch.full((self.rows, steps), -2, dtype=torch.long, device=self.device)
-        out[:k] = torch.stack(emitted, dim=1)
+        rows = torch.tensor([r.row for r in decoding]).to(self.device)
+        out[rows] = torch.stack(emitted, dim=1)[rows]
         return out
 
     def _decode_step_isolated(self, k: int, noise: Optional[Tensor], sampling: RowSampling, width: int, decoding: List[Request]) -> Tensor:

@@ -163,6 +163,26 @@ def test_chunked_prefill_cuts_at_segment_ends_and_stays_exact(model, llama3_toke
     assert all(n == 1 for n in lengths[: len(chunks)] if not first.finished)
 
 
+def test_a_row_prefilled_in_chunks_below_a_decoding_row_keeps_its_keys(model, llama3_tokenizer):
+    """Eager steps run rows [0, last decoding row]: a row still prefilling in between takes part
+    (it attends nothing) and its decode write must land in a slot the next chunk overwrites."""
+    short, running = _sequences(llama3_tokenizer, [{"user": "Hi"}, {"user": "Tell me more, please."}])
+    arriving = _sequences(llama3_tokenizer, [{"system": "S a b c d e f g h i j", "user": "Long question " * 4}])[0]
+    params = [SamplingParams(3), SamplingParams(40), SamplingParams(10)]
+    expected = _reference(model, [short, running, arriving], params)
+    settings = GenerationSettings(batch_size=2, max_cache_len=128, prefill_chunk_tokens=8, stop_tokens=[], stop_check_every=1)
+    with InferenceEngine(copy.deepcopy(model), settings) as engine:
+        first, second = engine.submit(short, params[0]), engine.submit(running, params[1])
+        while not first.finished:
+            engine.step()
+        third = engine.submit(arriving, params[2])  # takes row 0 while row 1 decodes
+        engine.step()
+        assert third.row == 0 and 0 < third.prefilled < len(arriving) and second.decoding
+        while engine.has_unfinished():
+            engine.step()
+    assert [first.tokens, second.tokens, third.tokens] == expected
+
+
 def test_each_decode_mask_is_the_rows_written_slots(model, llama3_tokenizer):
     """Each decode forward attends decode_width(written slots) keys (the exact count eagerly),
     and a row's query sees exactly its own written slots: the row of build_attention_mask."""
@@ -227,6 +247,19 @@ def test_stop_tokens_and_stop_strings(model, llama3_tokenizer):
     stop = text[len(text) // 2 : len(text) // 2 + 2]
     out = mas.generate(copy.deepcopy(model), llama3_tokenizer, PROMPTS[:1], max_new_tokens=8, stop_tokens=[], stop=[stop])
     assert out.texts[0] == text[: text.index(stop)] and out.finish_reasons == ["stop"]
+
+
+def test_a_row_that_ignores_stop_tokens_runs_on_beside_one_that_stops(model, llama3_tokenizer):
+    seqs = _sequences(llama3_tokenizer)[:1] * 2
+    free = _reference(model, seqs[:1], [SamplingParams(8)])[0]
+    stop = free[2]
+    settings = GenerationSettings(batch_size=2, max_cache_len=128, stop_tokens=[stop])
+    with InferenceEngine(copy.deepcopy(model), settings) as engine:
+        requests = [engine.submit(seqs[0], SamplingParams(8)), engine.submit(seqs[1], SamplingParams(8, ignore_stop_tokens=True))]
+        while engine.has_unfinished():
+            engine.step()
+    assert requests[0].tokens == free[: free.index(stop)] and requests[0].finish_reason == "stop"
+    assert requests[1].tokens == free and requests[1].finish_reason == "length"
 
 
 def test_widths():
