@@ -166,7 +166,7 @@ class MASAttention:
         if isinstance(mask, BlockMask):
             if self._use_flex(q, k, v):
                 if dropout_p > 0.0:
-                    raise ValueError("FlexAttention does not support attention dropout; set it to 0")
+                    raise ConfigError("FlexAttention does not support attention dropout; set it to 0")
                 return _flex(q, k, v, mask, enable_gqa)
         return windowed_sdpa(q, k, v, _sdpa_mask_of(mask), dropout_p, enable_gqa)
 

@@ -7,6 +7,7 @@ type, not by class-name strings.
 """
 
 from __future__ import annotations
+from mas.errors import ConfigError
 
 from typing import Any, List
 
@@ -57,7 +58,7 @@ def render_chat_message(
         if add_end:
             ids += [tokenizer.im_end_id] + tokenizer.encode("\n", add_bos=False, add_eos=False)
         return ids
-    raise ValueError(
+    raise ConfigError(
         f"no chat format for {type(tokenizer).__name__}; use prompt_format: text, which works "
         "with every tokenizer"
     )
@@ -74,4 +75,4 @@ def assistant_header(tokenizer: Any) -> List[int]:
         )
     if _qwen2(tokenizer):
         return [tokenizer.im_start_id] + tokenizer.encode("assistant\n", add_bos=False, add_eos=False)
-    raise ValueError(f"no chat format for {type(tokenizer).__name__}")
+    raise ConfigError(f"no chat format for {type(tokenizer).__name__}")

@@ -26,6 +26,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from mas.config import ConfigError, parse, run_reporting_user_errors, to_options
 from mas.data import DataError, instruction_messages, load_rows
+from mas.data.rows import optional_text, require_list, require_text
 from mas.devices import resolve_device
 from mas.generation import generate, prompt_messages
 from mas.generation.loading import load_for_inference
@@ -36,17 +37,45 @@ log = logging.getLogger("mas_generate")
 RECIPE = "mas_generate"
 
 
+def _checked_prompt(row: Any, where: str) -> Any:
+    """A prompt that can be generated from: text fields are strings and a user message is there
+    (a row of only a system prompt would generate a continuation of the system prompt)."""
+    if isinstance(row, str):
+        if not row.strip():
+            raise DataError(f"{where}: the prompt is empty")
+        return row
+    if not isinstance(row, dict):
+        raise DataError(f"{where}: a prompt is a string or a mapping with 'user' (and 'system'), got {type(row).__name__}")
+    if "messages" in row:
+        turns = require_list(row, "messages", where)
+        roles = []
+        for j, turn in enumerate(turns):
+            if not isinstance(turn, dict):
+                raise DataError(f"{where}: messages[{j}] must be a mapping with 'role' and 'content', got {type(turn).__name__}")
+            role = require_text(turn, "role", f"{where}, messages[{j}]")
+            if role not in ("system", "user", "assistant"):
+                raise DataError(f"{where}, messages[{j}]: role must be system, user or assistant, got {role!r}")
+            require_text(turn, "content", f"{where}, messages[{j}]")
+            roles.append(role)
+        if "user" not in roles:
+            raise DataError(f"{where}: the messages have no user message (roles {roles}); add the user turn to answer")
+        return {"messages": turns}
+    user = require_text(row, "user", where)
+    system = optional_text(row, "system", where)
+    return {"system": system, "user": user} if system else {"user": user}
+
+
 def _prompts_from_file(path: str) -> List[Any]:
     rows = load_rows(path)
     prompts = []
     for i, row in enumerate(rows):
         where = rows.where(i)
         if "instruction" in row:
-            prompts.append(instruction_messages(str(row["instruction"]), str(row.get("input") or "")))
+            prompts.append(instruction_messages(require_text(row, "instruction", where), optional_text(row, "input", where)))
         elif "prompt" in row:
-            prompts.append(row["prompt"])
-        elif "messages" in row or "user" in row:
-            prompts.append({k: v for k, v in row.items() if k in ("system", "user", "messages")})
+            prompts.append(_checked_prompt(row["prompt"], f"{where}, field 'prompt'"))
+        elif "messages" in row or "user" in row or "system" in row:
+            prompts.append(_checked_prompt({k: v for k, v in row.items() if k in ("system", "user", "messages")}, where))
         else:
             raise DataError(f"{where}: expected 'user', 'messages', 'prompt' or 'instruction', got {sorted(row)}")
     return prompts
@@ -59,7 +88,8 @@ def load_prompts(options: GenerateOptions) -> List[Any]:
     prompt = options.prompt
     if prompt is None:
         raise ConfigError("give prompt: {system: ..., user: ...} or prompts_file: path.jsonl")
-    return [OmegaConf.to_container(prompt) if isinstance(prompt, DictConfig) else prompt if isinstance(prompt, dict) else str(prompt)]
+    plain = OmegaConf.to_container(prompt) if isinstance(prompt, DictConfig) else prompt
+    return [_checked_prompt(plain if isinstance(plain, dict) else str(plain), "prompt")]
 
 
 def _open_output(options: GenerateOptions) -> Optional[TextIO]:
@@ -91,9 +121,16 @@ def run(cfg: DictConfig) -> Dict[str, Any]:
     settings = generation_settings(
         options, rows=options.batch_size, temperature=options.temperature, top_k=options.top_k, top_p=options.top_p, stop_tokens=options.stop_tokens
     )
-    result = generate(
-        loaded.model, tokenizer, prompts, settings=settings, prompt_format=chosen.prompt_format, merge_system_and_user=chosen.merge_system_and_user
-    )
+    try:
+        result = generate(
+            loaded.model, tokenizer, prompts, settings=settings, prompt_format=chosen.prompt_format, merge_system_and_user=chosen.merge_system_and_user
+        )
+    except ValueError as e:
+        # mas.generate names a prompt that cannot run (too long for the cache, empty) as
+        # "prompt <i>: ..."; that is the user's to fix. Any other ValueError is a bug.
+        if isinstance(e, DataError) or not str(e).startswith("prompt "):
+            raise
+        raise DataError(f"{options.prompts_file or 'prompt'}: {e}") from e
     for i, text in enumerate(result.texts):
         print(f"--- completion {i} ---\n{text}")
     print(

@@ -25,7 +25,7 @@ from omegaconf import DictConfig
 from mas.checkpointing import latest_checkpoint
 from mas.config import ConfigError, parse, report_user_errors, to_options
 from mas.devices import resolve_device
-from mas.training.finetune import LoRAFinetuneRecipe
+from mas.training.finetune import EXIT_INTERRUPTED, LoRAFinetuneRecipe, TrainingInterrupted
 from mas.training.options import FinetuneOptions
 from mas.training.parallel import SingleDevice
 
@@ -48,10 +48,20 @@ class MASLoRAFinetuneRecipe(LoRAFinetuneRecipe):
 
 
 def run(cfg: DictConfig) -> MASLoRAFinetuneRecipe:
-    """Set up and train; returns the finished recipe."""
-    recipe = MASLoRAFinetuneRecipe(cfg)
-    recipe.setup()
-    recipe.train()
+    """Set up and train; returns the finished recipe.
+
+    Raises:
+        TrainingInterrupted: Ctrl-C, with the step and how to resume.
+    """
+    recipe = None
+    try:
+        recipe = MASLoRAFinetuneRecipe(cfg)
+        recipe.setup()
+        recipe.train()
+    except KeyboardInterrupt:
+        if recipe is not None:
+            recipe.cleanup()
+        raise TrainingInterrupted(recipe) from None
     recipe.cleanup()
     return recipe
 
@@ -59,7 +69,11 @@ def run(cfg: DictConfig) -> MASLoRAFinetuneRecipe:
 @parse(RECIPE, FinetuneOptions)
 def recipe_main(cfg: DictConfig) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    recipe = report_user_errors(RECIPE, lambda: run(cfg))
+    try:
+        recipe = report_user_errors(RECIPE, lambda: run(cfg))
+    except TrainingInterrupted as e:
+        print(f"{RECIPE}: {e}", file=sys.stderr)
+        raise SystemExit(EXIT_INTERRUPTED) from None
     print(f"adapter written to {latest_checkpoint(recipe.output_dir)}")
     return 0
 

@@ -13,6 +13,7 @@ import logging
 import os
 import sys
 import traceback
+from pathlib import Path
 from typing import Any, Callable, Optional, Sequence, Type
 
 from omegaconf import DictConfig
@@ -35,12 +36,13 @@ def _debug() -> bool:
 def report_user_errors(recipe: str, run: Callable[[], Any]) -> Any:
     """Run ``run()``; a user error ends the process with one line on stderr and exit code 2.
 
-    User errors: :class:`mas.errors.UserError` (config, data), ``ValueError`` raised for a bad
-    value, and ``OSError`` for a path that cannot be read or written.
+    User errors: :class:`mas.errors.UserError` (config, data) and ``OSError`` for a path that
+    cannot be read or written. Anything else, a plain ``ValueError`` from library code included,
+    is a bug and keeps its traceback.
     """
     try:
         return run()
-    except (UserError, ValueError, OSError) as e:
+    except (UserError, OSError) as e:
         if _debug():
             traceback.print_exc()
         kind = "" if isinstance(e, UserError) else f"{type(e).__name__}: "
@@ -63,6 +65,14 @@ def instantiate(node: Optional[DictConfig], *args: Any, **kwargs: Any) -> Any:
     if node is None:
         return None
     component = node.get("_component_", "?")
+    name = node._key() if isinstance(node, DictConfig) and node._key() is not None else component
+    for key in map(str, node):
+        # An input file a builder reads (a tokenizer's path, merges file): checked before it is
+        # handed to a library that reports it with its own traceback (sentencepiece, tiktoken).
+        if key == "path" or key.endswith(("_file", "_path")):
+            value = node[key]
+            if isinstance(value, str) and value and not Path(value).exists():
+                raise ConfigError(f"{name}.{key}: file not found: {value}")
     try:
         return tt_config.instantiate(node, *args, **kwargs)
     except FileNotFoundError as e:
@@ -71,6 +81,10 @@ def instantiate(node: Optional[DictConfig], *args: Any, **kwargs: Any) -> Any:
         if "argument" in str(e):  # unexpected/missing keyword: a config mistake, not a bug
             raise ConfigError(f"{component}: {e}") from e
         raise
+    except UserError:
+        raise
+    except ValueError as e:  # a builder refusing its arguments (torchtune: "No file with name ...")
+        raise ConfigError(f"{name} ({component}): {e}") from e
 
 
 def _experiments_of(recipe: str) -> list:

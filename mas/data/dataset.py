@@ -95,9 +95,9 @@ class SegmentedDataset(Dataset):
         pack_length: Optional[int] = None,
     ) -> None:
         if on_bad_row not in ("error", "skip"):
-            raise ValueError(f"on_bad_row must be 'error' or 'skip', got {on_bad_row!r}")
+            raise ConfigError(f"on_bad_row must be 'error' or 'skip', got {on_bad_row!r}")
         if packed and not max_seq_len:
-            raise ValueError("packed=True needs max_seq_len (set tokenizer.max_seq_len)")
+            raise ConfigError("packed=True needs max_seq_len (set tokenizer.max_seq_len)")
         pack_length = pack_length or max_seq_len
         if packed and pack_length < max_seq_len:  # type: ignore[operator]
             raise ConfigError(

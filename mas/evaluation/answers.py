@@ -24,6 +24,7 @@ from functools import lru_cache
 from typing import Optional, Sequence, Tuple, Union
 
 from mas.evaluation.tasks import CommonsenseTask, get_task
+from mas.errors import DataError
 
 __all__ = ["answer_pattern", "extract_answer", "extract_label", "is_correct", "labels_pattern"]
 
@@ -102,5 +103,5 @@ def is_correct(task: Union[str, CommonsenseTask], prediction: Optional[str], gol
     task = get_task(task)
     gold_label = gold.strip().lower()
     if gold_label not in task.answer_labels:
-        raise ValueError(f"gold answer {gold!r} is not one of the {task.name} answers {list(task.answer_labels)}")
+        raise DataError(f"gold answer {gold!r} is not one of the {task.name} answers {list(task.answer_labels)}")
     return prediction is not None and prediction.strip().lower() == gold_label

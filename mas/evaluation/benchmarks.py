@@ -68,7 +68,7 @@ def get_suite(name: Optional[str]) -> TaskSuite:
     """
     name = name or DEFAULT_BENCHMARK
     if name not in BENCHMARKS:
-        raise ValueError(f"unknown benchmark {name!r}; known: {sorted(BENCHMARKS)}")
+        raise ConfigError(f"unknown benchmark {name!r}; known: {sorted(BENCHMARKS)}")
     return BENCHMARKS[name].suite
 
 

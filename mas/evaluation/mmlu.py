@@ -42,6 +42,7 @@ from mas.evaluation.records import extraction_records, loglik_records
 from mas.evaluation.spec import ANSWER_TEMPLATE, Benchmark, BenchmarkContext, EvalItem
 from mas.evaluation.suites import MISSING_CELL, TaskSuite, escape_cell, percent, table_row
 from mas.evaluation.tasks import get_task
+from mas.errors import ConfigError
 
 __all__ = ["EXTRACTION_TASK", "MMLU", "MMLUSuite", "mmlu_instruction", "mmlu_items", "mmlu_messages"]
 
@@ -73,7 +74,7 @@ class MMLUSuite(TaskSuite):
         if name not in CATEGORY_OF:
             close = difflib.get_close_matches(name, SUBJECTS, n=1, cutoff=0.6)
             hint = f" Did you mean '{close[0]}'?" if close else ""
-            raise ValueError(f"unknown MMLU subject '{task}'.{hint} The 57 subjects: {', '.join(SUBJECTS)}")
+            raise ConfigError(f"unknown MMLU subject '{task}'.{hint} The 57 subjects: {', '.join(SUBJECTS)}")
         return name
 
     def order(self, tasks) -> List[str]:

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 from mas.data.rows import DataError, load_rows, require_text
+from mas.errors import ConfigError
 
 __all__ = ["CATEGORIES", "CATEGORY_OF", "SAMPLE_SOURCE", "SUBJECTS", "MMLUExample", "load_mmlu"]
 
@@ -216,7 +217,7 @@ def load_mmlu(
         ValueError: a ``limit`` below 1.
     """
     if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
-        raise ValueError(f"limit must be a positive integer or None, got {limit!r}")
+        raise ConfigError(f"limit must be a positive integer or None, got {limit!r}")
     index_of: Dict[str, int] = {}
     by_subject: Dict[str, List[MMLUExample]] = {}
     for row, where in _source_rows(source, split, hub_config):

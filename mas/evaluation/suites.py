@@ -12,6 +12,7 @@ from __future__ import annotations
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Protocol, Sequence, Tuple
 
 from mas.evaluation.tasks import TASK_NAMES, TASKS, get_task
+from mas.errors import ConfigError
 
 
 class ScoredRecord(Protocol):
@@ -155,7 +156,7 @@ class NamedTaskSuite(TaskSuite):
 
     def canonical(self, task: str) -> str:
         if task not in self.tasks:
-            raise ValueError(f"unknown task '{task}' of benchmark {self.name}; its tasks: {', '.join(self.tasks)}")
+            raise ConfigError(f"unknown task '{task}' of benchmark {self.name}; its tasks: {', '.join(self.tasks)}")
         return task
 
     def order(self, tasks: Iterable[str]) -> List[str]:

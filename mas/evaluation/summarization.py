@@ -45,6 +45,7 @@ from mas.evaluation.results import PredictionRecord
 from mas.evaluation.spec import Benchmark, BenchmarkContext, EvalItem
 from mas.evaluation.suites import TaskSuite, escape_cell, percent, table_row
 from mas.segments import SegmentBuilder
+from mas.errors import ConfigError
 
 __all__ = [
     "DOCUMENT_FIELDS",
@@ -137,7 +138,7 @@ def load_summarization(
         DataError: a missing file or a row without document or summary (naming file and row).
     """
     if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
-        raise ValueError(f"limit must be a positive integer or None, got {limit!r}")
+        raise ConfigError(f"limit must be a positive integer or None, got {limit!r}")
     path = Path(source).expanduser()
     if path.exists():
         sources = [(task, load_rows(str(file))) for task, file in _task_files(path, tasks, split)]
@@ -203,7 +204,7 @@ class SummarizationSuite(TaskSuite):
 
     def canonical(self, task: str) -> str:
         if not isinstance(task, str) or not task.strip():
-            raise ValueError(f"a summarization data set needs a non-empty name, got {task!r}")
+            raise ConfigError(f"a summarization data set needs a non-empty name, got {task!r}")
         return task.strip()
 
     def order(self, tasks) -> List[str]:

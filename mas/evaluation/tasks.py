@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Dict, List, Optional, Tuple, Union
 
 from mas.data.rows import DataError, RowSource, load_rows, optional_text, require_text
+from mas.errors import ConfigError
 
 __all__ = [
     "SAMPLE_SOURCE",
@@ -91,7 +92,7 @@ def get_task(name: Union[str, CommonsenseTask]) -> CommonsenseTask:
     if task is None:
         close = difflib.get_close_matches(str(name).lower(), list(_ALIASES), n=1, cutoff=0.5)
         hint = f" Did you mean '{_ALIASES[close[0]].name}'?" if close else ""
-        raise ValueError(f"unknown commonsense task '{name}'; valid tasks: {', '.join(TASK_NAMES)}.{hint}")
+        raise ConfigError(f"unknown commonsense task '{name}'; valid tasks: {', '.join(TASK_NAMES)}.{hint}")
     return task
 
 
@@ -238,7 +239,7 @@ def load_task(
     """
     task = get_task(name)
     if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
-        raise ValueError(f"limit must be a positive integer or None, got {limit!r}")
+        raise ConfigError(f"limit must be a positive integer or None, got {limit!r}")
     rows = _task_rows(task, str(source))
     count = len(rows) if limit is None else min(limit, len(rows))
     examples = []

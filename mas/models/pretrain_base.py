@@ -30,7 +30,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence
 from torchtune.models.llama3 import Llama3Tokenizer
 
 from mas.data.formats import instruction_messages
-from mas.data.rows import load_rows
+from mas.data.rows import load_rows, optional_text, require_list, require_text
 from mas.errors import ConfigError, DataError
 from mas.models._hf_layout import HF_WEIGHTS_FILE, check_replaceable_model_dir, write_hf_model
 from mas.models._tiny import TINY_LLAMA3_2, pretrain_causal_lm, seeded_tiny_model, tiny_llama3_tokenizer
@@ -75,14 +75,19 @@ def row_texts(source: str | os.PathLike, include_answers: bool = False) -> List[
 
 
 def _row_text(row: Mapping[str, Any], where: str, include_answers: bool) -> str:
-    if isinstance(row.get("text"), str):
-        return row["text"]
-    if isinstance(row.get("instruction"), str):
-        output = row.get("output") if include_answers and isinstance(row.get("output"), str) else None
-        return _message_text(instruction_messages(row["instruction"], row.get("input") or "", output))
-    if isinstance(row.get("messages"), list):
-        turns = [m for m in row["messages"] if isinstance(m, dict) and (include_answers or m.get("role") != "assistant")]
-        return "".join(str(m.get("content", "")) for m in turns)
+    # A field that is present is a string: null or a number would be pre-trained on as "None"/"5".
+    if "text" in row:
+        return require_text(row, "text", where)
+    if "instruction" in row:
+        output = optional_text(row, "output", where) if include_answers else None
+        return _message_text(instruction_messages(require_text(row, "instruction", where), optional_text(row, "input", where), output or None))
+    if "messages" in row:
+        turns = require_list(row, "messages", where)
+        for j, turn in enumerate(turns):
+            if not isinstance(turn, dict):
+                raise DataError(f"{where}, messages[{j}]: expected a mapping with 'role' and 'content', got {type(turn).__name__}")
+            require_text(turn, "content", f"{where}, messages[{j}]")
+        return "".join(m["content"] for m in turns if include_answers or m.get("role") != "assistant")
     raise DataError(f"{where}: no 'text', 'instruction' or 'messages' field to pre-train on (row has {sorted(row)})")
 
 

@@ -37,12 +37,33 @@ from mas.training.sampler import ResumableSampler
 from mas.training.loss import check_target_rows_loss
 from mas.training.steps import HostBatch, prepare_batch, prepare_host_batch, summed_token_loss
 
-__all__ = ["LoRAFinetuneRecipe", "TrainingDivergedError"]
+__all__ = ["EXIT_INTERRUPTED", "LoRAFinetuneRecipe", "TrainingDivergedError", "TrainingInterrupted"]
 
 log = logging.getLogger("mas.finetune")
 
+#: Exit code of a run stopped by Ctrl-C (128 + SIGINT, the shell's convention).
+EXIT_INTERRUPTED = 130
+
+
 class TrainingDivergedError(UserError):
     """The loss or a gradient became NaN or infinite; the run stopped before saving it."""
+
+
+class TrainingInterrupted(Exception):
+    """Ctrl-C during a run: the message says at which step and how to resume (no traceback)."""
+
+    def __init__(self, recipe: Optional["LoRAFinetuneRecipe"]) -> None:
+        position = getattr(recipe, "position", None)
+        output_dir = getattr(recipe, "output_dir", None)
+        checkpoint = latest_checkpoint(output_dir) if output_dir is not None and Path(output_dir).is_dir() else None
+        where = f"interrupted at step {position.global_step}" if position is not None else "interrupted before training started"
+        if checkpoint is not None:
+            how = f"resume with the same command and resume_from_checkpoint=True (continues from {checkpoint})"
+        elif output_dir is not None and (Path(output_dir) / "run.json").exists():
+            how = "no checkpoint was written yet: rerun the same command with overwrite_output_dir=True to start over"
+        else:
+            how = "nothing was written: rerun the same command"
+        super().__init__(f"{where}; {how}")
 
 
 def _collate_host_batch(items: Any, *, pad_id: int, pad_to_multiple_of: Optional[int], plan_windows: bool) -> HostBatch:
@@ -515,9 +536,9 @@ class LoRAFinetuneRecipe:
         return folder
 
     def cleanup(self) -> None:
-        if self.metrics_file is not None:
+        if getattr(self, "metrics_file", None) is not None:
             self.metrics_file.close()
-        if self.metric_logger is not None:
+        if getattr(self, "metric_logger", None) is not None:
             self.metric_logger.close()
 
 

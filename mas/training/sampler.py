@@ -5,6 +5,7 @@ exactly the samples already consumed and see the same batches as an uninterrupte
 """
 
 from __future__ import annotations
+from mas.errors import ConfigError
 
 from typing import Iterator
 
@@ -30,7 +31,7 @@ class ResumableSampler(Sampler[int]):
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} not in [0, {world_size})")
         if dataset_len < world_size:
-            raise ValueError(f"{dataset_len} items cannot be split over {world_size} ranks")
+            raise ConfigError(f"{dataset_len} items cannot be split over {world_size} ranks")
         self.dataset_len = dataset_len
         self.shuffle = shuffle
         self.seed = seed

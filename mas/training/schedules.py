@@ -1,6 +1,7 @@
 """Learning-rate schedules missing from torchtune 0.6.1."""
 
 from __future__ import annotations
+from mas.errors import ConfigError
 
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LambdaLR
@@ -23,7 +24,7 @@ def linear_schedule_with_warmup(
         LambdaLR: the scheduler; call ``step()`` after every optimizer step.
     """
     if num_warmup_steps < 0 or num_training_steps <= 0:
-        raise ValueError(
+        raise ConfigError(
             f"need num_warmup_steps >= 0 and num_training_steps > 0, got {num_warmup_steps}, {num_training_steps}"
         )
 

@@ -65,7 +65,7 @@ def test_mode_mismatch_is_reported(tmp_path, tiny_base_dir, tiny_mas_run):
     "extra, message",
     [
         ({"adapter_checkpoint": "/nope/run"}, r"adapter file not found: /nope/run/adapter_model\.safetensors"),
-        ({"prompt.user": "' '"}, "user message is empty"),
+        ({"prompt.user": "' '"}, "prompt: field 'user' is empty"),
         ({"max_new_tokens": 600}, r"> the 512-slot KV cache"),
         ({"attention": "both"}, "attention must be 'mas' or 'causal'"),
     ],

@@ -3,7 +3,7 @@
 A table of cases, run in-process through each recipe's command line (``recipe_main(argv)``), so
 the check covers exactly what a user typing ``tune run ...`` gets. ``silent_before`` records
 what the case did before this check existed ("silent": exit 0 with a wrong result; "traceback":
-a raw traceback; "ok": already a clear line), for the changelog of issue 11.
+a raw traceback; "ok": already a clear line), for the changelog of issues 11 and 22.
 """
 
 from __future__ import annotations
@@ -18,11 +18,13 @@ from typing import Callable, List, Optional
 import pytest
 import torch
 
+import compare_results
 import mas_config
 import mas_eval
 import mas_generate
 import mas_lora_finetune
 from mas.config import EXIT_USER_ERROR
+import pretrain_tiny_base
 from support.runs import finetune_overrides, run_finetune
 
 
@@ -56,6 +58,34 @@ def _train_once(tmp: Path, base: Path) -> None:
 
 def _bad_prompts(tmp: Path, base: Path) -> None:
     (tmp / "prompts.jsonl").write_text('{"user": "fine"}\n{"question": "no known field"}\n')
+
+
+def _exit_with(main: Callable) -> Callable:
+    """A tool's ``main`` that returns its exit code, as a command line would end."""
+
+    def run(argv: List[str]) -> None:
+        raise SystemExit(main(argv))
+
+    return run
+
+
+def _eval(*extra: str) -> Callable[[Path, Path], List[str]]:
+    return lambda tmp, base: [
+        "--config", "tiny_eval", f"output_dir={tmp}/eval", f"checkpointer.checkpoint_dir={base}", "checkpointer.pretrain_steps=30",
+        "mode=loglik", "limit=1", "progress_bar=False", *extra,
+    ]  # fmt: skip
+
+
+def _prompts(text: str) -> Callable[[Path, Path], None]:
+    return lambda tmp, base: (tmp / "prompts.jsonl").write_text(text)
+
+
+def _truncated_adapter(tmp: Path, base: Path) -> None:
+    from mas.checkpointing import ADAPTER_WEIGHTS_FILE, latest_checkpoint
+
+    _train_once(tmp, base)
+    weights = latest_checkpoint(tmp / "run") / ADAPTER_WEIGHTS_FILE
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
 
 
 CASES = [
@@ -93,6 +123,30 @@ CASES = [
          lambda t, b: ["--config", "tiny_eval", "output_dir=/proc/mas_eval_out", f"checkpointer.checkpoint_dir={b}", "checkpointer.pretrain_steps=30"],
          r"/proc/mas_eval_out", "ok"),
     Case("generate: bad sampling value", mas_generate.recipe_main, _gen("top_p=1.5"), r"top_p: must be <= 1", "ok"),
+    # Issue 22: paths that mean something else, inputs that cannot be right, tracebacks for user mistakes.
+    Case("eval: data_dir naming one task's file", mas_eval.recipe_main, _eval("data_dir={tmp}/ARC-Easy.json", "tasks=[ARC-Challenge]"),
+         r"data_dir=.*ARC-Easy.json is a file; the commonsense benchmark reads a folder with one file per task", "silent",
+         setup=lambda t, b: (t / "ARC-Easy.json").write_text("[]")),
+    Case("output_dir naming an unset environment variable", mas_lora_finetune.recipe_main, _ft("output_dir=$MAS_TEST_UNSET_VARIABLE/run"),
+         r"output_dir=\$MAS_TEST_UNSET_VARIABLE/run: environment variable MAS_TEST_UNSET_VARIABLE is not set", "silent"),
+    Case("generate: truncated adapter weights", mas_generate.recipe_main, lambda t, b: _gen(f"adapter_checkpoint={t}/run")(t, b),
+         r"unreadable adapter file \(SafetensorError.*copy the checkpoint again", "traceback", setup=_truncated_adapter),
+    Case("generate: prompt field that is not a string", mas_generate.recipe_main, lambda t, b: _gen(f"prompts_file={t}/prompts.jsonl")(t, b),
+         r"prompts.jsonl, line 1: field 'user' must be a string, got int", "traceback", setup=_prompts('{"user": 5}\n')),
+    Case("generate: prompt row with only a system message", mas_generate.recipe_main, lambda t, b: _gen(f"prompts_file={t}/prompts.jsonl")(t, b),
+         r"prompts.jsonl, line 1: missing field 'user'", "silent", setup=_prompts('{"system": "Answer briefly."}\n')),
+    Case("generate: messages without a user turn", mas_generate.recipe_main, lambda t, b: _gen(f"prompts_file={t}/prompts.jsonl")(t, b),
+         r"prompts.jsonl, line 1: the messages have no user message", "silent",
+         setup=_prompts('{"messages": [{"role": "system", "content": "Answer briefly."}]}\n')),
+    Case("generate: \"instruction\": null", mas_generate.recipe_main, lambda t, b: _gen(f"prompts_file={t}/prompts.jsonl")(t, b),
+         r"prompts.jsonl, line 1: missing field 'instruction'", "silent", setup=_prompts('{"instruction": null, "input": ""}\n')),
+    Case("pretrain_tiny_base --steps -5", _exit_with(pretrain_tiny_base.main), lambda t, b: [str(t / "rows.jsonl"), str(t / "base"), "--steps", "-5"],
+         r"pretrain_tiny_base: steps must be >= 1, got -5", "silent", setup=lambda t, b: (t / "rows.jsonl").write_text('{"text": "a row"}\n')),
+    Case("compare_results given a folder", _exit_with(compare_results.main), lambda t, b: [str(t)], r"compare_results: .* is a folder; give the results_<mode>.json", "traceback"),
+    Case("eval: sentencepiece tokenizer file missing (Mistral)", mas_eval.recipe_main,
+         lambda t, b: ["--config", "mistral_7b_v0_1_eval", "device=cpu", f"output_dir={t}/eval", f"tokenizer.path={t}/no/tokenizer.model"],
+         r"tokenizer.path: file not found: .*/no/tokenizer.model", "traceback"),
+    Case("eval: unknown commonsense task", mas_eval.recipe_main, _eval("tasks=[boolqq]"), r"unknown commonsense task 'boolqq'", "ok"),
     Case("mas-config: validate a file with a typo", mas_config.main, lambda t, b: ["validate", str(t / "bad.yaml")], r"unknown config key 'epoch'.*did you mean 'epochs'", "ok",
          setup=lambda t, b: (t / "bad.yaml").write_text("# recipe: mas_lora_finetune\nbase_config: tiny_mas\nepoch: 2\n")),
 ]
@@ -186,3 +240,41 @@ def test_resumed_run_logs_each_step_once_and_drops_a_torn_line(tmp_path, tiny_ba
     records = [json.loads(line) for line in metrics.read_text().splitlines()]
     steps = [r["step"] for r in records if r["kind"] == "train"]
     assert steps == [1, 2, 3, 4, 5, 6]
+
+
+# ----------------------------------------------------------------------------- Ctrl-C and bugs
+def test_ctrl_c_in_training_says_the_step_and_how_to_resume_with_exit_130(tmp_path, tiny_base_dir, monkeypatch, capsys):
+    class InterruptedLoss(ExplodingLoss):
+        def forward(self, logits, targets):
+            loss = super().forward(logits, targets)
+            if self.calls == 5:
+                raise KeyboardInterrupt
+            return loss
+
+    monkeypatch.setattr("torchtune.modules.loss.CEWithChunkedOutputLoss", lambda: InterruptedLoss(nan_from_call=10**9), raising=True)
+    argv = ["--config", "tiny_mas", *finetune_overrides(tmp_path / "run", tiny_base_dir, lm_head_on_targets_only=False)]
+    with pytest.raises(SystemExit) as exit_info:
+        mas_lora_finetune.recipe_main(argv)
+    assert exit_info.value.code == 130
+    err = capsys.readouterr().err
+    assert "Traceback" not in err, err
+    lines = [line for line in err.splitlines() if line.strip() and not line.startswith(("WARNING", "INFO", "Skipping import"))]
+    assert lines == [
+        f"mas_lora_finetune: interrupted at step 4; resume with the same command and resume_from_checkpoint=True "
+        f"(continues from {tmp_path / 'run' / 'checkpoints' / 'step_0000003'})"
+    ], err
+    monkeypatch.undo()
+    run_finetune("tiny_mas", finetune_overrides(tmp_path / "run", tiny_base_dir, resume_from_checkpoint=True))
+
+
+def test_an_internal_value_error_keeps_its_traceback(tmp_path, tiny_base_dir, monkeypatch, capsys):
+    """A plain ValueError from library code is a bug: it is not reported as a one-line user error."""
+
+    def broken(*args, **kwargs):
+        raise ValueError("an internal invariant broke")
+
+    monkeypatch.setattr("mas.training.finetune.prepare_batch", broken)
+    argv = ["--config", "tiny_mas", *finetune_overrides(tmp_path / "run", tiny_base_dir)]
+    with pytest.raises(ValueError, match="an internal invariant broke"):
+        mas_lora_finetune.recipe_main(argv)
+    assert "an internal invariant broke" not in capsys.readouterr().err, "not printed as a user error"
