@@ -16,6 +16,7 @@ import pytest
 import torch
 
 import bench_generation
+import bench_inference_ab
 import bench_scoring
 import bench_serve
 import bench_training
@@ -326,3 +327,16 @@ def test_paired_step_ratio_pairs_the_same_steps():
     assert paired_step_ratio(mas, causal) == pytest.approx(1.02)
     with pytest.raises(ValueError, match="different numbers of steps"):
         paired_step_ratio(mas, variant("short", [1.0]))
+
+
+# ----------------------------------------------------------------------------- bench_inference_ab
+def test_inference_ab_reads_both_tools_tables_and_reports_ratios():
+    table = "| batch 1, greedy | tokens/s | vs MAS |\n|---|---|---|\n| MAS | 1,200.5 | 1.000 |\n| MAS compiled (default) | 2,400.0 | 2.0 |"
+    assert bench_inference_ab._cell(table, "MAS", 1) == 1200.5
+    assert bench_inference_ab._cell(table, "MAS compiled (default)", 1) == 2400.0
+    with pytest.raises(ValueError, match="no row 'causal'"):
+        bench_inference_ab._cell(table, "causal", 1)
+    results = {"before": [{"decode, tokens/s": 100.0, "stall, ms": 40.0}], "after": [{"decode, tokens/s": 110.0, "stall, ms": 10.0}]}
+    text = bench_inference_ab.report("abc", "def", 1, results)
+    assert "| decode, tokens/s | 100.0 | 110.0 | 1.10 |" in text  # higher is better
+    assert "| stall, ms | 40.0 | 10.0 | 4.00 |" in text  # lower is better
