@@ -187,5 +187,5 @@ def test_docs_worked_example_runs_end_to_end(tmp_path):
     assert table.returncode == 0, table.stderr
     assert table.stdout.startswith("| Run | compare | Avg. |")
     assert "| mas > causal (win rate) |" in table.stdout
-    assert "Win rate: 1 causal/mas pair(s) matched by experiment and mode" in table.stdout
+    assert "Win rate: 1 causal/mas pair(s) matched by recorded base model, benchmark and mode" in table.stdout
     assert "cross-evaluations, trained and evaluated differently): cmp_mas" in table.stdout
