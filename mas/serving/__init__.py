@@ -16,6 +16,7 @@ from mas.serving._engine import (
     QueueFullError,
     SamplingParams,
     SequenceHandle,
+    TooManySequencesError,
 )
 from mas.serving._setup import build_server, run_server
 from mas.serving.options import ServeOptions
@@ -30,6 +31,7 @@ __all__ = [
     "SequenceHandle",
     "ServeOptions",
     "ServerState",
+    "TooManySequencesError",
     "build_server",
     "create_app",
     "run_server",

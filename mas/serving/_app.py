@@ -26,7 +26,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from mas.masks import AttentionMode
 from mas.segments import SegmentBuilder
-from mas.serving._engine import Engine, EngineStoppedError, Event, PromptTooLongError, QueueFullError, SamplingParams, SequenceHandle
+from mas.serving._engine import Engine, EngineStoppedError, Event, PromptTooLongError, QueueFullError, SamplingParams, SequenceHandle, TooManySequencesError
 from mas.serving._metrics import CONTENT_TYPE_LATEST, ServeMetrics
 from mas.serving._protocol import ChatCompletionRequest, CompletionRequest, RequestError, error_body, parse_request, prompt_messages_of
 
@@ -148,6 +148,10 @@ def create_app(state: ServerState) -> FastAPI:
         started = time.perf_counter()
         record: Dict[str, Any] = {"endpoint": endpoint, "id": f"{'chatcmpl' if endpoint == 'chat' else 'cmpl'}-{uuid.uuid4().hex[:24]}"}
         try:
+            content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+            if content_type != "application/json":
+                # A form or text/plain POST from any web page must not run a generation.
+                raise RequestError(f"the request body must be JSON with Content-Type: application/json, got {content_type or 'none'!r}", status=415)
             raw = await request.body()
             try:
                 data = json.loads(raw)
@@ -167,6 +171,8 @@ def create_app(state: ServerState) -> FastAPI:
             return _finish_record(record, started, 503, error=str(e), response=_error(RequestError(str(e), status=503, type="server_error")))
         except PromptTooLongError as e:
             return _finish_record(record, started, 400, error=str(e), response=_error(RequestError(str(e), code="context_length_exceeded")))
+        except TooManySequencesError as e:
+            return _finish_record(record, started, 400, error=str(e), response=_error(RequestError(str(e), "n")))
         if body.stream:
             return StreamingResponse(_stream(choices, body, endpoint, plan, record, started), media_type="text/event-stream")
         return await _collect(request, choices, body, endpoint, plan, record, started)
@@ -223,10 +229,12 @@ def create_app(state: ServerState) -> FastAPI:
                 sequences.append(prompt)
         return {"prompts": sequences, "params": params, "warnings": warnings}
 
-    def _usage(choices: _Choices) -> Dict[str, Any]:
-        prompt_tokens = sum(len(h.prompt) for h in choices.handles)
+    def _usage(choices: _Choices, n: int) -> Dict[str, Any]:
+        # As OpenAI counts it: each prompt once, however many choices it has (choices i*n..i*n+n-1
+        # share prompt i).
+        prompt_tokens = sum(len(h.prompt) for h in choices.handles[::n])
         completion = sum(len(h.tokens) for h in choices.handles)
-        cached = sum(h.cached_tokens for h in choices.handles)
+        cached = sum(h.cached_tokens for h in choices.handles[::n])
         return {"prompt_tokens": prompt_tokens, "completion_tokens": completion, "total_tokens": prompt_tokens + completion, "prompt_tokens_details": {"cached_tokens": cached}}
 
     def _meta(choices: _Choices, body: Any, plan: Dict[str, Any]) -> Dict[str, Any]:
@@ -270,7 +278,7 @@ def create_app(state: ServerState) -> FastAPI:
         else:
             out_choices = [{"index": i, "text": t, "finish_reason": r, "logprobs": None} for i, (t, r) in enumerate(zip(texts, reasons))]
             obj = "text_completion"
-        response = {"id": record["id"], "object": obj, "created": created, "model": state.model_name, "choices": out_choices, "usage": _usage(choices), "mas": _meta(choices, body, plan)}
+        response = {"id": record["id"], "object": obj, "created": created, "model": state.model_name, "choices": out_choices, "usage": _usage(choices, body.n), "mas": _meta(choices, body, plan)}
         return _finish_record(record, started, 200, choices=choices, response=JSONResponse(response))
 
     async def _stream(choices: _Choices, body: Any, endpoint: str, plan: Dict[str, Any], record: Dict[str, Any], started: float) -> AsyncIterator[str]:
@@ -278,7 +286,7 @@ def create_app(state: ServerState) -> FastAPI:
         obj = "chat.completion.chunk" if endpoint == "chat" else "text_completion"
         status = 200
 
-        def chunk(index: int, text: Optional[str], reason: Optional[str], *, role: bool = False, token: Optional[int] = None) -> str:
+        def chunk(index: int, text: Optional[str], reason: Optional[str], *, role: bool = False, token: Optional[int] = None, meta: bool = False) -> str:
             if endpoint == "chat":
                 delta: Dict[str, Any] = {"role": "assistant", "content": ""} if role else ({"content": text} if text is not None else {})
                 choice: Dict[str, Any] = {"index": index, "delta": delta, "finish_reason": reason, "logprobs": None}
@@ -286,7 +294,10 @@ def create_app(state: ServerState) -> FastAPI:
                 choice = {"index": index, "text": text or "", "finish_reason": reason, "logprobs": None}
             if token is not None and body.return_token_ids:
                 choice["token_ids"] = [token]
-            return "data: " + json.dumps({"id": record["id"], "object": obj, "created": created, "model": state.model_name, "choices": [choice]}) + "\n\n"
+            out: Dict[str, Any] = {"id": record["id"], "object": obj, "created": created, "model": state.model_name, "choices": [choice]}
+            if meta:
+                out["mas"] = _meta(choices, body, plan)
+            return "data: " + json.dumps(out) + "\n\n"
 
         try:
             if endpoint == "chat":
@@ -302,17 +313,18 @@ def create_app(state: ServerState) -> FastAPI:
                     pending -= 1
                     if event.text:
                         yield chunk(index, event.text, None)
-                    yield chunk(index, None if endpoint == "chat" else "", event.finish_reason)
+                    # The stream's last choice chunk carries the server's metadata ("mas").
+                    yield chunk(index, None if endpoint == "chat" else "", event.finish_reason, meta=not pending)
                 else:
                     status = event.status
                     choices.cancel()
                     record["error"] = event.message
                     yield "data: " + json.dumps(error_body(event.message, type="server_error")) + "\n\n"
                     break
-            if status == 200:
-                final: Dict[str, Any] = {"id": record["id"], "object": obj, "created": created, "model": state.model_name, "choices": [], "mas": _meta(choices, body, plan)}
-                if body.stream_options is not None and body.stream_options.include_usage:
-                    final["usage"] = _usage(choices)
+            if status == 200 and body.stream_options is not None and body.stream_options.include_usage:
+                # A chunk with no choices only when asked for (the usual `chunk.choices[0]` loop
+                # must not meet one otherwise).
+                final = {"id": record["id"], "object": obj, "created": created, "model": state.model_name, "choices": [], "usage": _usage(choices, body.n)}
                 yield "data: " + json.dumps(final) + "\n\n"
             yield "data: [DONE]\n\n"
         except BaseException:  # the client went away (cancelled generator): free its rows

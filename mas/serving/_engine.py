@@ -27,7 +27,7 @@ from torch import nn
 from mas.generation import GenerationSettings, InferenceEngine, PrefixCache, PromptTooLongError, Request, SamplingParams, StepOutput
 from mas.segments import SegmentedSequence
 
-__all__ = ["Engine", "EngineStoppedError", "Event", "PromptTooLongError", "QueueFullError", "SamplingParams", "SequenceHandle"]
+__all__ = ["Engine", "EngineStoppedError", "Event", "PromptTooLongError", "QueueFullError", "SamplingParams", "SequenceHandle", "TooManySequencesError"]
 
 log = logging.getLogger("mas_serve.engine")
 
@@ -38,6 +38,11 @@ class QueueFullError(RuntimeError):
 
 class EngineStoppedError(RuntimeError):
     """The engine is shutting down or has stopped (HTTP 503)."""
+
+
+class TooManySequencesError(ValueError):
+    """A request asks for more sequences than the rows and the queue hold together: it can never
+    be served, so it is a client error (HTTP 400), not "retry later"."""
 
 
 @dataclass
@@ -189,11 +194,17 @@ class Engine:
 
         Raises:
             EngineStoppedError: the engine is shutting down.
-            QueueFullError: the queue cannot take them all.
+            QueueFullError: the queue cannot take them all now.
+            TooManySequencesError: the rows and the queue could never take them all.
             PromptTooLongError: a prompt does not fit a row.
         """
         for h in handles:
             self.check_fits(len(h.prompt), h.params.max_tokens)
+        if len(handles) > self.num_rows + self.max_queue:
+            raise TooManySequencesError(
+                f"the request asks for {len(handles)} sequences (prompts x n), more than this server's {self.num_rows} rows "
+                f"and {self.max_queue} queue places together; send fewer prompts or a smaller n"
+            )
         with self._wake:
             if not self._accepting:
                 raise EngineStoppedError("the server is shutting down")

@@ -12,6 +12,7 @@ bidirectional segment, assistant messages are causal (a final assistant message 
 
 from __future__ import annotations
 
+import json
 from typing import Any, Dict, List, Literal, Optional, Tuple, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -28,8 +29,23 @@ __all__ = [
 
 #: OpenAI role -> the builder's role (``developer`` is OpenAI's newer name for ``system``).
 _ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
-#: Fields of the OpenAI API this server does not implement: refused rather than ignored.
-_UNSUPPORTED = ("logprobs", "top_logprobs", "echo", "suffix", "best_of", "tools", "tool_choice", "functions", "logit_bias", "response_format")
+#: Fields of the OpenAI API this server does not implement: refused rather than ignored, unless
+#: they hold the value that means "off" (clients send those defaults on every request).
+_NEUTRAL: Dict[str, Tuple[Any, ...]] = {
+    "logprobs": (None, False),
+    "top_logprobs": (None, 0),
+    "echo": (None, False),
+    "suffix": (None, ""),
+    "best_of": (None, 1),
+    "tools": (None, []),
+    "tool_choice": (None, "none"),
+    "functions": (None, []),
+    "logit_bias": (None, {}),
+    "response_format": (None, {"type": "text"}),
+    "presence_penalty": (None, 0, 0.0),
+    "frequency_penalty": (None, 0, 0.0),
+    "repetition_penalty": (None, 1, 1.0),
+}
 
 
 class RequestError(Exception):
@@ -114,9 +130,11 @@ def parse_request(kind: type, data: Any) -> Any:
     """
     if not isinstance(data, dict):
         raise RequestError(f"the request body must be a JSON object, got {type(data).__name__}")
-    for key in _UNSUPPORTED:
-        if data.get(key) not in (None, False):
-            raise RequestError(f"{key} is not supported by this server", key)
+    for key, neutral in _NEUTRAL.items():
+        value = data.get(key)
+        if not any(value == n and type(value) is type(n) for n in neutral):
+            allowed = " or ".join(json.dumps(n) for n in neutral if n is not None)
+            raise RequestError(f"{key}: not supported by this server (only {allowed}, its default, is accepted); got {json.dumps(value)}", key)
     try:
         return kind.model_validate(data)
     except ValidationError as e:

@@ -210,8 +210,46 @@ def test_openai_client_chat_completions_stream_and_models(server, reference, tin
     assert reasons[-1] in ("stop", "length")
     completion = client.completions.create(model=server.model, prompt=USERS[0], max_tokens=MAX_TOKENS, temperature=0, extra_body={"return_token_ids": True})
     assert completion.model_extra["mas"]["token_ids"] == [reference.tokens(USERS[0])]
-    streamed = "".join(c.choices[0].text for c in client.completions.create(model=server.model, prompt=USERS[0], max_tokens=MAX_TOKENS, temperature=0, stream=True) if c.choices)
+    # The usual streaming loop, to the end: every chunk has a choice unless usage was asked for.
+    streamed = "".join(c.choices[0].text for c in client.completions.create(model=server.model, prompt=USERS[0], max_tokens=MAX_TOKENS, temperature=0, stream=True))
     assert streamed == completion.choices[0].text
+    chat_stream = client.chat.completions.create(model=server.model, messages=messages, max_tokens=MAX_TOKENS, temperature=0, stream=True)
+    assert "".join(c.choices[0].delta.content or "" for c in chat_stream) == reply.choices[0].message.content
+
+
+def test_usage_counts_each_prompt_once_and_streams_it_only_when_asked(server):
+    import openai
+
+    client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="not-needed")
+    messages = _chat_messages(SYSTEM, USERS[0])
+    one = client.chat.completions.create(model=server.model, messages=messages, max_tokens=4, temperature=0)
+    three = client.chat.completions.create(model=server.model, messages=messages, max_tokens=4, temperature=0, n=3)
+    assert three.usage.prompt_tokens == one.usage.prompt_tokens  # the prompt once, not once per choice
+    assert one.usage.completion_tokens <= 4 and three.usage.completion_tokens <= 3 * 4
+    chunks = list(client.chat.completions.create(model=server.model, messages=messages, max_tokens=4, temperature=0, n=2, stream=True, stream_options={"include_usage": True}))
+    assert [c.choices for c in chunks[-1:]] == [[]] and chunks[-1].usage.prompt_tokens == one.usage.prompt_tokens
+    assert all(c.choices for c in chunks[:-1]) and all(c.usage is None for c in chunks[:-1])
+
+
+def test_harmless_defaults_are_accepted_and_unsupported_values_named(server):
+    base = {"model": server.model, "messages": _chat_messages(None, USERS[0]), "max_tokens": 2}
+    defaults = {"response_format": {"type": "text"}, "logit_bias": {}, "tools": [], "presence_penalty": 0, "frequency_penalty": 0.0, "logprobs": False}
+    r = httpx.post(f"{server.url}/v1/chat/completions", json={**base, **defaults}, timeout=60)
+    assert r.status_code == 200, r.text
+    for key, value in {"presence_penalty": 0.5, "frequency_penalty": "x", "logit_bias": {"1": 5}, "repetition_penalty": 1.2, "response_format": {"type": "json_object"}}.items():
+        r = httpx.post(f"{server.url}/v1/chat/completions", json={**base, key: value}, timeout=60)
+        assert r.status_code == 400 and r.json()["error"]["param"] == key, (key, r.text)
+        assert "not supported" in r.json()["error"]["message"]
+
+
+def test_only_json_bodies_run_a_generation(server):
+    body = json.dumps({"model": server.model, "messages": _chat_messages(None, USERS[0]), "max_tokens": 2})
+    for content_type in ("text/plain", "application/x-www-form-urlencoded", None):
+        headers = {"content-type": content_type} if content_type else {}
+        r = httpx.post(f"{server.url}/v1/chat/completions", content=body, headers=headers, timeout=30)
+        assert r.status_code == 415 and "application/json" in r.json()["error"]["message"], (content_type, r.text)
+    r = httpx.post(f"{server.url}/v1/chat/completions", content=body, headers={"content-type": "application/json; charset=utf-8"}, timeout=60)
+    assert r.status_code == 200, r.text
 
 
 def test_batched_requests_and_prefix_cache_hits_equal_generate(server, reference):
@@ -377,6 +415,9 @@ def test_causal_adapter_capacity_and_graceful_shutdown(tmp_path, tiny_base_dir, 
             assert next(l for l in lines if l.startswith("data: "))
             busy = httpx.post(f"{small.url}/v1/completions", json={**body, "stream": False, "max_tokens": 2})
             assert busy.status_code == 429 and busy.json()["error"]["code"] == "rate_limit_exceeded", busy.text
+            # Two choices never fit one row and no queue: a client error, not "retry later".
+            never = httpx.post(f"{small.url}/v1/completions", json={**body, "stream": False, "max_tokens": 2, "n": 2})
+            assert never.status_code == 400 and never.json()["error"]["param"] == "n", never.text
             small.process.send_signal(signal.SIGTERM)
             rest = [l for l in lines if l.startswith("data: ")]
         assert rest[-1] == "data: [DONE]"
