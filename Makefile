@@ -23,9 +23,9 @@ $(VENV)/.installed: $(BIN)/python pyproject.toml
 install: $(VENV)/.installed
 
 demo: install
-	cd /tmp && $(abspath $(BIN))/tune run mas_lora_finetune --config tiny_mas output_dir=$(RUNS)/tiny_mas overwrite_output_dir=True
-	cd /tmp && $(abspath $(BIN))/tune run mas_generate --config tiny_generate adapter_checkpoint=$(RUNS)/tiny_mas
-	@echo "adapter, metrics and checkpoints: $(RUNS)/tiny_mas (checkpoints/latest names the newest)"
+	cd /tmp && $(abspath $(BIN))/tune run mas_lora_finetune --config tiny_mas output_dir=$(RUNS)/demo_mas overwrite_output_dir=True
+	cd /tmp && $(abspath $(BIN))/tune run mas_generate --config tiny_generate adapter_checkpoint=$(RUNS)/demo_mas
+	@echo "adapter, metrics and checkpoints: $(RUNS)/demo_mas (checkpoints/latest names the newest)"
 
 test: install
 	$(BIN)/python -m pytest -q -p no:cacheprovider

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import re
 import sys
 from pathlib import Path
 from typing import Any, Optional, Sequence, Type
@@ -54,9 +55,21 @@ def options_of(recipe: str) -> Type[Any]:
 def _recipe_of_file(path: Path, given: Optional[str]) -> str:
     if given:
         return given
-    first = path.read_text().splitlines()[:1]
+    text = path.read_text()
+    first = text.splitlines()[:1]
     if first and first[0].startswith(_HEADER):
         return first[0][len(_HEADER) :].split()[0]
+    # A file that starts from another config (base_config: NAME or a path) has that config's recipe.
+    base = re.search(r"^base_config:\s*['\"]?([^'\"#\s]+)", text, re.M)
+    if base:
+        name = base.group(1)
+        parent = (path.parent / name) if name.endswith((".yaml", ".yml")) else None
+        if parent is not None and parent.is_file():
+            return _recipe_of_file(parent, None)
+        try:
+            return parse_experiment_name(Path(name).stem if name.endswith((".yaml", ".yml")) else name).recipe
+        except ConfigError:
+            pass
     raise ConfigError(f"{path}: cannot tell its recipe; pass --recipe (one of {', '.join(RECIPE_OPTIONS)})")
 
 

@@ -92,11 +92,18 @@ def load_prompts(options: GenerateOptions) -> List[Any]:
     return [_checked_prompt(plain if isinstance(plain, dict) else str(plain), "prompt")]
 
 
-def _open_output(options: GenerateOptions) -> Optional[TextIO]:
-    """Open ``output_file`` before any work, so an unwritable path fails before generating."""
+def output_path(options: GenerateOptions) -> Optional[Path]:
+    """Where completions go: ``output_file``, under ``output_dir`` when relative (null: printed only)."""
     if not options.output_file:
         return None
     path = Path(options.output_file)
+    return Path(options.output_dir) / path if options.output_dir and not path.is_absolute() else path
+
+
+def _open_output(path: Optional[Path]) -> Optional[TextIO]:
+    """Open the output before any work, so an unwritable path fails before generating."""
+    if path is None:
+        return None
     if path.is_dir():
         raise ConfigError(f"output_file={path} is a folder; name a file (e.g. output_file={path / 'completions.jsonl'})")
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -105,13 +112,14 @@ def _open_output(options: GenerateOptions) -> Optional[TextIO]:
 
 def run(cfg: DictConfig) -> Dict[str, Any]:
     options = to_options(cfg, GenerateOptions, RECIPE)
-    if options.output_file and options.prompts_file and Path(options.output_file).resolve() == Path(options.prompts_file).resolve():
-        raise ConfigError(f"output_file {options.output_file} is the prompts_file; writing it would replace the prompts: name another output_file")
+    destination = output_path(options)
+    if destination and options.prompts_file and destination.resolve() == Path(options.prompts_file).resolve():
+        raise ConfigError(f"output_file {destination} is the prompts_file; writing it would replace the prompts: name another output_file")
     resolve_device(options.device)  # a missing device fails before the prompts are read
     prompts = load_prompts(options)
     for i, p in enumerate(prompts):
         prompt_messages(p, i)  # validate before loading weights
-    out = _open_output(options)
+    out = _open_output(destination)
     setup = load_for_inference(options, adapter_checkpoint=options.adapter_checkpoint)
     tokenizer, loaded = setup.tokenizer, setup.loaded
     chosen = prompt_settings((loaded.adapter_config or {}).get("mas"), options)
@@ -142,7 +150,7 @@ def run(cfg: DictConfig) -> Dict[str, Any]:
         with out:
             for i, (seq, ids, text) in enumerate(zip(result.prompts, result.tokens, result.texts)):
                 out.write(json.dumps({"index": i, "prompt": tokenizer.decode(seq.tokens), "completion": text, "completion_ids": ids}) + "\n")
-        print(f"completions written to {options.output_file}")
+        print(f"completions written to {destination}")
     return {"texts": result.texts, "tokens": result.tokens}
 
 

@@ -39,6 +39,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parser.parse_args(argv)
     dims = {d: getattr(args, d) for d in _DIMS if getattr(args, d) is not None}
     start = time.perf_counter()
+    print(f"pre-training a base on {args.rows} for {args.steps} steps (the default 300 take about 2 minutes on 2 CPU cores) ...", flush=True)
     try:
         folder = write_tiny_base(
             args.rows, args.out, steps=args.steps, seed=args.seed, include_answers=args.include_answers,

@@ -117,6 +117,9 @@ def _apply_overrides(cfg: DictConfig, overrides: Sequence[str]) -> DictConfig:
         try:
             if value == "None":
                 OmegaConf.update(cfg, key, None, force_add=True)
+            elif re.fullmatch(r"\d*:\d*", value):
+                # A slice such as rows=1:30: YAML 1.1 would read "1:30" as the base-60 number 90.
+                OmegaConf.update(cfg, key, value, force_add=True)
             else:
                 cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist([f"{key}={value}"]))  # type: ignore[assignment]
         except OmegaConfBaseException as e:

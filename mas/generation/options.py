@@ -52,7 +52,7 @@ class InferenceOptions:
 class GenerateOptions(InferenceOptions):
     """Keys of ``mas_generate``."""
 
-    output_dir: Optional[str] = option(None, "where output_file defaults to")
+    output_dir: Optional[str] = option(None, "folder a relative output_file is written to (the checkpointer's output_dir too)")
     batch_size: int = option(8, "prompts decoded together (KV-cache rows); more wait for a free row", min=1)
     prompt: Any = option(None, "{system: ..., user: ...} or a string (used when prompts_file is null)")
     prompts_file: Optional[str] = option(None, "JSONL of prompts (README: prompts-file formats)")

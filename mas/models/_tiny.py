@@ -22,6 +22,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
+from tqdm import tqdm
 from torchtune.models.llama3 import Llama3Tokenizer, llama3_tokenizer
 from torchtune.models.llama3_2 import llama3_2, lora_llama3_2
 from torchtune.modules import TransformerDecoder
@@ -142,6 +143,7 @@ def pretrain_causal_lm(
     pad_id: int,
     batch_size: int = 16,
     lr: float = 3e-3,
+    progress: Optional[str] = None,
 ) -> List[float]:
     """Causal-LM pre-training on token sequences (deterministic: seeded picks, one thread).
 
@@ -153,6 +155,7 @@ def pretrain_causal_lm(
         pad_id (int): padding id (never a target).
         batch_size (int): sequences per step.
         lr (float): AdamW learning rate.
+        progress (Optional[str]): a progress bar's title (shown on a terminal); None: no bar.
 
     Returns:
         List[float]: the loss of every step.
@@ -163,7 +166,7 @@ def pretrain_causal_lm(
     torch.set_num_threads(1)  # float sums in one fixed order: the same weights on every run
     losses = []
     try:
-        for _ in range(steps):
+        for _ in tqdm(range(steps), desc=progress, disable=None if progress else True, unit="step", leave=False):
             picks = torch.randint(len(sequences), (batch_size,), generator=generator).tolist()
             length = max(len(sequences[i]) for i in picks)
             tokens = torch.full((batch_size, length), pad_id)  # [b, s]
@@ -197,7 +200,7 @@ def pretrain_tiny_model(model: TransformerDecoder, steps: int, seed: int, batch_
 
 def seeded_tiny_model(
     seed: int, dims: Mapping[str, int], sequences: Sequence[Sequence[int]], *, steps: int, pad_id: int,
-    batch_size: int = 16, lr: float = 3e-3,
+    batch_size: int = 16, lr: float = 3e-3, progress: Optional[str] = None,
 ) -> Tuple[TransformerDecoder, List[float]]:
     """A tiny Llama 3.2 from a seeded init, pre-trained ``steps`` on ``sequences`` (0: the init).
 
@@ -210,7 +213,7 @@ def seeded_tiny_model(
         with torch.no_grad():
             model.tok_embeddings.weight.mul_(0.02)
         losses = (
-            pretrain_causal_lm(model, sequences, steps=steps, seed=seed, pad_id=pad_id, batch_size=batch_size, lr=lr)
+            pretrain_causal_lm(model, sequences, steps=steps, seed=seed, pad_id=pad_id, batch_size=batch_size, lr=lr, progress=progress)
             if steps
             else []
         )
@@ -247,7 +250,8 @@ def write_tiny_hf_checkpoint(
     checkpoint_dir.parent.mkdir(parents=True, exist_ok=True)
     tokenizer = tiny_llama3_tokenizer()
     model, losses = seeded_tiny_model(
-        seed, overrides, _pretraining_sequences(tokenizer), steps=pretrain_steps, pad_id=tokenizer.pad_id
+        seed, overrides, _pretraining_sequences(tokenizer), steps=pretrain_steps, pad_id=tokenizer.pad_id,
+        progress=f"pre-training the tiny base once ({checkpoint_dir})",
     )
     staging = Path(tempfile.mkdtemp(prefix=checkpoint_dir.name + ".", dir=checkpoint_dir.parent))
     # The tiny tokenizer's <|begin_of_text|> and <|end_of_text|> follow its 992 BPE tokens.

@@ -144,7 +144,8 @@ def write_tiny_base(
     sequences = _sequences(texts, tokenizer, max_len)
     full_dims = {**TINY_LLAMA3_2, **dims}
     model, losses = seeded_tiny_model(
-        seed, dims, sequences, steps=steps, pad_id=tokenizer.pad_id, batch_size=batch_size, lr=lr
+        seed, dims, sequences, steps=steps, pad_id=tokenizer.pad_id, batch_size=batch_size, lr=lr,
+        progress=f"pre-training {checkpoint_dir.name}",
     )
     checkpoint_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=checkpoint_dir.name + ".", dir=checkpoint_dir.parent))

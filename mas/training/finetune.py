@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Dict, Iterator, Optional
 
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
@@ -157,7 +157,8 @@ class LoRAFinetuneRecipe:
         self.metrics_file = MetricsFile(self.output_dir / "metrics.jsonl", resume_step=resume_step)
         self.metric_logger = instantiate(self.opts.metric_logger)
         if self.metric_logger is not None:
-            self.metric_logger.log_config(self.config)
+            # Resolved, as config.yaml: torchtune writes it as given (with ${...} and resolvers left).
+            self.metric_logger.log_config(OmegaConf.create(OmegaConf.to_container(self.config, resolve=True)))
 
     def _setup_base_weights(self) -> None:
         checkpointer = instantiate(self.opts.checkpointer)

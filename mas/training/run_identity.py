@@ -101,7 +101,7 @@ def write_run_file(output_dir: Path, fingerprint: Dict[str, Any]) -> None:
 
 
 #: Files a run writes at the top of its output_dir (beside ``checkpoints/``).
-_RUN_FILES = (RUN_FILE, "config.yaml", "metrics.jsonl")
+_RUN_FILES = (RUN_FILE, "config.yaml", "metrics.jsonl", "torchtune_config.yaml")
 
 
 def _own_checkpoint_entries(checkpoints: Path) -> List[Path]:

@@ -44,6 +44,8 @@ def test_tune_run_end_to_end_from_another_directory(tmp_path, tiny_base_dir):
         assert all(key in r for r in train)
     assert len(read_metrics(out / "metrics.jsonl", kind="val")) == 2
     assert list((out / "logs").glob("log_*.txt"))  # torchtune DiskLogger
+    for name in ("config.yaml", "torchtune_config.yaml"):  # both resolved: no ${...}, no resolvers
+        assert "${" not in (out / name).read_text(), name
 
     folder = latest_checkpoint(out)
     assert folder.name == "step_0000012"

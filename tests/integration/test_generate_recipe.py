@@ -144,3 +144,11 @@ def test_merged_weights_generate_like_base_plus_adapter(tmp_path, tiny_base_dir)
     assert mas_generate.run(merged_cfg)["tokens"] == with_adapter["tokens"]
     with pytest.raises(ConfigError, match="not the embedded tiny model"):
         mas_generate.run(load_config("tiny_generate", _overrides(tmp_path, tiny_base_dir, **{"checkpointer.checkpoint_dir": merged})))
+
+
+def test_a_relative_output_file_is_written_under_output_dir(tmp_path, tiny_base_dir, monkeypatch):
+    import mas_generate
+
+    monkeypatch.chdir(tmp_path)
+    mas_generate.run(load_config("tiny_generate", _overrides(tmp_path, tiny_base_dir, output_file="out.jsonl", max_new_tokens=2)))
+    assert (tmp_path / "gen" / "out.jsonl").is_file() and not (tmp_path / "out.jsonl").exists()

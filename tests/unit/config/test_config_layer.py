@@ -180,3 +180,16 @@ def test_a_path_naming_an_unset_variable_is_refused(monkeypatch):
     monkeypatch.delenv("MAS_NOT_SET", raising=False)
     with pytest.raises(ConfigError, match=r"output_dir=\$MAS_NOT_SET/x: environment variable MAS_NOT_SET is not set"):
         to_options(load_config("tiny_mas", ["output_dir=$MAS_NOT_SET/x"]), FinetuneOptions, "mas_lora_finetune")
+
+
+def test_a_slice_override_stays_text_even_where_yaml_would_read_base_60():
+    for value in ("1:30", "0:5000", ":100", "20:"):
+        assert load_config("tiny_mas", [f"dataset.rows={value}"]).dataset.rows == value
+
+
+def test_mas_config_validate_takes_the_recipe_of_a_base_config_file(tmp_path, capsys):
+    (tmp_path / "mine.yaml").write_text("base_config: tiny_mas\nepochs: 2\n")
+    assert mas_config.main(["validate", str(tmp_path / "mine.yaml")]) == 0
+    (tmp_path / "child.yaml").write_text("base_config: mine.yaml\nbatch_size: 2\n")
+    assert mas_config.main(["validate", str(tmp_path / "child.yaml")]) == 0
+    assert "valid mas_lora_finetune config" in capsys.readouterr().out
