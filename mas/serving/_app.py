@@ -12,6 +12,7 @@ generator, which cancels its sequences; a non-streaming one is watched for disco
 from __future__ import annotations
 
 import asyncio
+import hmac
 import json
 import logging
 import time
@@ -23,6 +24,7 @@ from typing import Any, AsyncIterator, Dict, List, Optional
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.middleware.trustedhost import TrustedHostMiddleware
 
 from mas.masks import AttentionMode
 from mas.segments import SegmentBuilder
@@ -49,6 +51,9 @@ class ServerState:
         max_n (int): largest ``n``.
         warnings (List[str]): notes every response carries (a config that asked for another mode).
         notes (List[str]): start-up notes shown by ``/health``.
+        api_key (Optional[str]): the key the ``/v1`` routes require as ``Authorization: Bearer``.
+        allowed_hosts (List[str]): ``Host`` header values accepted (``["*"]``: any).
+        max_request_bytes (int): the largest request body read.
     """
 
     engine: Engine
@@ -62,10 +67,22 @@ class ServerState:
     notes: List[str] = field(default_factory=list)
     created: int = field(default_factory=lambda: int(time.time()))
     shutting_down: bool = False
+    api_key: Optional[str] = None
+    allowed_hosts: List[str] = field(default_factory=lambda: ["*"])
+    max_request_bytes: int = 4 * 2**20
 
 
 def _error(e: RequestError) -> JSONResponse:
     return JSONResponse(error_body(e.message, param=e.param, code=e.code, type=e.type), status_code=e.status)
+
+
+#: Seconds a client is told to wait after a 503 (the server is stopping; a restart takes about this).
+RETRY_AFTER_S = 30
+
+
+def _unavailable(message: str) -> JSONResponse:
+    """503 with ``Retry-After``: the server is stopping."""
+    return JSONResponse(error_body(message, type="server_error"), status_code=503, headers={"Retry-After": str(RETRY_AFTER_S)})
 
 
 class _Choices:
@@ -100,6 +117,18 @@ def create_app(state: ServerState) -> FastAPI:
 
     app = FastAPI(title="mas_serve", lifespan=lifespan)
     app.state.mas = state
+    if state.allowed_hosts != ["*"]:
+        # A page on another site that rebinds its DNS name to this address sends its own Host.
+        app.add_middleware(TrustedHostMiddleware, allowed_hosts=state.allowed_hosts)
+
+    @app.middleware("http")
+    async def require_api_key(request: Request, call_next: Any) -> Response:
+        if state.api_key is not None and request.url.path.startswith("/v1"):
+            given = request.headers.get("authorization", "")
+            if not hmac.compare_digest(given.encode(), f"Bearer {state.api_key}".encode()):
+                body = error_body("invalid or missing API key: send 'Authorization: Bearer <key>'", code="invalid_api_key")
+                return JSONResponse(body, status_code=401)
+        return await call_next(request)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
@@ -152,13 +181,10 @@ def create_app(state: ServerState) -> FastAPI:
             if content_type != "application/json":
                 # A form or text/plain POST from any web page must not run a generation.
                 raise RequestError(f"the request body must be JSON with Content-Type: application/json, got {content_type or 'none'!r}", status=415)
-            raw = await request.body()
-            try:
-                data = json.loads(raw)
-            except (json.JSONDecodeError, UnicodeDecodeError) as e:
-                raise RequestError(f"the request body is not valid JSON: {e}") from None
-            body = parse_request(kind, data)
-            plan = _plan(body, endpoint)
+            raw = await _read_body(request)
+            # Parsing and tokenizing a large body takes time: not on the event loop, which
+            # streams every other request's tokens.
+            body, plan = await asyncio.get_running_loop().run_in_executor(None, _parse_and_plan, raw, kind, endpoint)
         except RequestError as e:
             return _finish_record(record, started, e.status, error=e.message, response=_error(e))
         record.update(stream=body.stream, n=body.n, warnings=plan["warnings"])
@@ -168,7 +194,7 @@ def create_app(state: ServerState) -> FastAPI:
         except QueueFullError as e:
             return _finish_record(record, started, 429, error=str(e), response=_error(RequestError(str(e), status=429, code="rate_limit_exceeded", type="rate_limit_error")))
         except EngineStoppedError as e:
-            return _finish_record(record, started, 503, error=str(e), response=_error(RequestError(str(e), status=503, type="server_error")))
+            return _finish_record(record, started, 503, error=str(e), response=_unavailable(str(e)))
         except PromptTooLongError as e:
             return _finish_record(record, started, 400, error=str(e), response=_error(RequestError(str(e), code="context_length_exceeded")))
         except TooManySequencesError as e:
@@ -176,6 +202,31 @@ def create_app(state: ServerState) -> FastAPI:
         if body.stream:
             return StreamingResponse(_stream(choices, body, endpoint, plan, record, started), media_type="text/event-stream")
         return await _collect(request, choices, body, endpoint, plan, record, started)
+
+    async def _read_body(request: Request) -> bytes:
+        """The body, refused (413) past ``max_request_bytes`` without reading further."""
+        limit = state.max_request_bytes
+        too_large = RequestError(f"the request body is larger than this server's limit of {limit} bytes (max_request_bytes)", status=413)
+        declared = request.headers.get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            raise too_large
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise too_large
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    def _parse_and_plan(raw: bytes, kind: type, endpoint: str) -> Any:
+        try:
+            data = json.loads(raw)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise RequestError(f"the request body is not valid JSON: {e}") from None
+        except RecursionError:
+            raise RequestError("the request body is nested too deeply") from None
+        body = parse_request(kind, data)
+        return body, _plan(body, endpoint)
 
     def _plan(body: Any, endpoint: str) -> Dict[str, Any]:
         if body.model != state.model_name:
@@ -269,8 +320,8 @@ def create_app(state: ServerState) -> FastAPI:
             watcher.cancel()
         if failure is not None:
             choices.cancel()
-            kind = "server_error"
-            return _finish_record(record, started, failure.status, error=failure.message, choices=choices, response=_error(RequestError(failure.message, status=failure.status, type=kind)))
+            response = _unavailable(failure.message) if failure.status == 503 else _error(RequestError(failure.message, status=failure.status, type="server_error"))
+            return _finish_record(record, started, failure.status, error=failure.message, choices=choices, response=response)
         created = int(time.time())
         if endpoint == "chat":
             out_choices = [{"index": i, "message": {"role": "assistant", "content": t}, "finish_reason": r, "logprobs": None} for i, (t, r) in enumerate(zip(texts, reasons))]

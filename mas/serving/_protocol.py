@@ -85,7 +85,8 @@ class _Sampling(_Body):
     top_p: Optional[float] = Field(None, gt=0.0, le=1.0)
     top_k: Optional[int] = Field(None, ge=-1)
     stop: Any = None
-    seed: Optional[int] = None
+    # torch generators take seeds in [-2**63, 2**64); choice j of a request uses seed + j.
+    seed: Optional[int] = Field(None, ge=-(2**63), lt=2**64 - 64)
     n: int = Field(1, ge=1)
     stream: bool = False
     stream_options: Optional[StreamOptions] = None
@@ -183,10 +184,12 @@ def prompt_messages_of(request: Union[ChatCompletionRequest, CompletionRequest])
         raise RequestError("messages: must contain at least one message", "messages")
     messages = []
     for i, m in enumerate(request.messages):
+        if not isinstance(m, dict):
+            raise RequestError(f"messages[{i}]: expected an object with role and content, got {type(m).__name__}", f"messages[{i}]")
         role = m.get("role")
         if "role" not in m:
             raise RequestError(f"messages[{i}].role: field required", f"messages[{i}].role")
-        if role not in _ROLES:
+        if not isinstance(role, str) or role not in _ROLES:
             raise RequestError(
                 f"messages[{i}].role: unknown role {role!r}; expected one of {sorted(_ROLES)}", f"messages[{i}].role"
             )

@@ -7,6 +7,9 @@ uvicorn.
 from __future__ import annotations
 
 import logging
+import os
+import socket
+import threading
 from typing import Any, List
 
 from mas.checkpointing import ADAPTER_WEIGHTS_FILE
@@ -20,9 +23,35 @@ from mas.serving._engine import Engine
 from mas.serving._metrics import ServeMetrics
 from mas.serving.options import ServeOptions
 
-__all__ = ["build_server", "run_server"]
+__all__ = ["API_KEY_VARIABLE", "allowed_hosts", "build_server", "check_port_free", "run_server"]
 
 log = logging.getLogger("mas_serve")
+
+
+#: The environment variable an API key may come from (so it stays out of configs and logs).
+API_KEY_VARIABLE = "MAS_SERVE_API_KEY"
+
+
+def check_port_free(host: str, port: int) -> None:
+    """Raise a one-line ``ConfigError`` when ``host:port`` cannot be bound (taken, or not an
+    address of this machine)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError as e:
+            raise ConfigError(f"cannot listen on {host}:{port} ({e.strerror}); set port=<a free port> or host=<an address of this machine>") from None
+
+
+def allowed_hosts(opts: ServeOptions) -> List[str]:
+    """``Host`` header values accepted: the config's, else the bind address and the loopback
+    names (any host when bound to every interface: then set ``allowed_hosts``)."""
+    if opts.allowed_hosts is not None:
+        return list(opts.allowed_hosts)
+    if opts.host in ("0.0.0.0", "::"):
+        return ["*"]
+    return sorted({opts.host, "localhost", "127.0.0.1", "::1", "[::1]"})
 
 
 def _adapter_identity(loaded: InferenceModel, opts: ServeOptions) -> str:
@@ -49,6 +78,7 @@ def build_server(opts: ServeOptions) -> ServerState:
     """Load the model and tokenizer, and build the engine (started) and the server state."""
     import torch
 
+    check_port_free(opts.host, opts.port)  # before minutes of loading, not after
     if opts.seed is not None:
         torch.manual_seed(opts.seed)  # requests without a seed of their own draw from this RNG
     setup = load_for_inference(opts, adapter_checkpoint=opts.adapter_checkpoint)
@@ -104,6 +134,9 @@ def _state(opts: ServeOptions, prompts: PromptSettings, loaded: InferenceModel, 
     if not opts.reuse_system_cache:
         notes.append("reuse_system_cache=False: the prefix cache is off; every prompt is prefilled whole")
     return ServerState(
+        api_key=opts.api_key or os.environ.get(API_KEY_VARIABLE) or None,
+        allowed_hosts=allowed_hosts(opts),
+        max_request_bytes=opts.max_request_bytes,
         engine=engine,
         builder=builder,
         metrics=metrics,
@@ -114,6 +147,33 @@ def _state(opts: ServeOptions, prompts: PromptSettings, loaded: InferenceModel, 
         warnings=[m for m in prompts.mismatches if m.startswith("attention=")],
         notes=notes,
     )
+
+
+#: Seconds uvicorn waits for connections after the engine's drain has ended every sequence.
+DRAIN_MARGIN_S = 5.0
+
+
+def _draining_server_type() -> type:
+    import uvicorn
+
+    class DrainingServer(uvicorn.Server):
+        """uvicorn's server whose SIGTERM/SIGINT first drains the engine: it stops taking
+        requests (503 with ``Retry-After``), lets in-flight ones finish for ``drain_s``, then
+        ends the rest with an error event (a stream's last lines are an error and ``[DONE]``,
+        a waiting non-streamed request gets a 503), never a connection cut mid-body."""
+
+        def __init__(self, config: Any, state: ServerState, drain_s: float) -> None:
+            super().__init__(config)
+            self.mas_state, self.drain_s = state, drain_s
+
+        def handle_exit(self, sig: int, frame: Any) -> None:
+            if not self.mas_state.shutting_down:
+                self.mas_state.shutting_down = True
+                log.warning("mas_serve: stopping; in-flight requests get %.0f s to finish", self.drain_s)
+                threading.Thread(target=self.mas_state.engine.stop, args=(self.drain_s,), name="mas-serve-drain", daemon=True).start()
+            super().handle_exit(sig, frame)
+
+    return DrainingServer
 
 
 def run_server(state: ServerState, opts: ServeOptions) -> None:
@@ -127,11 +187,12 @@ def run_server(state: ServerState, opts: ServeOptions) -> None:
         port=opts.port,
         log_level=opts.log_level,
         access_log=False,  # one structured line per request instead (mas_serve.requests)
-        timeout_graceful_shutdown=opts.shutdown_timeout_s,
+        # The engine drains first (below); this only bounds connections that still hang after it.
+        timeout_graceful_shutdown=opts.shutdown_timeout_s + DRAIN_MARGIN_S,
     )
-    server = uvicorn.Server(config)
+    server = _draining_server_type()(config, state, opts.shutdown_timeout_s)
     log.warning(
-        "mas_serve: %s (attention=%s, prompt_format=%s, %d rows x %d tokens, prefix cache %s, decode %s) on http://%s:%d",
+        "mas_serve: %s (attention=%s, prompt_format=%s, %d rows x %d tokens, prefix cache %s, decode %s, API key %s) on http://%s:%d",
         state.model_name,
         state.attention,
         state.builder.prompt_format,
@@ -139,6 +200,7 @@ def run_server(state: ServerState, opts: ServeOptions) -> None:
         state.engine.max_len,
         "on" if state.engine.prefix_cache is not None else "off",
         f"compiled ({opts.compile_mode}; the first step at each power-of-two width compiles)" if opts.compile_decode else "eager",
+        "required" if state.api_key else "off",
         opts.host,
         opts.port,
     )

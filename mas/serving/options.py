@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar, Dict, Literal, Optional
+from typing import ClassVar, Dict, List, Literal, Optional
 
 from mas.config import option
 from mas.generation.options import InferenceOptions
@@ -24,8 +24,11 @@ class ServeOptions(InferenceOptions):
     RENAMED_KEYS: ClassVar[Dict[str, str]] = {"batch_size": "max_num_seqs"}
 
     max_num_seqs: int = option(8, "sequences decoded together (KV-cache rows); more wait in the queue", min=1)
-    host: str = option("127.0.0.1", "interface to listen on (0.0.0.0: every interface; there is no authentication)")
-    port: int = option(8000, "TCP port", min=1, max=65535)
+    host: str = option("127.0.0.1", "interface to listen on (0.0.0.0: every interface; set api_key and allowed_hosts then)")
+    port: int = option(8000, "TCP port (checked free before the model loads)", min=1, max=65535)
+    api_key: Optional[str] = option(None, "require 'Authorization: Bearer <key>' on the /v1 routes (null: the MAS_SERVE_API_KEY environment variable if set, else no key)")
+    allowed_hosts: Optional[List[str]] = option(None, "Host header values accepted, against DNS rebinding (null: the bind address, localhost, 127.0.0.1 and ::1; ['*']: any)")
+    max_request_bytes: int = option(4 * 2**20, "largest request body, bytes (larger: HTTP 413, read no further)", min=1)
     served_model_name: Optional[str] = option(None, "the model id clients send (null: the adapter's run folder name, else 'mas-base')")
     max_queue: int = option(64, "sequences that may wait for a free row; more get HTTP 429", min=0)
     max_n: int = option(8, "largest `n` (choices per request) accepted", min=1)

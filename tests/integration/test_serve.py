@@ -326,6 +326,10 @@ LONG = "word " * 600
         ({"model": "M", "messages": [{"role": "user", "content": "hi"}], "n": 0}, 400, "n"),
         ({"model": "M", "messages": [{"role": "user", "content": "hi"}], "stop": 5}, 400, "stop"),
         ({"model": "nope", "messages": [{"role": "user", "content": "hi"}]}, 404, "model"),
+        ({"model": "M", "messages": [{"role": {"x": 1}, "content": "hi"}]}, 400, "messages[0].role"),
+        ({"model": "M", "messages": ["hi"]}, 400, "messages[0]"),
+        ({"model": "M", "messages": [{"role": "user", "content": "hi"}], "seed": 2**64}, 400, "seed"),
+        ("[" * 100_000 + "]" * 100_000, 400, None),
     ],
 )
 def test_bad_requests_get_openai_errors_naming_the_field(server, body, status, param):
@@ -338,6 +342,27 @@ def test_bad_requests_get_openai_errors_naming_the_field(server, body, status, p
     assert error["param"] == param and error["type"] == "invalid_request_error" and error["message"], error
     if param is not None:
         assert error["message"].startswith(param)
+
+
+def test_random_malformed_bodies_never_get_a_500(server):
+    """A bounded fuzz pass: each field of a valid body replaced by a random JSON value (and
+    random extra fields); every answer is a 2xx or 4xx, and the server stays healthy."""
+    import random
+
+    rng = random.Random(0)
+    values = [None, True, -1, 0, 2**70, 1e308, -0.5, "", "x", [], {}, [[[]]], {"a": {"b": [1]}}, ["hi"], [{"role": "user"}], "\u0000"]
+    valid = {"model": server.model, "messages": _chat_messages(None, USERS[0]), "max_tokens": 2, "temperature": 0}
+    fields = list(valid) + ["n", "stop", "seed", "top_p", "top_k", "stream", "stream_options", "logit_bias", "presence_penalty", "tools", "user"]
+    statuses = []
+    for _ in range(120):
+        body = dict(valid)
+        for key in rng.sample(fields, rng.randint(1, 3)):
+            body[key] = rng.choice(values)
+        body["stream"] = False if body.get("stream") is True else body.get("stream", False)
+        r = httpx.post(f"{server.url}/v1/chat/completions", content=json.dumps(body), headers={"content-type": "application/json"}, timeout=60)
+        statuses.append(r.status_code)
+        assert r.status_code < 500, (body, r.text)
+    assert 400 in statuses and server.health()["status"] == "ok"
 
 
 def test_completions_prompt_errors_and_unknown_route(server):
@@ -395,6 +420,52 @@ def test_compiled_decode_server_equals_generate(tmp_path, tiny_base_dir, tiny_ma
     finally:
         returncode = compiled.stop()
     assert returncode in (0, -signal.SIGTERM) and "Traceback" not in compiled.log.read_text()
+
+
+def test_api_key_hosts_body_limit_and_a_taken_port(tmp_path, tiny_base_dir, tiny_causal_run, monkeypatch):
+    """A keyed server refuses /v1 without the key (health stays open); a foreign Host header is
+    refused; a body over max_request_bytes is a 413; a taken port fails before the model loads."""
+    monkeypatch.setenv("MAS_SERVE_API_KEY", "sekret")
+    keyed = _start(tmp_path, tiny_base_dir, tiny_causal_run, max_num_seqs=1, max_request_bytes=4096)
+    try:
+        body = {"model": keyed.health()["model"], "messages": _chat_messages(None, USERS[0]), "max_tokens": 2}
+        assert httpx.post(f"{keyed.url}/v1/chat/completions", json=body, timeout=30).status_code == 401
+        wrong = httpx.post(f"{keyed.url}/v1/chat/completions", json=body, headers={"authorization": "Bearer nope"}, timeout=30)
+        assert wrong.status_code == 401 and wrong.json()["error"]["code"] == "invalid_api_key"
+        auth = {"authorization": "Bearer sekret"}
+        assert httpx.post(f"{keyed.url}/v1/chat/completions", json=body, headers=auth, timeout=60).status_code == 200
+        assert httpx.get(f"{keyed.url}/health", timeout=30).status_code == 200
+        assert httpx.get(f"{keyed.url}/v1/models", headers={**auth, "host": "attacker.example"}, timeout=30).status_code == 400
+        big = {**body, "messages": _chat_messages(None, "word " * 2000)}
+        r = httpx.post(f"{keyed.url}/v1/chat/completions", json=big, headers=auth, timeout=30)
+        assert r.status_code == 413 and "max_request_bytes" in r.json()["error"]["message"]
+        # The same port again: refused in one line before any weights load.
+        port = keyed.url.rsplit(":", 1)[1]
+        cmd = [*tune_command(), "run", "mas_serve", "--config", "tiny_serve", f"port={port}", f"checkpointer.checkpoint_dir={tiny_base_dir}"]
+        result = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+        assert result.returncode != 0 and f"cannot listen on 127.0.0.1:{port}" in result.stderr, result.stderr[-2000:]
+        assert "Traceback" not in result.stderr
+    finally:
+        keyed.stop()
+
+
+def test_shutdown_ends_a_long_stream_with_an_error_event_and_done(tmp_path, tiny_base_dir, tiny_causal_run):
+    """Past shutdown_timeout_s a stream still running is not cut mid-body: its last lines are an
+    error event and [DONE], and the process exits cleanly."""
+    small = _start(tmp_path, tiny_base_dir, tiny_causal_run, max_num_seqs=1, shutdown_timeout_s=1, max_cache_len=1000)
+    try:
+        body = {"model": small.model, "prompt": USERS[0], "max_tokens": 900, "stream": True, "ignore_eos": True, "temperature": 0}
+        with httpx.stream("POST", f"{small.url}/v1/completions", json=body, timeout=120) as r:
+            lines = r.iter_lines()
+            assert next(l for l in lines if l.startswith("data: "))
+            small.process.send_signal(signal.SIGTERM)
+            rest = [l for l in lines if l.startswith("data: ")]
+        assert rest[-1] == "data: [DONE]", rest[-3:]
+        assert "error" in json.loads(rest[-2][6:]), rest[-2]
+        assert small.process.wait(timeout=60) in (0, -signal.SIGTERM)
+        assert "Traceback" not in small.log.read_text()
+    finally:
+        small.stop()
 
 
 def test_causal_adapter_capacity_and_graceful_shutdown(tmp_path, tiny_base_dir, tiny_causal_run):
