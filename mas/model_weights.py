@@ -38,7 +38,7 @@ from mas.checkpointing import (
     peft_target_modules,
     peft_to_adapter,
 )
-from mas.errors import ConfigError
+from mas.errors import ConfigError, UserError
 from mas.fingerprint import weights_identity
 
 __all__ = [
@@ -50,6 +50,7 @@ __all__ = [
     "load_adapter",
     "load_adapter_state",
     "load_base_state",
+    "read_base_state",
     "resolve_adapter_folder",
     "tokenizer_vocab_size",
 ]
@@ -105,6 +106,25 @@ def check_vocab(tokenizer: Any, model: nn.Module) -> None:
             f"vocab size mismatch: the tokenizer emits ids up to {needed - 1} but the model has only "
             f"{have} embedding rows; the tokenizer and model checkpoint do not belong together"
         )
+
+
+def read_base_state(checkpointer: Any) -> Dict[str, torch.Tensor]:
+    """The base weights a torchtune checkpointer reads, in torchtune names.
+
+    Raises:
+        ConfigError: an unreadable weights file (truncated, corrupt), naming the folder; torchtune
+            reports it as a ``ValueError`` that would otherwise pass for a bug.
+    """
+    try:
+        return checkpointer.load_checkpoint()["model"]
+    except UserError:
+        raise
+    except (SafetensorError, ValueError) as e:
+        cause = f" ({type(e.__cause__).__name__}: {e.__cause__})" if e.__cause__ is not None else ""
+        raise ConfigError(
+            f"checkpointer.checkpoint_dir={getattr(checkpointer, '_checkpoint_dir', '?')}: {str(e).strip()}{cause}; "
+            "a truncated or corrupt weights file? download or copy it again"
+        ) from e
 
 
 def load_base_state(model: nn.Module, base_state: Dict[str, torch.Tensor]) -> None:

@@ -29,7 +29,7 @@ from omegaconf import DictConfig
 
 from mas.checkpointing import latest_checkpoint
 from mas.config import ConfigError, parse, report_user_errors, to_options
-from mas.training.finetune import LoRAFinetuneRecipe
+from mas.training.finetune import EXIT_INTERRUPTED, LoRAFinetuneRecipe, TrainingInterrupted
 from mas.training.options import DistributedFinetuneOptions
 from mas.training.parallel import FSDP2
 
@@ -69,9 +69,14 @@ class MASLoRAFinetuneDistributedRecipe(LoRAFinetuneRecipe):
 def run(cfg: DictConfig) -> None:
     recipe = None
     try:
-        recipe = MASLoRAFinetuneDistributedRecipe(cfg)
-        recipe.setup()
-        recipe.train()
+        try:
+            recipe = MASLoRAFinetuneDistributedRecipe(cfg)
+            recipe.setup()
+            recipe.train()
+        except KeyboardInterrupt:
+            if recipe is not None:
+                recipe.cleanup()
+            raise TrainingInterrupted(recipe) from None
         recipe.cleanup()
         if recipe.parallel.is_main:
             print(f"adapter written to {latest_checkpoint(recipe.output_dir)}")
@@ -84,7 +89,12 @@ def run(cfg: DictConfig) -> None:
 def recipe_main(cfg: DictConfig) -> int:
     rank = int(os.environ.get("RANK", 0))
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, format=f"[rank {rank}] %(levelname)s %(name)s: %(message)s")
-    report_user_errors(RECIPE, lambda: run(cfg))
+    try:
+        report_user_errors(RECIPE, lambda: run(cfg))
+    except TrainingInterrupted as e:
+        if rank == 0:  # every rank gets the Ctrl-C; one says where it stopped
+            print(f"{RECIPE}: {e}", file=sys.stderr)
+        raise SystemExit(EXIT_INTERRUPTED) from None
     return 0
 
 

@@ -14,8 +14,9 @@ from torch import nn
 from mas.attention import use_mas_attention
 from mas.config import instantiate
 from mas.devices import resolve_device
+from mas.errors import ConfigError
 from mas.generation.options import InferenceOptions
-from mas.model_weights import BaseWeights, check_vocab, load_adapter, load_base_state
+from mas.model_weights import BaseWeights, check_vocab, load_adapter, load_base_state, read_base_state
 
 __all__ = [
     "InferenceSetup",
@@ -78,7 +79,7 @@ def load_inference_model(
 
     checkpointer = instantiate(checkpointer_cfg)
     base = BaseWeights.from_checkpointer(checkpointer, checkpointer_cfg)
-    base_state = checkpointer.load_checkpoint()["model"]
+    base_state = read_base_state(checkpointer)
     with training.set_default_dtype(dtype), device:
         model = instantiate(model_cfg)
     load_base_state(model, base_state)
@@ -135,4 +136,7 @@ def load_for_inference(options: InferenceOptions, *, adapter_checkpoint: Optiona
         allow_other_base=options.allow_other_base,
     )
     check_vocab(tokenizer, loaded.model)
+    positions = getattr(loaded.model, "max_seq_len", None)
+    if options.max_cache_len is not None and positions is not None and options.max_cache_len > positions:
+        raise ConfigError(f"max_cache_len={options.max_cache_len} is more than the model's max_seq_len {positions}; set max_cache_len <= {positions}")
     return InferenceSetup(tokenizer, loaded, device, dtype)

@@ -26,7 +26,7 @@ from mas.checkpointing import CheckpointWriter, hf_info_from_checkpointer, lates
 from mas.config import ConfigError, instantiate, resolved_yaml
 from mas.errors import UserError
 from mas.data import collate_segmented, pad_token_id
-from mas.model_weights import check_vocab
+from mas.model_weights import check_vocab, read_base_state
 from mas.training.options import FinetuneOptions
 from mas.training.metrics import MetricsFile, StepTimer, peak_memory_gib
 from mas.training.model_setup import check_attention_backend, lora_settings
@@ -164,7 +164,7 @@ class LoRAFinetuneRecipe:
         checkpointer = instantiate(self.opts.checkpointer)
         self.hf_info = hf_info_from_checkpointer(checkpointer)
         self.base_checkpoint_dir = str(checkpointer._checkpoint_dir)
-        self.base_state = checkpointer.load_checkpoint()["model"]
+        self.base_state = read_base_state(checkpointer)
 
     def _setup_tokenizer(self) -> None:
         self.tokenizer = instantiate(self.opts.tokenizer)

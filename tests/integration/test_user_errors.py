@@ -88,6 +88,14 @@ def _truncated_adapter(tmp: Path, base: Path) -> None:
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
 
 
+def _truncated_base(tmp: Path, base: Path) -> None:
+    import shutil
+
+    shutil.copytree(base, tmp / "base")
+    weights = tmp / "base" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+
+
 CASES = [
     Case("unknown top-level key", mas_lora_finetune.recipe_main, _ft("batch_sise=4"), r"unknown config key 'batch_sise'.*did you mean 'batch_size'", "ok"),
     Case("typo in a nested dataset key", mas_lora_finetune.recipe_main, _ft("dataset.sorce=/my.json"), r"dataset.sorce: .*no argument 'sorce' \(did you mean 'source'\?\)", "silent"),
@@ -146,6 +154,12 @@ CASES = [
     Case("eval: sentencepiece tokenizer file missing (Mistral)", mas_eval.recipe_main,
          lambda t, b: ["--config", "mistral_7b_v0_1_eval", "device=cpu", f"output_dir={t}/eval", f"tokenizer.path={t}/no/tokenizer.model"],
          r"tokenizer.path: file not found: .*/no/tokenizer.model", "traceback"),
+    Case("generate: truncated base weights", mas_generate.recipe_main,
+         lambda t, b: ["--config", "tiny_generate", "checkpointer._component_=torchtune.training.FullModelHFCheckpointer", "~checkpointer.pretrain_steps",
+                       f"checkpointer.checkpoint_dir={t}/base", "checkpointer.checkpoint_files=[model.safetensors]", "checkpointer.model_type=LLAMA3_2"],
+         r"checkpointer.checkpoint_dir=.*/base: Unable to load checkpoint .*a truncated or corrupt weights file", "ok", setup=_truncated_base),
+    Case("generate: max_cache_len past the model's positions", mas_generate.recipe_main, _gen("max_cache_len=4096"),
+         r"max_cache_len=4096 is more than the model's max_seq_len \d+", "ok"),
     Case("eval: unknown commonsense task", mas_eval.recipe_main, _eval("tasks=[boolqq]"), r"unknown commonsense task 'boolqq'", "ok"),
     Case("mas-config: validate a file with a typo", mas_config.main, lambda t, b: ["validate", str(t / "bad.yaml")], r"unknown config key 'epoch'.*did you mean 'epochs'", "ok",
          setup=lambda t, b: (t / "bad.yaml").write_text("# recipe: mas_lora_finetune\nbase_config: tiny_mas\nepoch: 2\n")),
