@@ -123,7 +123,7 @@ def create_app(state: ServerState) -> FastAPI:
 
     @app.middleware("http")
     async def require_api_key(request: Request, call_next: Any) -> Response:
-        if state.api_key is not None and request.url.path.startswith("/v1"):
+        if state.api_key is not None and request.url.path not in ("/health", "/metrics"):
             given = request.headers.get("authorization", "")
             if not hmac.compare_digest(given.encode(), f"Bearer {state.api_key}".encode()):
                 body = error_body("invalid or missing API key: send 'Authorization: Bearer <key>'", code="invalid_api_key")
@@ -165,6 +165,47 @@ def create_app(state: ServerState) -> FastAPI:
         card = {"id": state.model_name, "object": "model", "created": state.created, "owned_by": "mas", "max_model_len": state.engine.max_len, "attention": state.attention}
         return JSONResponse({"object": "list", "data": [card]})
 
+    @app.post("/tokenize")
+    async def tokenize(request: Request) -> Response:
+        """The token ids and segment ids a request's prompt is prefilled with: ``{"messages": [...]}``
+        (a chat) or ``{"prompt": ...}``; ``model`` optional."""
+        try:
+            _check_json(request)
+            raw = await _read_body(request)
+            return JSONResponse(await asyncio.get_running_loop().run_in_executor(None, _tokenize, raw))
+        except RequestError as e:
+            return _error(e)
+
+    @app.post("/detokenize")
+    async def detokenize(request: Request) -> Response:
+        """``{"tokens": [ids]}`` -> ``{"prompt": text}``."""
+        try:
+            _check_json(request)
+            data = _loads(await _read_body(request))
+            tokens = data.get("tokens") if isinstance(data, dict) else None
+            vocab = state.engine.core.vocab
+            if not isinstance(tokens, list) or not all(type(t) is int and 0 <= t < vocab for t in tokens):
+                raise RequestError(f"tokens: expected a list of token ids in [0, {vocab})", "tokens")
+            return JSONResponse({"prompt": state.builder.tokenizer.decode(tokens)})
+        except RequestError as e:
+            return _error(e)
+
+    def _tokenize(raw: bytes) -> Dict[str, Any]:
+        data = _loads(raw)
+        if not isinstance(data, dict):
+            raise RequestError(f"the request body must be a JSON object, got {type(data).__name__}")
+        data = {"model": state.model_name, **data}
+        kind = ChatCompletionRequest if "messages" in data else CompletionRequest
+        body = parse_request(kind, data)
+        if body.model != state.model_name:
+            raise RequestError(f"model: the model `{body.model}` does not exist; this server serves `{state.model_name}`", "model", status=404, code="model_not_found")
+        prompts = [state.builder(m, for_generation=True) for m in prompt_messages_of(body)]
+        rows = [{"count": len(p), "tokens": p.tokens, "segment_ids": p.segment_ids} for p in prompts]
+        out: Dict[str, Any] = {"model": state.model_name, "max_model_len": state.engine.max_len, "attention": state.attention, "prompts": rows}
+        if len(rows) == 1:
+            out.update(rows[0])
+        return out
+
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:
         return await _complete(request, ChatCompletionRequest, "chat")
@@ -177,10 +218,7 @@ def create_app(state: ServerState) -> FastAPI:
         started = time.perf_counter()
         record: Dict[str, Any] = {"endpoint": endpoint, "id": f"{'chatcmpl' if endpoint == 'chat' else 'cmpl'}-{uuid.uuid4().hex[:24]}"}
         try:
-            content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
-            if content_type != "application/json":
-                # A form or text/plain POST from any web page must not run a generation.
-                raise RequestError(f"the request body must be JSON with Content-Type: application/json, got {content_type or 'none'!r}", status=415)
+            _check_json(request)
             raw = await _read_body(request)
             # Parsing and tokenizing a large body takes time: not on the event loop, which
             # streams every other request's tokens.
@@ -203,6 +241,20 @@ def create_app(state: ServerState) -> FastAPI:
             return StreamingResponse(_stream(choices, body, endpoint, plan, record, started), media_type="text/event-stream")
         return await _collect(request, choices, body, endpoint, plan, record, started)
 
+    def _check_json(request: Request) -> None:
+        content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if content_type != "application/json":
+            # A form or text/plain POST from any web page must not run a generation.
+            raise RequestError(f"the request body must be JSON with Content-Type: application/json, got {content_type or 'none'!r}", status=415)
+
+    def _loads(raw: bytes) -> Any:
+        try:
+            return json.loads(raw)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise RequestError(f"the request body is not valid JSON: {e}") from None
+        except RecursionError:
+            raise RequestError("the request body is nested too deeply") from None
+
     async def _read_body(request: Request) -> bytes:
         """The body, refused (413) past ``max_request_bytes`` without reading further."""
         limit = state.max_request_bytes
@@ -219,13 +271,7 @@ def create_app(state: ServerState) -> FastAPI:
         return b"".join(chunks)
 
     def _parse_and_plan(raw: bytes, kind: type, endpoint: str) -> Any:
-        try:
-            data = json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise RequestError(f"the request body is not valid JSON: {e}") from None
-        except RecursionError:
-            raise RequestError("the request body is nested too deeply") from None
-        body = parse_request(kind, data)
+        body = parse_request(kind, _loads(raw))
         return body, _plan(body, endpoint)
 
     def _plan(body: Any, endpoint: str) -> Dict[str, Any]:

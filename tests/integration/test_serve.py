@@ -344,6 +344,25 @@ def test_bad_requests_get_openai_errors_naming_the_field(server, body, status, p
         assert error["message"].startswith(param)
 
 
+def test_tokenize_shows_the_segments_a_chat_is_prefilled_with(server, reference):
+    import mas
+    from mas.segments import SegmentBuilder
+
+    messages = _chat_messages(SYSTEM, USERS[1])
+    r = httpx.post(f"{server.url}/tokenize", json={"messages": messages}, timeout=30)
+    assert r.status_code == 200, r.text
+    got = r.json()
+    expected = SegmentBuilder(reference.tokenizer)(mas.generation.prompt_messages({"messages": messages}), for_generation=True)
+    assert (got["tokens"], got["segment_ids"], got["count"]) == (expected.tokens, expected.segment_ids, len(expected))
+    assert set(got["segment_ids"]) >= {0, 1}  # the system prompt and the user turn, each a segment
+    back = httpx.post(f"{server.url}/detokenize", json={"tokens": got["tokens"]}, timeout=30).json()["prompt"]
+    assert back == reference.tokenizer.decode(expected.tokens)
+    two = httpx.post(f"{server.url}/tokenize", json={"prompt": [USERS[0], USERS[2]]}, timeout=30).json()
+    assert len(two["prompts"]) == 2 and "tokens" not in two
+    assert httpx.post(f"{server.url}/detokenize", json={"tokens": [-1]}, timeout=30).json()["error"]["param"] == "tokens"
+    assert httpx.post(f"{server.url}/tokenize", json={"model": "nope", "prompt": "hi"}, timeout=30).status_code == 404
+
+
 def test_random_malformed_bodies_never_get_a_500(server):
     """A bounded fuzz pass: each field of a valid body replaced by a random JSON value (and
     random extra fields); every answer is a 2xx or 4xx, and the server stays healthy."""
