@@ -127,7 +127,8 @@ class InferenceEngine:
         self._slots: List[Optional[Request]] = [None] * self.rows
         self._waiting: Deque[Request] = collections.deque()
         self._prefilling: List[Request] = []
-        self._shared: Counter[Tuple[int, ...]] = collections.Counter()
+        self._shared: Counter[Tuple[int, ...]] = collections.Counter()  # first segments of waiting prompts
+        self._identical: Counter[Tuple[int, ...]] = collections.Counter()  # whole waiting prompts
         self._lock = threading.Lock()  # guards the waiting queue (other threads submit)
         self.closed = False
         # Counters (read by drivers and metrics).
@@ -174,10 +175,14 @@ class InferenceEngine:
         if self.tokenizer is not None and (self.stream_text or params.stop):
             request.text = TextStream(self.tokenizer, params.stop)
         request.shared_key = self._first_cut_key(prompt)
+        if self.prefix_cache is not None:
+            request.whole_key = tuple(prompt.tokens) + tuple(prompt.segment_ids)
         with self._lock:
             self._waiting.append(request)
             if request.shared_key is not None:
                 self._shared[request.shared_key] += 1
+            if request.whole_key is not None:
+                self._identical[request.whole_key] += 1
         return request
 
     def _first_cut_key(self, prompt: SegmentedSequence) -> Optional[Tuple[int, ...]]:
@@ -208,8 +213,8 @@ class InferenceEngine:
         """
         outputs: Dict[int, StepOutput] = {}
         self._drop_cancelled(outputs)
-        self._admit(outputs)
         first = torch.full((self.rows,), -2, dtype=torch.long, device=self.device)
+        self._admit(first, outputs)
         self._prefill_pass(first, outputs)
         emitted = self._decode_burst()
         self._read(first, emitted, outputs)
@@ -234,13 +239,14 @@ class InferenceEngine:
                 self._finish(request, "cancelled", outputs)
 
     def _forget_shared(self, request: Request) -> None:
-        if request.shared_key is not None:
-            self._shared[request.shared_key] -= 1
-            if self._shared[request.shared_key] <= 0:
-                del self._shared[request.shared_key]
+        for counter, key in ((self._shared, request.shared_key), (self._identical, request.whole_key)):
+            if key is not None:
+                counter[key] -= 1
+                if counter[key] <= 0:
+                    del counter[key]
 
     # -- admit --------------------------------------------------------------------------
-    def _admit(self, outputs: Dict[int, StepOutput]) -> None:
+    def _admit(self, first: Tensor, outputs: Dict[int, StepOutput]) -> None:
         for row in range(self.rows):
             if self._slots[row] is not None:
                 continue
@@ -252,30 +258,41 @@ class InferenceEngine:
             request.row, request.admitted_at = row, time.perf_counter()
             self._slots[row] = request
             try:
-                self._reuse_prefix(request)
+                self._reuse_prefix(request, first)
             except Exception as e:  # noqa: BLE001 - a failing request fails alone
                 self._fail_or_raise(request, e, outputs)
                 continue
-            self._park(request)
-            self._prefilling.append(request)
+            if not request.decoding:  # else the whole prompt came from the cache or was just prefilled
+                self._park(request)
+                self._prefilling.append(request)
 
     def _park(self, request: Request) -> None:
         """Point the row's decode slot at its next unwritten slot: a decode step over all rows
         writes there in a row that does not decode yet, and the next chunk overwrites it."""
         self.slot[request.row] = request.prefilled
 
-    def _reuse_prefix(self, request: Request) -> None:
-        """Copy the longest cached prefix into the row; prefill a shared uncached system prompt
-        once and cache it when other waiting sequences start with it."""
+    def _reuse_prefix(self, request: Request, first: Tensor) -> None:
+        """Copy the longest cached prefix into the row. A prompt cached whole (with its next-token
+        logits) needs no prefill: it starts decoding at once. A prompt that other waiting
+        sequences repeat whole (``n > 1`` choices) is prefilled now, so they find it whole; one
+        whose system prompt they share has that prefilled now and cached."""
         if self.prefix_cache is None:
             return
         prompt = request.prompt
+        whole = self.prefix_cache.lookup_whole(self.namespace, prompt.tokens, prompt.segment_ids)
+        if whole is not None:
+            kv, logits = whole
+            self.caches.write(request.row, kv, len(prompt))
+            request.prefilled = request.cached_tokens = len(prompt)
+            self._start_decoding([request], logits[None], first)
+            return
         cached, kv = self.prefix_cache.lookup(self.namespace, prompt.tokens, prompt.segment_ids, self.settings.attention)
         if kv is not None:
             self.caches.write(request.row, kv, cached)
             request.prefilled = request.cached_tokens = cached
-            return
-        if request.shared_key is not None and request.shared_key in self._shared:
+        if request.whole_key is not None and request.whole_key in self._identical:
+            self._prefill_rows([request], [len(prompt)], first)  # caches it whole, with its logits
+        elif kv is None and request.shared_key is not None and request.shared_key in self._shared:
             end = request.shared_key[-1]
             self._prefill_rows([request], [end], first=None)
             self.prefix_cache.insert(self.namespace, prompt.tokens[:end], prompt.segment_ids[:end], self.caches.read(request.row, end))
@@ -340,10 +357,11 @@ class InferenceEngine:
         index = torch.tensor(complete).to(self.device)
         self._start_decoding(done, logits[index], first)
         if self.prefix_cache is not None:
-            for request in done:
+            for i, request in zip(complete, done):
                 if request.cached_tokens < len(request.prompt):
                     prompt = request.prompt
-                    self.prefix_cache.insert(self.namespace, prompt.tokens, prompt.segment_ids, self.caches.read(request.row, len(prompt)))
+                    kv = self.caches.read(request.row, len(prompt))
+                    self.prefix_cache.insert(self.namespace, prompt.tokens, prompt.segment_ids, kv, next_logits=logits[i].float().clone())
 
     def _start_decoding(self, requests: List[Request], logits: Tensor, first: Tensor) -> None:
         """Choose each request's first token from its prefill logits (``[k, vocab]``) and make its

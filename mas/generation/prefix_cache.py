@@ -69,8 +69,10 @@ class CachedPrefix:
     Attributes:
         tokens (List[int]), segment_ids (List[int]): what the keys and values were computed from.
         kv (KV): per layer ``(k, v)``, each ``[n_kv, len, d]``.
-        nbytes (int): memory of ``kv``.
+        nbytes (int): memory of ``kv`` (and of ``next_logits``).
         keys (List[int]): the index keys pointing at this entry.
+        next_logits (Dict[int, Tensor]): prefix length -> ``[vocab]`` next-token logits after it,
+            where a whole prompt ended (a prompt repeated whole then needs no prefill at all).
     """
 
     tokens: List[int]
@@ -78,6 +80,7 @@ class CachedPrefix:
     kv: KV
     nbytes: int
     keys: List[int] = field(default_factory=list)
+    next_logits: Dict[int, Tensor] = field(default_factory=dict)
 
 
 @dataclass
@@ -143,21 +146,53 @@ class PrefixCache:
             self.stats.misses += 1
             return 0, None
 
-    def insert(self, namespace: Hashable, tokens: Sequence[int], segment_ids: Sequence[int], kv: KV) -> bool:
+    def lookup_whole(self, namespace: Hashable, tokens: Sequence[int], segment_ids: Sequence[int]) -> Optional[Tuple[KV, Tensor]]:
+        """A stored prompt equal to this one, whole, with its next-token logits: nothing of it
+        needs prefilling (identical prompts, the choices of an ``n > 1`` request).
+
+        Returns:
+            Optional[Tuple[KV, Tensor]]: ``(kv, logits)`` (slots ``[0, len)`` of ``kv``; ``[vocab]``
+            logits), or None.
+        """
+        n = len(tokens)
+        key = _chained_hashes(namespace, tokens, segment_ids)[n]
+        with self._lock:
+            found = self._index.get(key)
+            if found is None or found[1] != n:
+                return None
+            entry = self._entries[found[0]]
+            if n not in entry.next_logits or entry.tokens[:n] != list(tokens) or entry.segment_ids[:n] != list(segment_ids):
+                return None
+            self._entries.move_to_end(found[0])
+            self.stats.hits += 1
+            self.stats.saved_tokens += n
+            return entry.kv, entry.next_logits[n]
+
+    def insert(
+        self, namespace: Hashable, tokens: Sequence[int], segment_ids: Sequence[int], kv: KV, next_logits: Optional[Tensor] = None
+    ) -> bool:
         """Store a row (its keys and values are final: nothing later changes them).
 
         Index keys of older entries whose prefix this row repeats move to it; an older entry left
         without keys (a prefix of this one, e.g. the prompt stored at prefill time once its
         answer is stored) is dropped. Least recently used entries go when over budget.
 
+        Args:
+            next_logits (Optional[Tensor]): ``[vocab]`` logits after the whole row (a prompt), kept
+                for :meth:`lookup_whole`.
+
         Returns:
             bool: whether the row was stored (False: it alone exceeds the budget).
         """
         nbytes = sum(k.numel() * k.element_size() + v.numel() * v.element_size() for k, v in kv)
+        if next_logits is not None:
+            nbytes += next_logits.numel() * next_logits.element_size()
         if len(tokens) > self.max_tokens or nbytes > self.max_bytes or len(tokens) < self.min_tokens:
             return False
         hashes = _chained_hashes(namespace, tokens, segment_ids)
         entry = CachedPrefix(list(tokens), list(segment_ids), kv, nbytes)
+        if next_logits is not None:
+            entry.next_logits[len(tokens)] = next_logits
         with self._lock:
             entry_id = self._next_id
             self._next_id += 1
@@ -169,8 +204,15 @@ class PrefixCache:
                     older = self._entries[previous[0]]
                     if previous[1] != n or older.tokens[:n] != entry.tokens[:n] or older.segment_ids[:n] != entry.segment_ids[:n]:
                         continue  # a hash collision: leave the other entry alone
-                    # This row holds the same prefix: it serves the key from now on.
+                    # This row holds the same prefix: it serves the key (and its logits) from now on.
                     older.keys.remove(key)
+                    if n in older.next_logits and n not in entry.next_logits:
+                        moved = entry.next_logits[n] = older.next_logits.pop(n)
+                        size = moved.numel() * moved.element_size()
+                        older.nbytes -= size
+                        entry.nbytes += size
+                        nbytes += size
+                        self.bytes -= size
                     if not older.keys:
                         self._drop(previous[0])
                 elif n not in ends:

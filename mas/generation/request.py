@@ -56,6 +56,7 @@ class Request:
     generator: Optional[torch.Generator] = field(default=None, repr=False)
     text: Optional[TextStream] = field(default=None, repr=False)
     shared_key: Optional[Tuple[int, ...]] = field(default=None, repr=False)
+    whole_key: Optional[Tuple[int, ...]] = field(default=None, repr=False)
     _cancelled: threading.Event = field(default_factory=threading.Event, repr=False)
 
     def cancel(self) -> None:

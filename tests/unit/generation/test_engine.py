@@ -123,6 +123,26 @@ def test_a_shared_system_prompt_is_prefilled_once(model, llama3_tokenizer):
 
 
 @pytest.mark.parametrize("attention", ["mas", "causal"])
+def test_identical_prompts_are_prefilled_once_and_then_found_whole(model, llama3_tokenizer, attention):
+    """The choices of an n > 1 request (one prompt, three seeds) prefill the prompt once; a later
+    repeat of it needs no prefill at all (its keys, values and next-token logits are cached)."""
+    prompt = _sequences(llama3_tokenizer)[1]
+    params = [SamplingParams(8, temperature=1.0, seed=s) for s in (1, 2, 3)]
+    expected = _reference(model, [prompt] * 3, params, attention)
+    settings = GenerationSettings(attention=attention, batch_size=3, max_cache_len=128, reuse_system_cache=True, stop_tokens=[])
+    with InferenceEngine(copy.deepcopy(model), settings) as engine:
+        assert _run(engine, [prompt] * 3, params) == expected
+        assert engine.prefilled_tokens == len(prompt)
+        before = engine.prefill_forwards
+        again = engine.submit(prompt, params[1])
+        while engine.has_unfinished():
+            engine.step()
+        assert again.tokens == expected[1] and again.cached_tokens == len(prompt)
+        assert engine.prefill_forwards == before  # nothing prefilled
+    assert len({tuple(t) for t in expected}) == 3  # the seeds drew differently
+
+
+@pytest.mark.parametrize("attention", ["mas", "causal"])
 def test_chunked_prefill_cuts_at_segment_ends_and_stays_exact(model, llama3_tokenizer, attention, monkeypatch):
     """A long prompt arriving while another row decodes is prefilled in chunks of at most 8
     tokens (a longer segment whole), each ending at a cut point, and the running row keeps

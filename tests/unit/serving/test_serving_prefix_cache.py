@@ -139,3 +139,20 @@ def test_chat_messages_map_roles_and_text_parts():
     [messages] = prompt_messages_of(request)
     assert [m.role for m in messages] == ["system", "user", "assistant"]
     assert messages[1].text_content == "Hi" and not messages[2].masked
+
+
+def test_a_whole_prompt_keeps_its_logits_when_its_answer_is_stored():
+    """lookup_whole finds a prompt stored with its next-token logits, also after the row with its
+    answer took over its index keys (the logits move with the key); another prompt finds none."""
+    cache = PrefixCache(max_tokens=1000, max_bytes=1 << 30)
+    logits = torch.arange(7.0)
+    cache.insert("ns", [1, 2, 3, 4], [0, 0, 1, 1], _kv(4), next_logits=logits)
+    kv, found = cache.lookup_whole("ns", [1, 2, 3, 4], [0, 0, 1, 1])
+    assert torch.equal(found, logits) and kv[0][0].shape[1] == 4
+    cache.insert("ns", [1, 2, 3, 4, 9], [0, 0, 1, 1, CAUSAL], _kv(5))
+    assert len(cache) == 1  # the prompt's row was superseded...
+    kv, found = cache.lookup_whole("ns", [1, 2, 3, 4], [0, 0, 1, 1])
+    assert torch.equal(found, logits) and kv[0][0].shape[1] == 5  # ...and its logits moved along
+    assert cache.lookup_whole("ns", [1, 2, 3, 5], [0, 0, 1, 1]) is None
+    assert cache.lookup_whole("other", [1, 2, 3, 4], [0, 0, 1, 1]) is None
+    assert cache.bytes == sum(e.nbytes for e in cache._entries.values())
