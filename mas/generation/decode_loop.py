@@ -22,7 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from mas.compile_budget import compile_with_budget
-from mas.generation.sampling import RowSampling, choose_tokens
+from mas.generation.sampling import RowSampling, choose_tokens, suppress_stops
 
 __all__ = ["DECODE_SHAPE_BUDGET", "compiled_decode_step", "decode_mask", "decode_step", "decode_width", "forward_one_token"]
 
@@ -87,13 +87,14 @@ def decode_step(
     done: Tensor,
     slot: Tensor,
     decoding: Tensor,
-    stop: Tensor,
-    stoppable: Tensor,
+    row_stops: Tensor,
+    min_left: Tensor,
     noise: Optional[Tensor],
     sampling: RowSampling,
     *,
     width: int,
-) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    suppress: bool = False,
+) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Write each decoding row's ``token`` at its ``slot``, choose the next token, update stops.
 
     The caches' plan must name rows ``[0, b)`` and these slots
@@ -106,21 +107,26 @@ def decode_step(
         done (Tensor): ``[b]`` bool, rows that have chosen a stop token.
         slot (Tensor): ``[b]`` long, where ``token`` goes (its RoPE position too: slot = position).
         decoding (Tensor): ``[b]`` bool, rows that decode (others attend nothing and keep their slot).
-        stop (Tensor): ``[n]`` stop token ids (may be empty).
-        stoppable (Tensor): ``[b]`` bool, rows that stop at a stop token.
+        row_stops (Tensor): ``[b, S]`` long, each row's stop ids (``-1`` pads).
+        min_left (Tensor): ``[b]`` long, tokens each row must generate before it may stop.
         noise (Optional[Tensor]): ``[b, vocab]`` ``Exp(1)`` noise when a row samples, else None.
         sampling (RowSampling): ``[b]`` token-choice settings.
         width (int): key slots attended (:func:`decode_width`).
+        suppress (bool): some row has ``min_left > 0`` (its stop ids are made impossible).
 
     Returns:
-        Tuple[Tensor, Tensor, Tensor, Tensor]: the next token ``[b]``, the same with ``-1`` on
-        rows that are done ``[b]``, the updated ``done`` and the next ``slot``.
+        Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]: the next token ``[b]``, the same with
+        ``-1`` on rows that are done ``[b]``, the updated ``done``, the next ``slot`` and
+        ``min_left``.
     """
     logits = forward_one_token(model, token[:, None], decode_mask(slot, decoding, width), slot[:, None])
+    if suppress:
+        logits = suppress_stops(logits, row_stops, min_left)
     next_token = choose_tokens(logits, noise, sampling)
-    done = done | (torch.isin(next_token, stop) & stoppable)
+    done = done | (next_token[:, None] == row_stops).any(-1)
     emitted = torch.where(done, torch.full_like(next_token, -1), next_token)
-    return next_token, emitted, done, slot + decoding.long()
+    step = decoding.long()
+    return next_token, emitted, done, slot + step, min_left - step
 
 
 #: Compiled decode-step signatures per mode and process (dynamo's default limit is 8): at most 12
@@ -129,7 +135,7 @@ DECODE_SHAPE_BUDGET = 64
 
 
 @functools.lru_cache(maxsize=None)
-def compiled_decode_step(mode: str = "default") -> Callable[..., Tuple[Tensor, Tensor, Tensor, Tensor]]:
+def compiled_decode_step(mode: str = "default") -> Callable[..., Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]]:
     """:func:`decode_step` under ``torch.compile`` (static shapes, one graph), one wrapper per mode.
 
     Past :data:`DECODE_SHAPE_BUDGET` signatures (widths x rows x cache lengths x sampling flags)

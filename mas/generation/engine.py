@@ -43,7 +43,7 @@ from mas.generation.layout import chunk_end, layout_chunks
 from mas.generation.prefill import prefill
 from mas.generation.prefix_cache import PrefixCache, reusable_ends
 from mas.generation.request import PromptTooLongError, Request, StepOutput
-from mas.generation.sampling import RowSampling, SamplingParams, choose_tokens, draw_noise
+from mas.generation.sampling import RowSampling, SamplingParams, choose_tokens, draw_noise, suppress_stops
 from mas.generation.settings import GenerationSettings
 from mas.generation.slot_cache import SlotCaches, install_slot_caches, remove_caches
 from mas.generation.text_stream import TextStream
@@ -147,9 +147,21 @@ class InferenceEngine:
         self.done = torch.ones(r, dtype=torch.bool, device=device)
         self.slot = torch.zeros(r, dtype=torch.long, device=device)
         self.decoding = torch.zeros(r, dtype=torch.bool, device=device)
-        self.stoppable = torch.zeros(r, dtype=torch.bool, device=device)
+        self.row_stops = torch.full((r, self._stop_width(0)), -1, dtype=torch.long, device=device)
+        self.min_left = torch.zeros(r, dtype=torch.long, device=device)
         self.sampling = RowSampling.empty(r, self.vocab, device)
-        self.stop = torch.tensor(self.stop_tokens, dtype=torch.long, device=device)
+
+    def _stop_width(self, own: int) -> int:
+        """Columns of the per-row stop table: the engine's stop ids plus a request's own, rounded
+        up to a power of two (at least 4), so a compiled step sees few shapes."""
+        width = 4
+        while width < len(self.stop_tokens) + own:
+            width *= 2
+        return width
+
+    def _stops_of(self, params: SamplingParams) -> List[int]:
+        engine = [] if params.ignore_stop_tokens else self.stop_tokens
+        return list(dict.fromkeys([*engine, *params.stop_token_ids]))
 
     # -- submitting ---------------------------------------------------------------------
     def check_fits(self, prompt_len: int, max_tokens: int) -> None:
@@ -169,6 +181,9 @@ class InferenceEngine:
             PromptTooLongError: it does not fit a row.
         """
         self.check_fits(len(prompt), params.max_tokens)
+        bad = [t for t in params.stop_token_ids if not 0 <= t < self.vocab]
+        if bad:
+            raise ValueError(f"stop_token_ids {bad} are not ids of this model's {self.vocab}-token vocabulary")
         request = Request(prompt, params)
         if params.seed is not None:
             request.generator = torch.Generator(device=self.device).manual_seed(params.seed)
@@ -374,16 +389,27 @@ class InferenceEngine:
         if sampling.samples:
             sampled = [i for i, p in enumerate(params) if p.samples]
             noise = draw_noise(len(requests), self.vocab, self.device, sampled, [requests[i].generator for i in sampled])
+        stops = [self._stops_of(p) for p in params]
+        width = self._stop_width(max(len(x) for x in stops) - len(self.stop_tokens))
+        if width > self.row_stops.shape[1]:  # a request with more stop ids than the table holds
+            wider = torch.full((self.rows, width), -1, dtype=torch.long, device=self.device)
+            wider[:, : self.row_stops.shape[1]] = self.row_stops
+            self.row_stops = wider
+        width = self.row_stops.shape[1]
+        row_stops = torch.tensor([x + [-1] * (width - len(x)) for x in stops]).to(self.device)
+        min_left = torch.tensor([p.min_tokens for p in params]).to(self.device)
+        if any(p.min_tokens > 0 for p in params):
+            logits = suppress_stops(logits, row_stops, min_left)
         token = choose_tokens(logits, noise, sampling)
         rows = [r.row for r in requests]
         index = torch.tensor(rows).to(self.device)
-        stoppable = torch.tensor([not p.ignore_stop_tokens for p in params]).to(self.device)
-        done = torch.isin(token, self.stop) & stoppable
+        done = (token[:, None] == row_stops).any(-1)
         self.token[index] = token
         self.done[index] = done
         self.slot[index] = torch.tensor([len(r.prompt) for r in requests]).to(self.device)
         self.decoding[index] = True
-        self.stoppable[index] = stoppable
+        self.row_stops[index] = row_stops
+        self.min_left[index] = min_left - 1
         self.sampling.set_rows(rows, params, self.vocab)
         first[index] = torch.where(done, torch.full_like(token, -1), token)
         for request in requests:
@@ -407,6 +433,8 @@ class InferenceEngine:
         compiled = self._step_fn is not decode_step
         k = self.rows if compiled else max(r.row for r in decoding) + 1
         sampling = self.sampling.flags_for([r.params for r in decoding]).head(k)
+        # Stops may be suppressed in this burst only while some row is short of its min_tokens.
+        suppress = any(r.chosen < r.params.min_tokens for r in decoding)
         sampled = [r for r in decoding if r.params.samples]
         emitted: List[Tensor] = []
         started = time.perf_counter()
@@ -416,7 +444,7 @@ class InferenceEngine:
             noise = None
             if sampling.samples:
                 noise = draw_noise(k, self.vocab, self.device, [r.row for r in sampled], [r.generator for r in sampled])
-            emitted.append(self._decode_step_isolated(k, noise, sampling, width, decoding))
+            emitted.append(self._decode_step_isolated(k, noise, sampling, width, decoding, suppress))
         for request in decoding:
             request.decode_steps += steps
             request.chosen += steps
@@ -430,11 +458,13 @@ class InferenceEngine:
         out[rows] = torch.stack(emitted, dim=1)[rows]
         return out
 
-    def _decode_step_isolated(self, k: int, noise: Optional[Tensor], sampling: RowSampling, width: int, decoding: List[Request]) -> Tensor:
+    def _decode_step_isolated(
+        self, k: int, noise: Optional[Tensor], sampling: RowSampling, width: int, decoding: List[Request], suppress: bool
+    ) -> Tensor:
         """One decode step over rows ``[0, k)``; a failure is retried row by row (eagerly) when
         failures are isolated, and a failing compiled step falls back to eager for good."""
         try:
-            return self._decode_rows(self._step_fn, 0, k, noise, sampling, width)
+            return self._decode_rows(self._step_fn, 0, k, noise, sampling, width, suppress)
         except Exception:  # noqa: BLE001
             if not self.isolate_failures:
                 raise
@@ -446,7 +476,7 @@ class InferenceEngine:
             try:
                 row_noise = None if noise is None else noise[row : row + 1]
                 one = sampling.rows(torch.tensor([row], device=self.device))
-                emitted[row] = self._decode_rows(decode_step, row, row + 1, row_noise, one, len(request.prompt) + request.decode_steps + 1)[0]
+                emitted[row] = self._decode_rows(decode_step, row, row + 1, row_noise, one, len(request.prompt) + request.decode_steps + 1, suppress)[0]
                 ok += 1
             except Exception as e:  # noqa: BLE001
                 log.exception("decode failed for sequence %d", request.id)
@@ -458,7 +488,9 @@ class InferenceEngine:
             self._step_fn = decode_step
         return emitted
 
-    def _decode_rows(self, fn: Callable[..., Tuple[Tensor, ...]], lo: int, hi: int, noise: Optional[Tensor], sampling: RowSampling, width: int) -> Tensor:
+    def _decode_rows(
+        self, fn: Callable[..., Tuple[Tensor, ...]], lo: int, hi: int, noise: Optional[Tensor], sampling: RowSampling, width: int, suppress: bool
+    ) -> Tensor:
         whole = hi - lo == self.rows
         rows = slice(lo, hi)
 
@@ -466,16 +498,18 @@ class InferenceEngine:
             return t if whole else t[rows]
 
         self.caches.plan_decode(part(self.slot), width, first_row=lo)
-        token, emitted, done, slot = fn(
-            self.model, part(self.token), part(self.done), part(self.slot), part(self.decoding), self.stop, part(self.stoppable), noise, sampling, width=width
-        )
+        token, emitted, done, slot, min_left = fn(
+            self.model, part(self.token), part(self.done), part(self.slot), part(self.decoding), part(self.row_stops), part(self.min_left),
+            noise, sampling, width=width, suppress=suppress,
+        )  # fmt: skip
         if whole and not self.settings.uses_cuda_graphs():
-            self.token, self.done, self.slot = token, done, slot  # fresh tensors: no copy
+            self.token, self.done, self.slot, self.min_left = token, done, slot, min_left  # fresh tensors: no copy
             return emitted
         # Copies into the engine's buffers (a CUDA graph's outputs are overwritten at its next replay).
         self.token[rows] = token
         self.done[rows] = done
         self.slot[rows] = slot
+        self.min_left[rows] = min_left
         return emitted.clone()
 
     # -- read ---------------------------------------------------------------------------

@@ -21,7 +21,7 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor
 
-__all__ = ["RowSampling", "SamplingParams", "choose_tokens", "draw_noise", "exponential_noise", "filtered_probs"]
+__all__ = ["RowSampling", "SamplingParams", "choose_tokens", "draw_noise", "exponential_noise", "filtered_probs", "suppress_stops"]
 
 
 @dataclass(frozen=True)
@@ -36,7 +36,11 @@ class SamplingParams:
         seed (Optional[int]): seeds this sequence's own generator on the model's device: the
             tokens are then the same whatever else is decoding (None: the device's default RNG).
         stop (Sequence[str]): strings that end the text (not included).
-        ignore_stop_tokens (bool): generate exactly ``max_tokens`` (benchmarks, tests).
+        ignore_stop_tokens (bool): the engine's stop tokens (the tokenizer's EOS) do not end this
+            sequence (benchmarks, tests); its own ``stop_token_ids`` still do.
+        stop_token_ids (Sequence[int]): more ids that end this sequence (not included).
+        min_tokens (int): tokens generated before any stop token may be chosen (their logits are
+            ``-inf`` until then).
     """
 
     max_tokens: int
@@ -46,10 +50,14 @@ class SamplingParams:
     seed: Optional[int] = None
     stop: Sequence[str] = ()
     ignore_stop_tokens: bool = False
+    stop_token_ids: Sequence[int] = ()
+    min_tokens: int = 0
 
     def __post_init__(self) -> None:
         if self.max_tokens < 1:
             raise ValueError(f"max_tokens must be >= 1, got {self.max_tokens}")
+        if not 0 <= self.min_tokens <= self.max_tokens:
+            raise ValueError(f"min_tokens must be in [0, max_tokens={self.max_tokens}], got {self.min_tokens}")
         if self.temperature < 0:
             raise ValueError(f"temperature must be >= 0, got {self.temperature}")
         if self.top_k is not None and self.top_k < 1:
@@ -195,3 +203,18 @@ def draw_noise(
     for row, generator in zip(sampled, generators):
         noise[row] = exponential_noise((1, vocab), device, generator)[0]
     return noise
+
+
+def suppress_stops(logits: Tensor, row_stops: Tensor, min_left: Tensor) -> Tensor:
+    """Each row's stop ids made impossible (``-inf``) while it must still generate tokens.
+
+    Args:
+        logits (Tensor): ``[b, vocab]``.
+        row_stops (Tensor): ``[b, S]`` long, each row's stop ids (``-1`` pads).
+        min_left (Tensor): ``[b]`` long, tokens a row must still generate before it may stop.
+
+    Returns:
+        Tensor: ``[b, vocab]``.
+    """
+    is_stop = torch.zeros_like(logits, dtype=torch.bool).scatter_(1, row_stops.clamp(min=0), row_stops >= 0)
+    return logits.masked_fill(is_stop & (min_left > 0)[:, None], float("-inf"))

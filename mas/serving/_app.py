@@ -311,6 +311,11 @@ def create_app(state: ServerState) -> FastAPI:
                     code="context_length_exceeded",
                 )
             max_tokens = asked if asked is not None else min(state.default_max_tokens, context - len(prompt))
+            if body.min_tokens > max_tokens:
+                raise RequestError(f"min_tokens: {body.min_tokens} is more than max_tokens ({max_tokens})", "min_tokens")
+            vocab = state.engine.core.vocab
+            if body.stop_token_ids and not all(0 <= t < vocab for t in body.stop_token_ids):
+                raise RequestError(f"stop_token_ids: ids must be in [0, {vocab})", "stop_token_ids")
             for j in range(body.n):
                 params.append(
                     SamplingParams(
@@ -321,6 +326,8 @@ def create_app(state: ServerState) -> FastAPI:
                         seed=None if body.seed is None else body.seed + j,  # choice j of a seeded request: seed + j
                         stop=stops,
                         ignore_stop_tokens=body.ignore_eos,
+                        stop_token_ids=tuple(body.stop_token_ids or ()),
+                        min_tokens=body.min_tokens,
                     )
                 )
                 sequences.append(prompt)

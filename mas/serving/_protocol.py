@@ -94,7 +94,9 @@ class _Sampling(_Body):
     # Extensions (the openai client sends them with extra_body=...):
     attention: Optional[Literal["mas", "causal"]] = None  # only checked against the served mode
     return_token_ids: bool = False  # the generated ids in the response's "mas" section
-    ignore_eos: bool = False  # generate exactly max_tokens (as vLLM's field: benchmarks)
+    ignore_eos: bool = False  # the tokenizer's stop tokens do not end it (as vLLM's field: benchmarks)
+    stop_token_ids: Optional[List[int]] = None  # more ids that end a choice (vLLM's field)
+    min_tokens: int = Field(0, ge=0)  # tokens before a stop token may be chosen (vLLM's field)
 
     def stop_strings(self) -> List[str]:
         if self.stop is None:

@@ -87,7 +87,8 @@ def reference_generate(
         params (SamplingParams): ``max_tokens``, the token choice and ``seed`` (a generator on
             the model's device, as the engine seeds one; None with sampling: the default RNG).
         attention (AttentionMode): the prompt mask.
-        stop_tokens (Sequence[int]): ids that end the sequence (excluded).
+        stop_tokens (Sequence[int]): the engine's ids that end the sequence (excluded; ignored
+            with ``params.ignore_stop_tokens``); ``params.stop_token_ids`` end it too.
 
     Returns:
         Tuple[List[int], Optional[str]]: the generated ids and ``"stop"`` or ``"length"``.
@@ -96,16 +97,20 @@ def reference_generate(
     device = model.tok_embeddings.weight.device
     generator = torch.Generator(device=device).manual_seed(params.seed) if params.seed is not None else None
     tokens, segment_ids = list(prompt.tokens), list(prompt.segment_ids)
+    stops = set(params.stop_token_ids) | (set() if params.ignore_stop_tokens else set(stop_tokens))
     out: List[int] = []
     while len(out) < params.max_tokens:
         logits = reference_logits(model, tokens, segment_ids, attention)
+        if len(out) < params.min_tokens:  # no stop token before min_tokens
+            for t in stops:
+                logits[t] = float("-inf")
         if params.samples:
             noise = exponential_noise((1, logits.shape[-1]), device, generator)[0]
             probs = reference_filtered_probs(logits, params.temperature, params.top_k, params.top_p)
             token = int((probs / noise).argmax())
         else:
             token = int(logits.argmax())
-        if token in stop_tokens and not params.ignore_stop_tokens:
+        if token in stops:
             return out, "stop"
         out.append(token)
         tokens.append(token)

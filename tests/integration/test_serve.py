@@ -363,6 +363,18 @@ def test_tokenize_shows_the_segments_a_chat_is_prefilled_with(server, reference)
     assert httpx.post(f"{server.url}/tokenize", json={"model": "nope", "prompt": "hi"}, timeout=30).status_code == 404
 
 
+def test_stop_token_ids_and_min_tokens(server, reference):
+    plain = _chat(server, _chat_messages(None, USERS[0]), ignore_eos=True)["mas"]["token_ids"][0]
+    stopped = _chat(server, _chat_messages(None, USERS[0]), stop_token_ids=[plain[2]], ignore_eos=True)
+    assert stopped["mas"]["token_ids"][0] == plain[: plain.index(plain[2])] and stopped["choices"][0]["finish_reason"] == "stop"
+    late = _chat(server, _chat_messages(None, USERS[0]), stop_token_ids=[plain[2]], min_tokens=4, ignore_eos=True)["mas"]["token_ids"][0]
+    assert len(late) >= 4 and plain[2] not in late[:4]
+    base = {"model": server.model, "messages": _chat_messages(None, USERS[0]), "max_tokens": 3}
+    for extra, param in (({"min_tokens": 5}, "min_tokens"), ({"stop_token_ids": [10**9]}, "stop_token_ids"), ({"stop_token_ids": ["x"]}, "stop_token_ids[0]")):
+        r = httpx.post(f"{server.url}/v1/chat/completions", json={**base, **extra}, timeout=30)
+        assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
+
+
 def test_random_malformed_bodies_never_get_a_500(server):
     """A bounded fuzz pass: each field of a valid body replaced by a random JSON value (and
     random extra fields); every answer is a 2xx or 4xx, and the server stays healthy."""

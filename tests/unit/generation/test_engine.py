@@ -282,6 +282,30 @@ def test_a_row_that_ignores_stop_tokens_runs_on_beside_one_that_stops(model, lla
     assert requests[1].tokens == free and requests[1].finish_reason == "length"
 
 
+def test_per_request_stop_ids_and_min_tokens_equal_the_recompute(model, llama3_tokenizer):
+    """stop_token_ids end one sequence only; min_tokens makes every stop id impossible until that
+    many tokens exist (the twin masks them the same way); ignore_stop_tokens keeps the request's own."""
+    seq = _sequences(llama3_tokenizer)[:1]
+    free = _reference(model, seq, [SamplingParams(12)])[0]
+    engine_stop, own_stop = free[3], free[1]
+    params = [
+        SamplingParams(12),
+        SamplingParams(12, stop_token_ids=(own_stop,)),
+        SamplingParams(12, min_tokens=6),
+        SamplingParams(12, min_tokens=6, temperature=1.0, seed=4),
+        SamplingParams(12, ignore_stop_tokens=True, stop_token_ids=(own_stop,)),
+    ]
+    twin = copy.deepcopy(model)
+    expected = [reference_generate(twin, seq[0], p, stop_tokens=[engine_stop])[0] for p in params]
+    settings = GenerationSettings(batch_size=3, max_cache_len=128, stop_tokens=[engine_stop])
+    with InferenceEngine(copy.deepcopy(model), settings) as engine:
+        got = _run(engine, seq * len(params), params)
+    assert got == expected
+    assert got[0] == free[: free.index(engine_stop)] and got[1] == free[:1]
+    assert len(got[2]) >= 6 and engine_stop not in got[2][:6] and got[2] != got[0]
+    assert got[4] == free[:1]  # its own stop id ends it although the engine's are ignored
+
+
 def test_widths():
     assert [decode_width(n, 4096) for n in (1, 64, 65, 300, 513, 4000)] == [64, 64, 128, 512, 1024, 4096]
     assert decode_width(300, 320) == 320
