@@ -30,6 +30,8 @@ matplotlib.use("Agg")
 
 import matplotlib.pyplot as plt  # noqa: E402
 
+from mas.errors import DataError, UserError  # noqa: E402
+
 #: Inches per panel; a PNG is (columns * width, rows * height) * dpi pixels.
 PANEL_SIZE = (5.0, 3.6)
 MAX_COLUMNS = 4
@@ -39,20 +41,23 @@ def load_sweep(path: Path) -> Dict[str, Any]:
     """Read a sweep file and check its shape; points come back sorted by step.
 
     Raises:
-        ValueError: naming the file, for a missing file, invalid JSON or a malformed point.
+        DataError: naming the file, for a missing file, a folder, invalid JSON or a malformed point.
     """
+    if path.is_dir():
+        found = sorted(p.name for p in path.glob("sweep_*.json"))
+        raise DataError(f"{path} is a folder; give its sweep_<mode>.json" + (f" ({', '.join(found)} there)" if found else ""))
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise ValueError(f"sweep file not found: {path}") from None
+        raise DataError(f"sweep file not found: {path}") from None
     except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
+        raise DataError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
     points = data.get("points") if isinstance(data, dict) else None
     if not isinstance(points, list) or not points:
-        raise ValueError(f"{path}: not a sweep file (no 'points' list); write one with mas_eval checkpoints=all")
+        raise DataError(f"{path}: not a sweep file (no 'points' list); write one with mas_eval checkpoints=all")
     for i, point in enumerate(points):
         if not isinstance(point, dict) or not isinstance(point.get("step"), int) or not isinstance(point.get("tasks"), dict):
-            raise ValueError(f"{path}, point {i}: needs an integer 'step' and a 'tasks' object")
+            raise DataError(f"{path}, point {i}: needs an integer 'step' and a 'tasks' object")
     data["points"] = sorted(points, key=lambda p: p["step"])
     return data
 
@@ -125,7 +130,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         parser.error(f"{len(args.labels)} labels for {len(args.sweeps)} sweep files")
     try:
         data = [load_sweep(p) for p in args.sweeps]
-    except ValueError as e:
+    except UserError as e:  # anything else is a bug: its traceback stays
         print(f"plot_sweep: {e}", file=sys.stderr)
         return 2
     labels = args.labels or [run_label(d, p) for d, p in zip(data, args.sweeps)]

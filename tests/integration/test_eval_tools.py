@@ -141,6 +141,7 @@ def test_plot_sweep_reads_what_mas_eval_writes(monkeypatch, tmp_path):
     with pytest.raises(ValueError, match="not a sweep file"):
         plot_sweep.load_sweep(tmp_path / "results.json")
     assert plot_sweep.main([str(tmp_path / "absent.json")]) == 2
+    assert plot_sweep.main([str(tmp_path)]) == 2  # a folder: one line, not IsADirectoryError's traceback
 
 
 def test_attention_recorder_is_faithful_and_leaves_outputs_alone(monkeypatch, tiny_model):
