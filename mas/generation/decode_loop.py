@@ -22,6 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from mas.compile_budget import compile_with_budget
+from mas.generation.penalties import RowPenalties, apply_penalties
 from mas.generation.sampling import RowSampling, choose_tokens, suppress_stops
 
 __all__ = ["DECODE_SHAPE_BUDGET", "compiled_decode_step", "decode_mask", "decode_step", "decode_width", "forward_one_token"]
@@ -91,6 +92,7 @@ def decode_step(
     min_left: Tensor,
     noise: Optional[Tensor],
     sampling: RowSampling,
+    penalties: Optional[RowPenalties] = None,
     *,
     width: int,
     suppress: bool = False,
@@ -111,6 +113,8 @@ def decode_step(
         min_left (Tensor): ``[b]`` long, tokens each row must generate before it may stop.
         noise (Optional[Tensor]): ``[b, vocab]`` ``Exp(1)`` noise when a row samples, else None.
         sampling (RowSampling): ``[b]`` token-choice settings.
+        penalties (Optional[RowPenalties]): ``[b]`` presence/frequency/repetition penalties and
+            their counts (updated in place with the chosen tokens); None: no row has one.
         width (int): key slots attended (:func:`decode_width`).
         suppress (bool): some row has ``min_left > 0`` (its stop ids are made impossible).
 
@@ -120,9 +124,13 @@ def decode_step(
         ``min_left``.
     """
     logits = forward_one_token(model, token[:, None], decode_mask(slot, decoding, width), slot[:, None])
+    if penalties is not None:
+        logits = apply_penalties(logits, penalties)
     if suppress:
         logits = suppress_stops(logits, row_stops, min_left)
     next_token = choose_tokens(logits, noise, sampling)
+    if penalties is not None:
+        penalties.count(next_token, decoding & ~done)
     done = done | (next_token[:, None] == row_stops).any(-1)
     emitted = torch.where(done, torch.full_like(next_token, -1), next_token)
     step = decoding.long()

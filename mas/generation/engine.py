@@ -40,6 +40,7 @@ from mas.block_mask import round_up_to_tile
 from mas.generation.decode_loop import compiled_decode_step, decode_step, decode_width
 from mas.generation.gqa_attention import native_gqa_attention
 from mas.generation.layout import chunk_end, layout_chunks
+from mas.generation.penalties import RowPenalties, apply_penalties
 from mas.generation.prefill import prefill
 from mas.generation.prefix_cache import PrefixCache, reusable_ends
 from mas.generation.request import PromptTooLongError, Request, StepOutput
@@ -150,6 +151,7 @@ class InferenceEngine:
         self.row_stops = torch.full((r, self._stop_width(0)), -1, dtype=torch.long, device=device)
         self.min_left = torch.zeros(r, dtype=torch.long, device=device)
         self.sampling = RowSampling.empty(r, self.vocab, device)
+        self.penalties: Optional[RowPenalties] = None  # made on the first request with a penalty
 
     def _stop_width(self, own: int) -> int:
         """Columns of the per-row stop table: the engine's stop ids plus a request's own, rounded
@@ -398,11 +400,20 @@ class InferenceEngine:
         width = self.row_stops.shape[1]
         row_stops = torch.tensor([x + [-1] * (width - len(x)) for x in stops]).to(self.device)
         min_left = torch.tensor([p.min_tokens for p in params]).to(self.device)
+        rows = [r.row for r in requests]
+        index = torch.tensor(rows).to(self.device)
+        if self.penalties is None and any(p.penalizes for p in params):
+            self.penalties = RowPenalties.empty(self.rows, self.vocab, self.device)
+        if self.penalties is not None:  # every new row: its own settings, or the neutral ones
+            self.penalties.start_rows(rows, params, [r.prompt.tokens for r in requests])
+            if any(p.penalizes for p in params):
+                pen = self.penalties
+                logits = apply_penalties(logits, RowPenalties(pen.presence[index], pen.frequency[index], pen.repetition[index], pen.counts[index], pen.in_prompt[index]))
         if any(p.min_tokens > 0 for p in params):
             logits = suppress_stops(logits, row_stops, min_left)
         token = choose_tokens(logits, noise, sampling)
-        rows = [r.row for r in requests]
-        index = torch.tensor(rows).to(self.device)
+        if self.penalties is not None:
+            self.penalties.counts[index, token] += 1
         done = (token[:, None] == row_stops).any(-1)
         self.token[index] = token
         self.done[index] = done
@@ -435,6 +446,7 @@ class InferenceEngine:
         sampling = self.sampling.flags_for([r.params for r in decoding]).head(k)
         # Stops may be suppressed in this burst only while some row is short of its min_tokens.
         suppress = any(r.chosen < r.params.min_tokens for r in decoding)
+        penalize = self.penalties is not None and any(r.params.penalizes for r in decoding)
         sampled = [r for r in decoding if r.params.samples]
         emitted: List[Tensor] = []
         started = time.perf_counter()
@@ -444,7 +456,7 @@ class InferenceEngine:
             noise = None
             if sampling.samples:
                 noise = draw_noise(k, self.vocab, self.device, [r.row for r in sampled], [r.generator for r in sampled])
-            emitted.append(self._decode_step_isolated(k, noise, sampling, width, decoding, suppress))
+            emitted.append(self._decode_step_isolated(k, noise, sampling, width, decoding, suppress, penalize))
         for request in decoding:
             request.decode_steps += steps
             request.chosen += steps
@@ -459,12 +471,12 @@ class InferenceEngine:
         return out
 
     def _decode_step_isolated(
-        self, k: int, noise: Optional[Tensor], sampling: RowSampling, width: int, decoding: List[Request], suppress: bool
+        self, k: int, noise: Optional[Tensor], sampling: RowSampling, width: int, decoding: List[Request], suppress: bool, penalize: bool
     ) -> Tensor:
         """One decode step over rows ``[0, k)``; a failure is retried row by row (eagerly) when
         failures are isolated, and a failing compiled step falls back to eager for good."""
         try:
-            return self._decode_rows(self._step_fn, 0, k, noise, sampling, width, suppress)
+            return self._decode_rows(self._step_fn, 0, k, noise, sampling, width, suppress, penalize)
         except Exception:  # noqa: BLE001
             if not self.isolate_failures:
                 raise
@@ -476,7 +488,7 @@ class InferenceEngine:
             try:
                 row_noise = None if noise is None else noise[row : row + 1]
                 one = sampling.rows(torch.tensor([row], device=self.device))
-                emitted[row] = self._decode_rows(decode_step, row, row + 1, row_noise, one, len(request.prompt) + request.decode_steps + 1, suppress)[0]
+                emitted[row] = self._decode_rows(decode_step, row, row + 1, row_noise, one, len(request.prompt) + request.decode_steps + 1, suppress, penalize)[0]
                 ok += 1
             except Exception as e:  # noqa: BLE001
                 log.exception("decode failed for sequence %d", request.id)
@@ -489,7 +501,15 @@ class InferenceEngine:
         return emitted
 
     def _decode_rows(
-        self, fn: Callable[..., Tuple[Tensor, ...]], lo: int, hi: int, noise: Optional[Tensor], sampling: RowSampling, width: int, suppress: bool
+        self,
+        fn: Callable[..., Tuple[Tensor, ...]],
+        lo: int,
+        hi: int,
+        noise: Optional[Tensor],
+        sampling: RowSampling,
+        width: int,
+        suppress: bool,
+        penalize: bool,
     ) -> Tensor:
         whole = hi - lo == self.rows
         rows = slice(lo, hi)
@@ -500,7 +520,7 @@ class InferenceEngine:
         self.caches.plan_decode(part(self.slot), width, first_row=lo)
         token, emitted, done, slot, min_left = fn(
             self.model, part(self.token), part(self.done), part(self.slot), part(self.decoding), part(self.row_stops), part(self.min_left),
-            noise, sampling, width=width, suppress=suppress,
+            noise, sampling, self.penalties.rows(lo, hi) if penalize else None, width=width, suppress=suppress,
         )  # fmt: skip
         if whole and not self.settings.uses_cuda_graphs():
             self.token, self.done, self.slot, self.min_left = token, done, slot, min_left  # fresh tensors: no copy

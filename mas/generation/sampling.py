@@ -41,6 +41,10 @@ class SamplingParams:
         stop_token_ids (Sequence[int]): more ids that end this sequence (not included).
         min_tokens (int): tokens generated before any stop token may be chosen (their logits are
             ``-inf`` until then).
+        presence_penalty (float), frequency_penalty (float): subtracted from the logit of a token
+            already in the output, once / per occurrence (0: off; :mod:`mas.generation.penalties`).
+        repetition_penalty (float): divides a positive (multiplies a negative) logit of a token
+            in the prompt or the output (1: off).
     """
 
     max_tokens: int
@@ -52,10 +56,18 @@ class SamplingParams:
     ignore_stop_tokens: bool = False
     stop_token_ids: Sequence[int] = ()
     min_tokens: int = 0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
 
     def __post_init__(self) -> None:
         if self.max_tokens < 1:
             raise ValueError(f"max_tokens must be >= 1, got {self.max_tokens}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not -2.0 <= getattr(self, name) <= 2.0:
+                raise ValueError(f"{name} must be in [-2, 2], got {getattr(self, name)}")
+        if not self.repetition_penalty > 0:
+            raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
         if not 0 <= self.min_tokens <= self.max_tokens:
             raise ValueError(f"min_tokens must be in [0, max_tokens={self.max_tokens}], got {self.min_tokens}")
         if self.temperature < 0:
@@ -68,6 +80,10 @@ class SamplingParams:
     @property
     def samples(self) -> bool:
         return self.temperature > 0.0
+
+    @property
+    def penalizes(self) -> bool:
+        return self.presence_penalty != 0.0 or self.frequency_penalty != 0.0 or self.repetition_penalty != 1.0
 
 
 @dataclass

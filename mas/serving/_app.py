@@ -328,6 +328,9 @@ def create_app(state: ServerState) -> FastAPI:
                         ignore_stop_tokens=body.ignore_eos,
                         stop_token_ids=tuple(body.stop_token_ids or ()),
                         min_tokens=body.min_tokens,
+                        presence_penalty=float(body.presence_penalty),
+                        frequency_penalty=float(body.frequency_penalty),
+                        repetition_penalty=float(body.repetition_penalty),
                     )
                 )
                 sequences.append(prompt)

@@ -42,9 +42,6 @@ _NEUTRAL: Dict[str, Tuple[Any, ...]] = {
     "functions": (None, []),
     "logit_bias": (None, {}),
     "response_format": (None, {"type": "text"}),
-    "presence_penalty": (None, 0, 0.0),
-    "frequency_penalty": (None, 0, 0.0),
-    "repetition_penalty": (None, 1, 1.0),
 }
 
 
@@ -97,6 +94,9 @@ class _Sampling(_Body):
     ignore_eos: bool = False  # the tokenizer's stop tokens do not end it (as vLLM's field: benchmarks)
     stop_token_ids: Optional[List[int]] = None  # more ids that end a choice (vLLM's field)
     min_tokens: int = Field(0, ge=0)  # tokens before a stop token may be chosen (vLLM's field)
+    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    repetition_penalty: float = Field(1.0, gt=0.0)  # vLLM's field (1: off)
 
     def stop_strings(self) -> List[str]:
         if self.stop is None:

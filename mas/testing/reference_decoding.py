@@ -16,6 +16,7 @@ Imported by the tests and tools only; the product never imports :mod:`mas.testin
 
 from __future__ import annotations
 
+from collections import Counter
 from typing import List, Optional, Sequence, Tuple
 
 import torch
@@ -70,6 +71,17 @@ def reference_logits(model: nn.Module, tokens: Sequence[int], segment_ids: Seque
     return output[0, -1].float()
 
 
+def _penalized(logits: Tensor, prompt_tokens: set, output: Counter, params: SamplingParams) -> Tensor:
+    """The penalties of one row, token by token, from a plain ``Counter`` of the output."""
+    logits = logits.float().clone()
+    for token in range(logits.shape[-1]):
+        if token in prompt_tokens or output[token]:
+            value = float(logits[token])
+            logits[token] = value / params.repetition_penalty if value > 0 else value * params.repetition_penalty
+        logits[token] -= params.frequency_penalty * output[token] + params.presence_penalty * (output[token] > 0)
+    return logits
+
+
 @torch.inference_mode()
 def reference_generate(
     model: nn.Module,
@@ -101,6 +113,8 @@ def reference_generate(
     out: List[int] = []
     while len(out) < params.max_tokens:
         logits = reference_logits(model, tokens, segment_ids, attention)
+        if params.penalizes:
+            logits = _penalized(logits, set(prompt.tokens), Counter(out), params)
         if len(out) < params.min_tokens:  # no stop token before min_tokens
             for t in stops:
                 logits[t] = float("-inf")

@@ -236,10 +236,20 @@ def test_harmless_defaults_are_accepted_and_unsupported_values_named(server):
     defaults = {"response_format": {"type": "text"}, "logit_bias": {}, "tools": [], "presence_penalty": 0, "frequency_penalty": 0.0, "logprobs": False}
     r = httpx.post(f"{server.url}/v1/chat/completions", json={**base, **defaults}, timeout=60)
     assert r.status_code == 200, r.text
-    for key, value in {"presence_penalty": 0.5, "frequency_penalty": "x", "logit_bias": {"1": 5}, "repetition_penalty": 1.2, "response_format": {"type": "json_object"}}.items():
+    for key, value in {"logit_bias": {"1": 5}, "response_format": {"type": "json_object"}, "logprobs": True, "tools": [{"type": "function"}]}.items():
         r = httpx.post(f"{server.url}/v1/chat/completions", json={**base, key: value}, timeout=60)
         assert r.status_code == 400 and r.json()["error"]["param"] == key, (key, r.text)
         assert "not supported" in r.json()["error"]["message"]
+    for key, value in {"frequency_penalty": "x", "presence_penalty": 3, "repetition_penalty": 0}.items():
+        r = httpx.post(f"{server.url}/v1/chat/completions", json={**base, key: value}, timeout=60)
+        assert r.status_code == 400 and r.json()["error"]["param"] == key, (key, r.text)
+
+
+def test_penalties_change_what_is_generated(server):
+    messages = _chat_messages(None, USERS[0])
+    plain = _chat(server, messages, max_tokens=16, ignore_eos=True)["mas"]["token_ids"][0]
+    penalized = _chat(server, messages, max_tokens=16, ignore_eos=True, frequency_penalty=2, repetition_penalty=3.0)["mas"]["token_ids"][0]
+    assert penalized != plain and len(set(penalized)) >= len(set(plain))
 
 
 def test_only_json_bodies_run_a_generation(server):

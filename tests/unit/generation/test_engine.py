@@ -6,6 +6,7 @@ its masks come from the one entry point, and it reads the device once per step."
 from __future__ import annotations
 
 import copy
+import dataclasses
 from typing import List
 
 import pytest
@@ -306,6 +307,25 @@ def test_per_request_stop_ids_and_min_tokens_equal_the_recompute(model, llama3_t
     assert got[4] == free[:1]  # its own stop id ends it although the engine's are ignored
 
 
+def test_penalties_equal_the_recompute_and_leave_later_rows_alone(model, llama3_tokenizer):
+    """Presence, frequency and repetition penalties inside the step equal the twin's token-by-token
+    Counter; a row that had a penalized sequence serves a plain one next without a trace."""
+    seqs = _sequences(llama3_tokenizer)[:2]
+    params = [
+        SamplingParams(12, repetition_penalty=2.0),
+        SamplingParams(12, presence_penalty=0.5, frequency_penalty=0.25),
+        SamplingParams(12, temperature=1.0, seed=6, frequency_penalty=1.5, repetition_penalty=0.5),
+        SamplingParams(12),
+    ]
+    prompts = [seqs[0], seqs[1], seqs[0], seqs[1]]
+    expected = _reference(model, prompts, params)
+    settings = GenerationSettings(batch_size=2, max_cache_len=128, stop_tokens=[])
+    with InferenceEngine(copy.deepcopy(model), settings) as engine:
+        assert _run(engine, prompts, params) == expected
+    unpenalized = [dataclasses.replace(p, presence_penalty=0.0, frequency_penalty=0.0, repetition_penalty=1.0) for p in params[:3]]
+    assert _reference(model, prompts[:3], unpenalized) != expected[:3]  # the penalties changed choices
+
+
 def test_widths():
     assert [decode_width(n, 4096) for n in (1, 64, 65, 300, 513, 4000)] == [64, 64, 128, 512, 1024, 4096]
     assert decode_width(300, 320) == 320
@@ -332,6 +352,27 @@ def test_compiled_engine_equals_eager_and_compiles_once_per_width_bucket(model, 
         assert _run(engine, seqs, params) == eager
     # widths 64 and 128 (prompts of ~20 tokens + 70 new), greedy-only and mixed sampling rows
     assert counter.frame_count <= 4
+
+
+def test_compiled_step_with_penalties_and_min_tokens_equals_eager(model, llama3_tokenizer, monkeypatch):
+    """The penalty counts and the owed-token counts update inside a compiled step as eagerly."""
+    from torch._dynamo.testing import CompileCounter
+
+    import mas.generation.engine as engine_module
+    from mas.compile_budget import compile_with_budget
+    from mas.generation.decode_loop import decode_step
+
+    counter = CompileCounter()
+    monkeypatch.setattr(engine_module, "compiled_decode_step", lambda mode: compile_with_budget(decode_step, name="test", max_shapes=16, fix="", backend=counter))
+    seqs = _sequences(llama3_tokenizer)[:3]
+    params = [SamplingParams(20, repetition_penalty=2.0, min_tokens=5), SamplingParams(20, temperature=1.0, seed=2, presence_penalty=0.5), SamplingParams(20)]
+    settings = GenerationSettings(batch_size=3, max_cache_len=128, stop_tokens=[7])
+    with InferenceEngine(copy.deepcopy(model), settings) as engine:
+        eager = _run(engine, seqs, params)
+    torch._dynamo.reset()
+    with InferenceEngine(copy.deepcopy(model), GenerationSettings(**{**settings.__dict__, "compile_decode": True})) as engine:
+        assert _run(engine, seqs, params) == eager
+    assert counter.frame_count >= 1
 
 
 @pytest.mark.slow
