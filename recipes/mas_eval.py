@@ -95,7 +95,9 @@ def run(cfg: DictConfig) -> Dict[str, Any]:
 
 @parse(RECIPE, EvalOptions)
 def recipe_main(cfg: DictConfig) -> int:
-    return run_reporting_user_errors(RECIPE, run, cfg)
+    return run_reporting_user_errors(
+        RECIPE, run, cfg, on_interrupt="the same command resumes from the predictions written so far (resume=True)"
+    )
 
 
 if __name__ == "__main__":

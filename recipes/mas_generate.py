@@ -156,7 +156,7 @@ def run(cfg: DictConfig) -> Dict[str, Any]:
 
 @parse(RECIPE, GenerateOptions)
 def recipe_main(cfg: DictConfig) -> int:
-    return run_reporting_user_errors(RECIPE, run, cfg)
+    return run_reporting_user_errors(RECIPE, run, cfg, on_interrupt="no completions were written; run the same command again")
 
 
 if __name__ == "__main__":

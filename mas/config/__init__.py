@@ -17,7 +17,7 @@ from mas.config._bundled import (
     compose_experiment,
     parse_experiment_name,
 )
-from mas.config._cli import EXIT_USER_ERROR, format_help, instantiate, parse, report_user_errors, run_reporting_user_errors
+from mas.config._cli import EXIT_INTERRUPTED, EXIT_USER_ERROR, format_help, instantiate, parse, report_user_errors, run_reporting_user_errors
 from mas.config._components import check_components, import_component
 from mas.config._load import load_config, resolved_yaml, to_options, validate_config, with_defaults
 from mas.config._options import REQUIRED, OptionInfo, check_value, component, describe_type, option, option_infos, suggest
@@ -26,6 +26,7 @@ from mas.errors import ConfigError
 __all__ = [
     "BundledModel",
     "ConfigError",
+    "EXIT_INTERRUPTED",
     "EXIT_USER_ERROR",
     "Experiment",
     "KIND_RECIPES",

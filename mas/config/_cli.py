@@ -23,7 +23,7 @@ from mas.config._load import load_config, to_options
 from mas.config._options import describe_type, option_infos
 from mas.errors import ConfigError, UserError
 
-__all__ = ["EXIT_USER_ERROR", "format_help", "instantiate", "parse", "report_user_errors", "run_reporting_user_errors"]
+__all__ = ["EXIT_INTERRUPTED", "EXIT_USER_ERROR", "format_help", "instantiate", "parse", "report_user_errors", "run_reporting_user_errors"]
 
 #: Exit code of a run stopped by a user error (argparse's convention).
 EXIT_USER_ERROR = 2
@@ -51,10 +51,27 @@ def report_user_errors(recipe: str, run: Callable[[], Any]) -> Any:
         raise SystemExit(EXIT_USER_ERROR) from None
 
 
-def run_reporting_user_errors(recipe: str, run: Callable[[DictConfig], Any], cfg: DictConfig) -> int:
-    """``run(cfg)`` under :func:`report_user_errors`; returns 0."""
+#: Exit code of a command stopped by Ctrl-C (128 + SIGINT, the shell's convention).
+EXIT_INTERRUPTED = 130
+
+
+def run_reporting_user_errors(
+    recipe: str, run: Callable[[DictConfig], Any], cfg: DictConfig, *, on_interrupt: Optional[str] = None
+) -> int:
+    """``run(cfg)`` under :func:`report_user_errors`; returns 0.
+
+    Args:
+        on_interrupt (Optional[str]): what to tell the user after Ctrl-C (one line, exit code
+            :data:`EXIT_INTERRUPTED`, no traceback); None leaves Ctrl-C to the caller.
+    """
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    report_user_errors(recipe, lambda: run(cfg))
+    try:
+        report_user_errors(recipe, lambda: run(cfg))
+    except KeyboardInterrupt:
+        if on_interrupt is None:
+            raise
+        print(f"{recipe}: interrupted; {on_interrupt}", file=sys.stderr)
+        raise SystemExit(EXIT_INTERRUPTED) from None
     return 0
 
 

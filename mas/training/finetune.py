@@ -23,7 +23,7 @@ from tqdm import tqdm
 from mas.attention import use_mas_attention, uses_flex
 from mas.block_mask import round_up_to_tile
 from mas.checkpointing import CheckpointWriter, hf_info_from_checkpointer, latest_checkpoint
-from mas.config import ConfigError, instantiate, resolved_yaml
+from mas.config import EXIT_INTERRUPTED, ConfigError, instantiate, resolved_yaml
 from mas.errors import UserError
 from mas.data import collate_segmented, pad_token_id
 from mas.model_weights import check_vocab, read_base_state
@@ -40,10 +40,6 @@ from mas.training.steps import HostBatch, prepare_batch, prepare_host_batch, sum
 __all__ = ["EXIT_INTERRUPTED", "LoRAFinetuneRecipe", "TrainingDivergedError", "TrainingInterrupted"]
 
 log = logging.getLogger("mas.finetune")
-
-#: Exit code of a run stopped by Ctrl-C (128 + SIGINT, the shell's convention).
-EXIT_INTERRUPTED = 130
-
 
 class TrainingDivergedError(UserError):
     """The loss or a gradient became NaN or infinite; the run stopped before saving it."""

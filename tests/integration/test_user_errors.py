@@ -292,3 +292,16 @@ def test_an_internal_value_error_keeps_its_traceback(tmp_path, tiny_base_dir, mo
     with pytest.raises(ValueError, match="an internal invariant broke"):
         mas_lora_finetune.recipe_main(argv)
     assert "an internal invariant broke" not in capsys.readouterr().err, "not printed as a user error"
+
+
+def test_ctrl_c_in_eval_says_the_command_resumes_with_exit_130(tmp_path, tiny_base_dir, monkeypatch, capsys):
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(mas_eval, "evaluate_model", interrupted)
+    with pytest.raises(SystemExit) as exit_info:
+        mas_eval.recipe_main(_eval()(tmp_path, tiny_base_dir))
+    assert exit_info.value.code == 130
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert err.strip().splitlines()[-1] == "mas_eval: interrupted; the same command resumes from the predictions written so far (resume=True)"
