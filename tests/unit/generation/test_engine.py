@@ -331,9 +331,8 @@ def test_widths():
     assert decode_width(300, 320) == 320
 
 
-def test_compiled_engine_equals_eager_and_compiles_once_per_width_bucket(model, llama3_tokenizer, monkeypatch):
-    """Counting backend (the graphs run eagerly): rows joining and leaving, greedy and sampled,
-    give the eager tokens; the graphs are one per width bucket, none while lengths grow."""
+def _counting_compiler(monkeypatch):
+    """The engine's compiled step under a counting backend (graphs run eagerly); returns the counter."""
     from torch._dynamo.testing import CompileCounter
 
     import mas.generation.engine as engine_module
@@ -342,53 +341,45 @@ def test_compiled_engine_equals_eager_and_compiles_once_per_width_bucket(model, 
 
     counter = CompileCounter()
     monkeypatch.setattr(engine_module, "compiled_decode_step", lambda mode: compile_with_budget(decode_step, name="test", max_shapes=16, fix="", backend=counter))
-    seqs = _sequences(llama3_tokenizer)
-    params = [SamplingParams(70), SAMPLED[0], SamplingParams(9), SAMPLED[1], SamplingParams(20)]
-    settings = GenerationSettings(batch_size=3, max_cache_len=256, stop_tokens=[])
+    return counter
+
+
+def _eager_then_compiled(model, seqs, params, settings):
+    """The tokens of an eager engine, then of a compiled one (dynamo reset in between)."""
     with InferenceEngine(copy.deepcopy(model), settings) as engine:
         eager = _run(engine, seqs, params)
     torch._dynamo.reset()
-    with InferenceEngine(copy.deepcopy(model), GenerationSettings(**{**settings.__dict__, "compile_decode": True})) as engine:
-        assert _run(engine, seqs, params) == eager
+    with InferenceEngine(copy.deepcopy(model), dataclasses.replace(settings, compile_decode=True)) as engine:
+        return eager, _run(engine, seqs, params)
+
+
+def test_compiled_engine_equals_eager_and_compiles_once_per_width_bucket(model, llama3_tokenizer, monkeypatch):
+    """Counting backend (the graphs run eagerly): rows joining and leaving, greedy and sampled,
+    give the eager tokens; the graphs are one per width bucket, none while lengths grow."""
+    counter = _counting_compiler(monkeypatch)
+    params = [SamplingParams(70), SAMPLED[0], SamplingParams(9), SAMPLED[1], SamplingParams(20)]
+    eager, compiled = _eager_then_compiled(model, _sequences(llama3_tokenizer), params, GenerationSettings(batch_size=3, max_cache_len=256, stop_tokens=[]))
+    assert compiled == eager
     # widths 64 and 128 (prompts of ~20 tokens + 70 new), greedy-only and mixed sampling rows
     assert counter.frame_count <= 4
 
 
 def test_compiled_step_with_penalties_and_min_tokens_equals_eager(model, llama3_tokenizer, monkeypatch):
     """The penalty counts and the owed-token counts update inside a compiled step as eagerly."""
-    from torch._dynamo.testing import CompileCounter
-
-    import mas.generation.engine as engine_module
-    from mas.compile_budget import compile_with_budget
-    from mas.generation.decode_loop import decode_step
-
-    counter = CompileCounter()
-    monkeypatch.setattr(engine_module, "compiled_decode_step", lambda mode: compile_with_budget(decode_step, name="test", max_shapes=16, fix="", backend=counter))
-    seqs = _sequences(llama3_tokenizer)[:3]
+    counter = _counting_compiler(monkeypatch)
     params = [SamplingParams(20, repetition_penalty=2.0, min_tokens=5), SamplingParams(20, temperature=1.0, seed=2, presence_penalty=0.5), SamplingParams(20)]
-    settings = GenerationSettings(batch_size=3, max_cache_len=128, stop_tokens=[7])
-    with InferenceEngine(copy.deepcopy(model), settings) as engine:
-        eager = _run(engine, seqs, params)
-    torch._dynamo.reset()
-    with InferenceEngine(copy.deepcopy(model), GenerationSettings(**{**settings.__dict__, "compile_decode": True})) as engine:
-        assert _run(engine, seqs, params) == eager
-    assert counter.frame_count >= 1
+    eager, compiled = _eager_then_compiled(model, _sequences(llama3_tokenizer)[:3], params, GenerationSettings(batch_size=3, max_cache_len=128, stop_tokens=[7]))
+    assert compiled == eager and counter.frame_count >= 1
 
 
 @pytest.mark.slow
 def test_inductor_compiled_engine_equals_eager_without_graph_breaks(model, llama3_tokenizer):
     from torch._dynamo.utils import counters
 
-    seqs = _sequences(llama3_tokenizer)
-    params = [SamplingParams(40), SAMPLED[0], SamplingParams(9), SAMPLED[1], SamplingParams(20)]
-    settings = GenerationSettings(batch_size=3, max_cache_len=128, stop_tokens=[])
-    with InferenceEngine(copy.deepcopy(model), settings) as engine:
-        eager = _run(engine, seqs, params)
-    torch._dynamo.reset()
     counters.clear()
-    compiled_settings = GenerationSettings(**{**settings.__dict__, "compile_decode": True})
-    with InferenceEngine(copy.deepcopy(model), compiled_settings) as engine:
-        assert _run(engine, seqs, params) == eager
+    params = [SamplingParams(40), SAMPLED[0], SamplingParams(9), SAMPLED[1], SamplingParams(20)]
+    eager, compiled = _eager_then_compiled(model, _sequences(llama3_tokenizer), params, GenerationSettings(batch_size=3, max_cache_len=128, stop_tokens=[]))
+    assert compiled == eager
     assert dict(counters["graph_break"]) == {}  # forward, token choice and stops: one graph per shape
 
 
