@@ -133,11 +133,7 @@ def run(cfg: DictConfig) -> Dict[str, Any]:
         result = generate(
             loaded.model, tokenizer, prompts, settings=settings, prompt_format=chosen.prompt_format, merge_system_and_user=chosen.merge_system_and_user
         )
-    except ValueError as e:
-        # mas.generate names a prompt that cannot run (too long for the cache, empty) as
-        # "prompt <i>: ..."; that is the user's to fix. Any other ValueError is a bug.
-        if isinstance(e, DataError) or not str(e).startswith("prompt "):
-            raise
+    except DataError as e:  # mas.generate names the prompt that cannot run; say where it came from
         raise DataError(f"{options.prompts_file or 'prompt'}: {e}") from e
     for i, text in enumerate(result.texts):
         print(f"--- completion {i} ---\n{text}")
@@ -145,6 +141,7 @@ def run(cfg: DictConfig) -> Dict[str, Any]:
         f"time to first token: {result.time_to_first_token_s * 1e3:.1f} ms (mean per prompt), "
         f"decode: {result.decode_tokens_per_s:.1f} tokens/s, prompts: {len(prompts)}, "
         f"prompt tokens from the prefix cache: {result.cached_prompt_tokens}"
+        + (f", compiling the decode step: {result.compile_seconds:.1f} s (not in the rate)" if result.compile_seconds else "")
     )
     if out is not None:
         with out:

@@ -14,6 +14,7 @@ from typing import Any, List, Mapping, Optional, Sequence, Union
 from torch import nn
 from torchtune.data import Message
 
+from mas.errors import DataError
 from mas.generation.engine import InferenceEngine
 from mas.generation.request import PromptTooLongError
 from mas.generation.settings import GenerationSettings, default_cache_len
@@ -35,7 +36,9 @@ class GenerationResult:
         texts (Optional[List[str]]): decoded completions (None without a tokenizer).
         prompts (List[SegmentedSequence]): the segmented prompts that were run.
         time_to_first_token_s (float): mean over prompts of admission to first token.
-        decode_tokens_per_s (float): decoded tokens (all rows) per second of decoding.
+        decode_tokens_per_s (float): decoded tokens (all rows) per second of decoding (the
+            decode steps that compiled a graph are left out: see ``compile_seconds``).
+        compile_seconds (float): time of the decode steps that compiled a graph (``compile_decode``).
         system_cache_hits (int): prompts whose leading keys and values (a system prompt) came
             from the prefix cache instead of a prefill.
         cached_prompt_tokens (int): prompt tokens taken from the prefix cache, over all prompts.
@@ -49,6 +52,7 @@ class GenerationResult:
     decode_tokens_per_s: float
     system_cache_hits: int = 0
     cached_prompt_tokens: int = 0
+    compile_seconds: float = 0.0
     finish_reasons: List[str] = field(default_factory=list)
 
 
@@ -56,11 +60,11 @@ def prompt_messages(prompt: Prompt, index: int = 0) -> List[Message]:
     """Normalize a prompt to messages (see :data:`Prompt`).
 
     Raises:
-        ValueError: naming the prompt, for empty or malformed prompts.
+        DataError: naming the prompt, for empty or malformed prompts.
     """
     if isinstance(prompt, str):
         if not prompt.strip():
-            raise ValueError(f"prompt {index} is empty")
+            raise DataError(f"prompt {index} is empty")
         return [Message("user", prompt, masked=True)]
     if isinstance(prompt, Mapping):
         if "messages" in prompt:
@@ -68,16 +72,16 @@ def prompt_messages(prompt: Prompt, index: int = 0) -> List[Message]:
         else:
             unknown = set(prompt) - {"system", "user"}
             if unknown or "user" not in prompt:
-                raise ValueError(f"prompt {index}: expected keys 'system' (optional) and 'user', got {sorted(prompt)}")
+                raise DataError(f"prompt {index}: expected keys 'system' (optional) and 'user', got {sorted(prompt)}")
             messages = [Message(role, prompt[role], masked=True) for role in ("system", "user") if prompt.get(role) is not None]
     else:
         messages = list(prompt)
     if not messages:
-        raise ValueError(f"prompt {index} has no message")
+        raise DataError(f"prompt {index} has no message")
     for m in messages:
         text = "".join(c["content"] for c in m.content if c["type"] == "text")
         if not text.strip():
-            raise ValueError(f"prompt {index}: the {m.role} message is empty")
+            raise DataError(f"prompt {index}: the {m.role} message is empty")
     return messages
 
 
@@ -111,7 +115,8 @@ def generate(
         GenerationResult: ids, texts and timings in prompt order.
 
     Raises:
-        ValueError: an empty or malformed prompt, or one that does not fit the KV cache.
+        DataError: an empty or malformed prompt, or one that does not fit the KV cache (a
+            ``UserError``: one line for the user, naming the prompt).
 
     Example:
         >>> out = mas.generate(model, tokenizer, [{"system": "Be brief.", "user": "Hi"}], max_new_tokens=8)
@@ -129,7 +134,7 @@ def generate(
         sequences = [builder(prompt_messages(p, i), for_generation=True) for i, p in enumerate(prompts)]
     for i, seq in enumerate(sequences):
         if len(seq) == 0:
-            raise ValueError(f"prompt {i} is empty")
+            raise DataError(f"prompt {i} is empty")
     needed = default_cache_len([len(s) for s in sequences], settings.max_new_tokens, model.max_seq_len)
     own_engine = engine is None
     if engine is None:
@@ -153,8 +158,8 @@ def _run(engine: InferenceEngine, sequences: List[SegmentedSequence], settings: 
         try:
             requests.append(engine.submit(seq, settings.sampling_params(i)))
         except PromptTooLongError as e:
-            raise ValueError(f"prompt {i}: {e}") from None
-    decoded, decode_s = engine.decoded_tokens, engine.decode_seconds
+            raise DataError(f"prompt {i}: {e}") from None
+    decoded, decode_s, compile_s = engine.decoded_tokens, engine.decode_seconds, engine.compile_seconds
     while engine.has_unfinished():
         engine.step()
     texts = None
@@ -170,5 +175,6 @@ def _run(engine: InferenceEngine, sequences: List[SegmentedSequence], settings: 
         decode_tokens_per_s=(engine.decoded_tokens - decoded) / decode_s if decode_s > 0 else 0.0,
         system_cache_hits=sum(r.cached_tokens > 0 for r in requests),
         cached_prompt_tokens=sum(r.cached_tokens for r in requests),
+        compile_seconds=engine.compile_seconds - compile_s,
         finish_reasons=[r.finish_reason or "" for r in requests],
     )

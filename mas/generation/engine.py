@@ -37,6 +37,7 @@ from torch import Tensor, nn
 
 from mas.attention import MASAttention, prefill_tile, use_mas_attention
 from mas.block_mask import round_up_to_tile
+from mas.errors import ConfigError, DataError
 from mas.generation.decode_loop import compiled_decode_step, decode_step, decode_width
 from mas.generation.gqa_attention import native_gqa_attention
 from mas.generation.layout import chunk_end, layout_chunks
@@ -103,7 +104,7 @@ class InferenceEngine:
         self.vocab = model.tok_embeddings.num_embeddings
         self.max_len = max_len or settings.max_cache_len or model.max_seq_len
         if self.max_len > model.max_seq_len:
-            raise ValueError(
+            raise ConfigError(
                 f"max_cache_len {self.max_len} is more than the model's max_seq_len {model.max_seq_len} (its positions end there); "
                 f"set max_cache_len <= {model.max_seq_len}"
             )
@@ -138,6 +139,12 @@ class InferenceEngine:
         self.decode_seconds = 0.0
         self.prefill_forwards = 0
         self.prefilled_tokens = 0
+        self.compile_seconds = 0.0  # decode steps that compiled a graph (not in decode_seconds)
+        self._compiled_shapes: set = set()
+
+    def _synchronize(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
 
     @torch.inference_mode()
     def _init_state(self) -> None:
@@ -185,7 +192,7 @@ class InferenceEngine:
         self.check_fits(len(prompt), params.max_tokens)
         bad = [t for t in params.stop_token_ids if not 0 <= t < self.vocab]
         if bad:
-            raise ValueError(f"stop_token_ids {bad} are not ids of this model's {self.vocab}-token vocabulary")
+            raise DataError(f"stop_token_ids {bad} are not ids of this model's {self.vocab}-token vocabulary")
         request = Request(prompt, params)
         if params.seed is not None:
             request.generator = torch.Generator(device=self.device).manual_seed(params.seed)
@@ -450,19 +457,32 @@ class InferenceEngine:
         sampled = [r for r in decoding if r.params.samples]
         emitted: List[Tensor] = []
         started = time.perf_counter()
+        compiling, compiling_steps = 0.0, 0
         for step in range(steps):
             written = max(len(r.prompt) + r.decode_steps for r in decoding) + step + 1
             width = decode_width(written, self.max_len) if compiled else written
             noise = None
             if sampling.samples:
                 noise = draw_noise(k, self.vocab, self.device, [r.row for r in sampled], [r.generator for r in sampled])
+            shape = (width, sampling.samples, sampling.uses_top_k, sampling.uses_top_p, suppress, penalize)
+            if compiled and shape not in self._compiled_shapes:
+                # This step compiles a graph: timed apart, so the decode rate is the graphs' own.
+                self._compiled_shapes.add(shape)
+                self._synchronize()
+                first = time.perf_counter()
+                emitted.append(self._decode_step_isolated(k, noise, sampling, width, decoding, suppress, penalize))
+                self._synchronize()
+                compiling += time.perf_counter() - first
+                compiling_steps += 1
+                continue
             emitted.append(self._decode_step_isolated(k, noise, sampling, width, decoding, suppress, penalize))
         for request in decoding:
             request.decode_steps += steps
             request.chosen += steps
         self.decode_steps += steps
-        self.decoded_tokens += steps * len(decoding)
-        self.decode_seconds += time.perf_counter() - started  # the read is added in _read
+        self.decoded_tokens += (steps - compiling_steps) * len(decoding)
+        self.compile_seconds += compiling
+        self.decode_seconds += time.perf_counter() - started - compiling  # the read is added in _read
         # Only decoding rows' columns count: a row still prefilling (or free) inside [0, k) took
         # part without a sequence to decode, and its emitted values mean nothing.
         out = torch.full((self.rows, steps), -2, dtype=torch.long, device=self.device)

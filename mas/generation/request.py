@@ -10,6 +10,7 @@ from typing import List, Optional, Tuple
 
 import torch
 
+from mas.errors import DataError
 from mas.generation.sampling import SamplingParams
 from mas.generation.text_stream import TextStream
 from mas.segments import SegmentedSequence
@@ -19,8 +20,8 @@ __all__ = ["PromptTooLongError", "Request", "StepOutput"]
 _ids = itertools.count()
 
 
-class PromptTooLongError(ValueError):
-    """The prompt plus ``max_tokens`` does not fit a row of the KV cache."""
+class PromptTooLongError(DataError):
+    """The prompt plus ``max_tokens`` does not fit a row of the KV cache (the user's to fix)."""
 
 
 @dataclass(eq=False)

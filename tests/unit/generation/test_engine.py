@@ -362,6 +362,9 @@ def test_compiled_engine_equals_eager_and_compiles_once_per_width_bucket(model, 
     assert compiled == eager
     # widths 64 and 128 (prompts of ~20 tokens + 70 new), greedy-only and mixed sampling rows
     assert counter.frame_count <= 4
+    # The steps that compiled are timed apart from the decode rate (mas_generate reports both).
+    out = mas.generate(copy.deepcopy(model), _sequences(llama3_tokenizer)[:2], max_new_tokens=20, compile_decode=True, stop_tokens=[])
+    assert out.compile_seconds > 0 and out.decode_tokens_per_s > 0
 
 
 def test_compiled_step_with_penalties_and_min_tokens_equals_eager(model, llama3_tokenizer, monkeypatch):
