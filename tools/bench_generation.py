@@ -125,7 +125,7 @@ def bench(args: argparse.Namespace) -> str:
 
             def run_prefill(attention: str, every_slot: bool = False):
                 def fn():
-                    caches.plan_rows(list(range(batch_size)), layout.positions, layout.num_slots)
+                    caches.plan_rows(list(range(batch_size)), layout.positions, layout.num_slots, start=0)
                     with torch.inference_mode():
                         prefill(model, layout, attention=attention, backend=backend, logits_at=None if every_slot else last_slot)
 

@@ -141,6 +141,8 @@ def generate(
         # One cache length for the call: the caches are allocated once and a compiled decode
         # step keeps its shapes.
         engine_settings = settings if settings.max_cache_len is not None else replace(settings, max_cache_len=needed)
+        # No more rows than prompts: a free row costs memory, and a compiled step computes it.
+        engine_settings = replace(engine_settings, batch_size=min(settings.batch_size, len(sequences)))
         engine = InferenceEngine(model, engine_settings, tokenizer=tokenizer, pad_id=getattr(tokenizer, "pad_id", None) or 0)
     elif engine.settings.max_cache_len is None:
         engine.reserve(needed)

@@ -364,7 +364,7 @@ class InferenceEngine:
         longest = max(ends)
         slots = round_up_to_tile(longest, start=start, tile=self.prefill_bucket, limit=self.max_len) if self.prefill_bucket else longest
         batch = layout_chunks([r.prompt for r in requests], ends, start=start, num_slots=slots, pad_id=self.pad_id).to(self.device)
-        self.caches.plan_rows([r.row for r in requests], batch.positions[:, start:], slots)
+        self.caches.plan_rows([r.row for r in requests], batch.positions[:, start:], slots, start=start)
         last = torch.tensor([end - start - 1 for end in ends]).to(self.device)
         logits = prefill(self.model, batch, attention=self.settings.attention, backend=self.settings.attention_backend, logits_at=last)
         self.prefill_forwards += 1

@@ -41,12 +41,15 @@ class SlotPlan:
         width (int): slots ``[0, width)`` of those rows are returned for attention.
         contiguous_from (int): ``>= 0`` when ``rows`` is ``[c, c + b)``: the rows are then a view
             (no gather); ``-1`` otherwise.
+        start (int): ``>= 0`` when every row writes slots ``[start, start + s)`` (a prefill):
+            one slice assignment instead of a scatter; ``-1`` otherwise.
     """
 
     rows: Tensor = field(default_factory=lambda: torch.zeros(1, dtype=torch.long))
     slots: Tensor = field(default_factory=lambda: torch.zeros(1, 1, dtype=torch.long))
     width: int = 1
     contiguous_from: int = 0
+    start: int = -1
 
 
 class SlotKVCache(nn.Module):
@@ -86,6 +89,16 @@ class SlotKVCache(nn.Module):
         """
         plan = self.plan
         b = k_val.shape[0]
+        if plan.start >= 0:  # every row writes the same slots (a prefill chunk)
+            written = slice(plan.start, plan.start + k_val.shape[2])
+            if plan.contiguous_from >= 0:
+                rows = slice(plan.contiguous_from, plan.contiguous_from + b)
+                self.k_cache[rows, :, written] = k_val
+                self.v_cache[rows, :, written] = v_val
+                return self.k_cache[rows, :, : plan.width], self.v_cache[rows, :, : plan.width]
+            self.k_cache[plan.rows, :, written] = k_val
+            self.v_cache[plan.rows, :, written] = v_val
+            return self.k_cache[plan.rows, :, : plan.width], self.v_cache[plan.rows, :, : plan.width]
         if plan.contiguous_from >= 0:
             rows = slice(plan.contiguous_from, plan.contiguous_from + b)
             k_rows, v_rows = self.k_cache[rows], self.v_cache[rows]
@@ -130,11 +143,13 @@ class SlotCaches:
         c = self.caches[0]
         return 2 * len(self.caches) * c.k_cache.shape[1] * c.k_cache.shape[3] * c.k_cache.element_size()
 
-    def plan_rows(self, rows: List[int], slots: Tensor, width: int) -> None:
+    def plan_rows(self, rows: List[int], slots: Tensor, width: int, start: int = -1) -> None:
         """The next forward writes batch row ``i``'s tokens to cache row ``rows[i]`` at
-        ``slots[i]`` (``[b, s]``) and reads back slots ``[0, width)``."""
+        ``slots[i]`` (``[b, s]``; with ``start >= 0`` they are ``[start, start + s)`` in every row)
+        and reads back slots ``[0, width)``."""
         self.plan.slots = slots
         self.plan.width = width
+        self.plan.start = start
         first = rows[0]
         self.plan.contiguous_from = first if rows == list(range(first, first + len(rows))) else -1
         self.plan.rows = torch.tensor(rows, dtype=torch.long).to(slots.device)
@@ -144,6 +159,7 @@ class SlotCaches:
         self.plan.slots = slots[:, None]
         self.plan.width = width
         self.plan.contiguous_from = first_row
+        self.plan.start = -1
 
     def read(self, row: int, length: int) -> KV:
         """Copies of slots ``[0, length)`` of one row: per layer ``(k, v)``, each ``[n_kv, length, d]``."""
