@@ -27,6 +27,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import statistics
 import time
@@ -93,6 +94,7 @@ def profile_decode_steps(
         return out
 
     summary: List[ProfileSummary] = []
+    settings = dataclasses.replace(settings, batch_size=1)  # one row, as mas.generate makes for one prompt
     with InferenceEngine(model, settings) as engine:
         engine._step_fn = step  # the engine's compiled step, inside a profiler window
         mas.generate(model, [seq], settings=settings, engine=engine)
@@ -111,7 +113,7 @@ def bench(args: argparse.Namespace) -> str:
     model = benchmark_model(args.model, device, dtype)
     use_mas_attention(model, "auto")
     vocab = model.tok_embeddings.num_embeddings
-    cache_len = max(args.prompt_lens) + args.new_tokens + 8
+    cache_len = min(max(args.prompt_lens) + args.new_tokens + 8, model.max_seq_len)
     rows, decode_rows = [], []
 
     for length in args.prompt_lens:

@@ -184,9 +184,9 @@ def bench(args: argparse.Namespace) -> str:
         device,
         f"Throughput and latency: {requests} requests of {args.prompt_len}-{args.prompt_len + 24} prompt tokens and {args.new_tokens} "
         f"generated tokens each (stop tokens ignored), clients sending back to back; the engine has one KV-cache row per client. "
-        "`mas.generate` decodes one batch in lock step (one decode step with sampling and stop checks, native GQA, attention "
-        "over the written slots); the engine keeps a position per row so requests can join and leave between steps, which "
-        "costs it some speed at 1 client and pays off as clients are added.",
+        "Both run the one inference engine; `mas.generate` reads the device every 8 decode steps, the server streams (a read "
+        "every step) through its thread and events, which costs it some speed at 1 client; rows that join and leave between "
+        "steps pay off as clients are added.",
         markdown_table(rows),
         f"Time to first token with a {args.system_len}-token system prompt and a 32-token user turn, one request at a time, "
         f"median of {n} (warm requests copied {saved} prompt tokens in all instead of prefilling them):",
@@ -194,8 +194,9 @@ def bench(args: argparse.Namespace) -> str:
         f"Time to first token when 8 requests ({args.prompt_len}-{args.prompt_len + 24} prompt tokens) arrive at once on an idle "
         f"8-row engine (one batched prefill): median {statistics.median(burst):.1f} ms, max {max(burst):.1f} ms.",
         f"Stall of a running stream (1 request decoding) when a {args.stall_segments} x {args.stall_segment_len}-token prompt "
-        "(one system and user segments, as a long chat) arrives; the gap is the longest time between two tokens of the running "
-        "stream while the arrival is prefilled, against its median gap:",
+        "(a system segment and user segments, as a long chat) arrives; the gap is the longest time between two tokens of the "
+        "running stream while the arrival is prefilled, against its median gap. With a chunk the arrival is prefilled a few "
+        "segments per step between the running stream's tokens:",
         markdown_table(stalls),
     )
 
