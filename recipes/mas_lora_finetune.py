@@ -25,7 +25,7 @@ from omegaconf import DictConfig
 from mas.checkpointing import latest_checkpoint
 from mas.config import ConfigError, parse, report_user_errors, to_options
 from mas.devices import resolve_device
-from mas.training.finetune import EXIT_INTERRUPTED, LoRAFinetuneRecipe, TrainingInterrupted
+from mas.training.finetune import EXIT_INTERRUPTED, LoRAFinetuneRecipe, TrainingInterrupted, train_to_end
 from mas.training.options import FinetuneOptions
 from mas.training.parallel import SingleDevice
 
@@ -53,17 +53,7 @@ def run(cfg: DictConfig) -> MASLoRAFinetuneRecipe:
     Raises:
         TrainingInterrupted: Ctrl-C, with the step and how to resume.
     """
-    recipe = None
-    try:
-        recipe = MASLoRAFinetuneRecipe(cfg)
-        recipe.setup()
-        recipe.train()
-    except KeyboardInterrupt:
-        if recipe is not None:
-            recipe.cleanup()
-        raise TrainingInterrupted(recipe) from None
-    recipe.cleanup()
-    return recipe
+    return train_to_end(lambda: MASLoRAFinetuneRecipe(cfg))
 
 
 @parse(RECIPE, FinetuneOptions)

@@ -29,7 +29,7 @@ from omegaconf import DictConfig
 
 from mas.checkpointing import latest_checkpoint
 from mas.config import ConfigError, parse, report_user_errors, to_options
-from mas.training.finetune import EXIT_INTERRUPTED, LoRAFinetuneRecipe, TrainingInterrupted
+from mas.training.finetune import EXIT_INTERRUPTED, LoRAFinetuneRecipe, TrainingInterrupted, train_to_end
 from mas.training.options import DistributedFinetuneOptions
 from mas.training.parallel import FSDP2
 
@@ -67,21 +67,13 @@ class MASLoRAFinetuneDistributedRecipe(LoRAFinetuneRecipe):
 
 
 def run(cfg: DictConfig) -> None:
-    recipe = None
+    made: list = []  # the recipe, once made: its process group is closed whatever happens
     try:
-        try:
-            recipe = MASLoRAFinetuneDistributedRecipe(cfg)
-            recipe.setup()
-            recipe.train()
-        except KeyboardInterrupt:
-            if recipe is not None:
-                recipe.cleanup()
-            raise TrainingInterrupted(recipe) from None
-        recipe.cleanup()
+        recipe = train_to_end(lambda: made.append(MASLoRAFinetuneDistributedRecipe(cfg)) or made[0])
         if recipe.parallel.is_main:
             print(f"adapter written to {latest_checkpoint(recipe.output_dir)}")
     finally:
-        if recipe is not None:
+        for recipe in made:
             recipe.parallel.close()
 
 

@@ -13,7 +13,7 @@ import logging
 import math
 import tempfile
 from pathlib import Path
-from typing import Any, Dict, Iterator, Optional
+from typing import Any, Callable, Dict, Iterator, Optional, TypeVar
 
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -37,7 +37,9 @@ from mas.training.sampler import ResumableSampler
 from mas.training.loss import check_target_rows_loss
 from mas.training.steps import HostBatch, prepare_batch, prepare_host_batch, summed_token_loss
 
-__all__ = ["EXIT_INTERRUPTED", "LoRAFinetuneRecipe", "TrainingDivergedError", "TrainingInterrupted"]
+__all__ = ["EXIT_INTERRUPTED", "LoRAFinetuneRecipe", "TrainingDivergedError", "TrainingInterrupted", "train_to_end"]
+
+R = TypeVar("R", bound="LoRAFinetuneRecipe")
 
 log = logging.getLogger("mas.finetune")
 
@@ -60,6 +62,25 @@ class TrainingInterrupted(Exception):
         else:
             how = "nothing was written: rerun the same command"
         super().__init__(f"{where}; {how}")
+
+
+def train_to_end(make: Callable[[], "R"]) -> "R":
+    """Make a recipe, set it up, train and clean up: the run of both fine-tuning recipes.
+
+    Raises:
+        TrainingInterrupted: on Ctrl-C, after cleaning up, saying at which step and how to resume.
+    """
+    recipe = None
+    try:
+        recipe = make()
+        recipe.setup()
+        recipe.train()
+    except KeyboardInterrupt:
+        if recipe is not None:
+            recipe.cleanup()
+        raise TrainingInterrupted(recipe) from None
+    recipe.cleanup()
+    return recipe
 
 
 def _collate_host_batch(items: Any, *, pad_id: int, pad_to_multiple_of: Optional[int], plan_windows: bool) -> HostBatch:
