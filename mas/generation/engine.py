@@ -168,6 +168,14 @@ class InferenceEngine:
             width *= 2
         return width
 
+    def _fit_stop_table(self, ids: int) -> None:
+        """Widen the per-row stop table (keeping its rows) when a sequence has more stop ids."""
+        width = self._stop_width(ids - len(self.stop_tokens))
+        if width > self.row_stops.shape[1]:
+            wider = torch.full((self.rows, width), -1, dtype=torch.long, device=self.device)
+            wider[:, : self.row_stops.shape[1]] = self.row_stops
+            self.row_stops = wider
+
     def _stops_of(self, params: SamplingParams) -> List[int]:
         engine = [] if params.ignore_stop_tokens else self.stop_tokens
         return list(dict.fromkeys([*engine, *params.stop_token_ids]))
@@ -391,33 +399,28 @@ class InferenceEngine:
         """Choose each request's first token from its prefill logits (``[k, vocab]``) and make its
         row decode from the slot after its prompt."""
         params = [r.params for r in requests]
-        sampling = RowSampling.empty(len(requests), self.vocab, self.device)
-        sampling.set_rows(range(len(requests)), params, self.vocab)
-        sampling = sampling.flags_for(params)
-        noise = None
-        if sampling.samples:
-            sampled = [i for i, p in enumerate(params) if p.samples]
-            noise = draw_noise(len(requests), self.vocab, self.device, sampled, [requests[i].generator for i in sampled])
+        rows = [r.row for r in requests]
+        index = torch.tensor(rows).to(self.device)
+        # The rows' settings first; the first token is then chosen from those rows of the tables.
+        self.sampling.set_rows(rows, params, self.vocab)
         stops = [self._stops_of(p) for p in params]
-        width = self._stop_width(max(len(x) for x in stops) - len(self.stop_tokens))
-        if width > self.row_stops.shape[1]:  # a request with more stop ids than the table holds
-            wider = torch.full((self.rows, width), -1, dtype=torch.long, device=self.device)
-            wider[:, : self.row_stops.shape[1]] = self.row_stops
-            self.row_stops = wider
+        self._fit_stop_table(max(len(x) for x in stops))
         width = self.row_stops.shape[1]
         row_stops = torch.tensor([x + [-1] * (width - len(x)) for x in stops]).to(self.device)
         min_left = torch.tensor([p.min_tokens for p in params]).to(self.device)
-        rows = [r.row for r in requests]
-        index = torch.tensor(rows).to(self.device)
         if self.penalties is None and any(p.penalizes for p in params):
             self.penalties = RowPenalties.empty(self.rows, self.vocab, self.device)
         if self.penalties is not None:  # every new row: its own settings, or the neutral ones
             self.penalties.start_rows(rows, params, [r.prompt.tokens for r in requests])
             if any(p.penalizes for p in params):
-                pen = self.penalties
-                logits = apply_penalties(logits, RowPenalties(pen.presence[index], pen.frequency[index], pen.repetition[index], pen.counts[index], pen.in_prompt[index]))
+                logits = apply_penalties(logits, self.penalties.gather(index))
         if any(p.min_tokens > 0 for p in params):
             logits = suppress_stops(logits, row_stops, min_left)
+        sampling = self.sampling.flags_for(params).rows(index)
+        noise = None
+        if sampling.samples:
+            sampled = [i for i, p in enumerate(params) if p.samples]
+            noise = draw_noise(len(requests), self.vocab, self.device, sampled, [requests[i].generator for i in sampled])
         token = choose_tokens(logits, noise, sampling)
         if self.penalties is not None:
             self.penalties.counts[index, token] += 1
@@ -428,7 +431,6 @@ class InferenceEngine:
         self.decoding[index] = True
         self.row_stops[index] = row_stops
         self.min_left[index] = min_left - 1
-        self.sampling.set_rows(rows, params, self.vocab)
         first[index] = torch.where(done, torch.full_like(token, -1), token)
         for request in requests:
             request.chosen = 1

@@ -63,6 +63,10 @@ class RowPenalties:
         for row, tokens in zip(rows, prompts):
             self.in_prompt[row, torch.tensor(list(tokens), dtype=torch.long).to(device)] = True
 
+    def gather(self, index: Tensor) -> "RowPenalties":
+        """Some rows (``index``: ``[k]`` long), copied."""
+        return RowPenalties(self.presence[index], self.frequency[index], self.repetition[index], self.counts[index], self.in_prompt[index])
+
     def rows(self, lo: int, hi: int) -> "RowPenalties":
         """Rows ``[lo, hi)`` (views: updates reach the whole table)."""
         return RowPenalties(self.presence[lo:hi], self.frequency[lo:hi], self.repetition[lo:hi], self.counts[lo:hi], self.in_prompt[lo:hi])
