@@ -29,6 +29,7 @@ __all__ = [
     "capture_rng",
     "load_run_checkpoint",
     "mas_settings",
+    "merged_hf_config",
     "restore_rng",
     "save_run_checkpoint",
 ]
@@ -62,6 +63,25 @@ def mas_settings(attention: AttentionMode, segments: SegmentSettings) -> Dict[st
         "paper": "arXiv:2412.18487",
         "mas_version": __version__,
     }
+
+
+def merged_hf_config(hf_config: Dict[str, Any], mas: Dict[str, Any]) -> Dict[str, Any]:
+    """The ``config.json`` of a run's merged weights: the base's, plus the MAS settings.
+
+    A merged model has no adapter to carry ``adapter_config.json``, so the settings it was
+    trained with (attention mode, prompt format, merged system and user: :func:`mas_settings`)
+    ride in its ``config.json`` under ``"mas"``, where a server that loads the folder (the vLLM
+    plugin in ``integrations/vllm``) reads them. Hugging Face ``transformers`` keeps an unknown
+    key as a config attribute, so the folder still loads as a plain model.
+
+    Args:
+        hf_config (Dict[str, Any]): the base checkpoint's ``config.json``.
+        mas (Dict[str, Any]): the run's MAS settings (:func:`mas_settings`).
+
+    Returns:
+        Dict[str, Any]: a new dict; ``hf_config`` is left unchanged.
+    """
+    return {**hf_config, "mas": mas}
 
 
 @dataclass
@@ -124,7 +144,7 @@ def save_run_checkpoint(
         adapter_config=config,
         recipe_state=recipe_state,
         merged_weights=merged,
-        hf_config=info.hf_config,
+        hf_config=merged_hf_config(info.hf_config, mas),
         base_checkpoint_dir=base_checkpoint_dir,
     )
 
