@@ -28,7 +28,7 @@ import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Collection, Dict, List, Optional
 
 import torch
 from torch import Tensor
@@ -47,6 +47,7 @@ __all__ = [
     "merged_hf_state",
     "peft_target_modules",
     "peft_to_adapter",
+    "step_checkpoints",
 ]
 
 log = logging.getLogger(__name__)
@@ -285,6 +286,25 @@ def latest_checkpoint(output_dir: str | os.PathLike) -> Optional[Path]:
     return complete[-1]
 
 
+def _step_of(folder: Path) -> Optional[int]:
+    """The step of a ``step_N`` folder name, or None for any other name."""
+    prefix, _, number = folder.name.partition("_")
+    return int(number) if prefix == "step" and number.isdigit() else None
+
+
+def step_checkpoints(output_dir: str | os.PathLike) -> Dict[int, Path]:
+    """A run's complete step checkpoints, by step, in step order (empty when there are none)."""
+    root = Path(output_dir) / "checkpoints"
+    if not root.is_dir():
+        return {}
+    found = {
+        step: p
+        for p in root.iterdir()
+        if p.is_dir() and (step := _step_of(p)) is not None and (p / RECIPE_STATE_FILE).exists()
+    }
+    return dict(sorted(found.items()))
+
+
 def load_peft_adapter(folder: str | os.PathLike) -> tuple[Dict[str, Tensor], Dict[str, Any]]:
     """(PEFT adapter weights, adapter_config dict) from a checkpoint or adapter folder.
 
@@ -308,11 +328,14 @@ class CheckpointWriter:
         output_dir (str): the run's output folder.
         keep_last_n (Optional[int]): delete older complete checkpoints beyond this many
             (epoch-end checkpoints included). None keeps all.
+        keep_steps (Collection[int]): checkpoints of these steps are never deleted by
+            ``keep_last_n`` (nor counted in it).
     """
 
-    def __init__(self, output_dir: str | os.PathLike, keep_last_n: Optional[int] = None) -> None:
+    def __init__(self, output_dir: str | os.PathLike, keep_last_n: Optional[int] = None, keep_steps: Collection[int] = ()) -> None:
         self.root = Path(output_dir) / "checkpoints"
         self.keep_last_n = keep_last_n
+        self.keep_steps = frozenset(keep_steps)
 
     def save(
         self,
@@ -360,7 +383,9 @@ class CheckpointWriter:
         if not self.keep_last_n:
             return
         # Names are zero-padded step numbers, so name order is step order.
-        complete = sorted(p for p in self.root.iterdir() if p.is_dir() and (p / RECIPE_STATE_FILE).exists())
+        complete = sorted(
+            p for p in self.root.iterdir() if p.is_dir() and (p / RECIPE_STATE_FILE).exists() and _step_of(p) not in self.keep_steps
+        )
         for old in complete[: -self.keep_last_n]:
             if old != keep:
                 shutil.rmtree(old, ignore_errors=True)

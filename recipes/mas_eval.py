@@ -3,12 +3,14 @@
     tune run mas_eval --config tiny_eval [key=value ...]
     tune run mas_eval --config tiny_eval adapter_checkpoint=/tmp/mas_runs/tiny_mas attention=causal
     tune run mas_eval --config tiny_eval adapter_checkpoint=/tmp/mas_runs/tiny_mas checkpoints=all
+    tune run mas_eval --config tiny_eval adapter_checkpoint=/tmp/mas_runs/tiny_mas checkpoints=[50,100]
     tune run mas_eval --config tiny_eval task_file=my_tasks.yaml benchmark=my_tasks mode=all
 
 ``attention`` sets the prompt mask independently of how the model was trained, so the paper's
 Table 3 cross-evaluation is two config keys. ``checkpoints: all`` evaluates every step
 checkpoint of a run (the paper's Fig. 3; plot with ``tools/plot_sweep.py``), each into its own
-``step_N`` folder. Outputs, in ``output_dir``: ``predictions_<mode>.jsonl`` (per example; an
+``step_N`` folder; ``checkpoints: [250, 500]`` evaluates those steps only. Outputs, in
+``output_dir``: ``predictions_<mode>.jsonl`` (per example; an
 interrupted run resumes from it, and only a run with the same fingerprint, ``identity_<mode>.json``,
 may), ``results_<mode>.json`` and ``results_<mode>.md`` (the paper's table layout).
 """
@@ -28,7 +30,7 @@ if getattr(mas, "__file__", None) is None:  # a plain folder named "mas" in the 
 
 from omegaconf import DictConfig
 
-from mas.checkpointing import RECIPE_STATE_FILE
+from mas.checkpointing import step_checkpoints
 from mas.config import ConfigError, parse, resolved_yaml, run_reporting_user_errors, to_options
 from mas.evaluation.benchmarks import benchmark_modes
 from mas.evaluation.options import EvalOptions
@@ -43,19 +45,26 @@ RECIPE = "mas_eval"
 
 
 def _checkpoint_folders(opts: EvalOptions) -> List[Optional[Path]]:
-    """The adapters to evaluate: none, the given/latest one, or every step checkpoint of a run."""
+    """The adapters to evaluate: none, the given/latest one, every step checkpoint of a run, or
+    the step checkpoints it names (``checkpoints=[250,500]``)."""
     adapter = opts.adapter_checkpoint
     if opts.checkpoints == "latest":
         return [Path(adapter) if adapter else None]
+    chosen = "all" if opts.checkpoints == "all" else "[" + ",".join(str(s) for s in opts.checkpoints) + "]"
     if not adapter:
-        raise ConfigError("checkpoints=all needs adapter_checkpoint=<a fine-tuning run's output_dir>")
-    folders = sorted(
-        (p for p in (Path(adapter) / "checkpoints").glob("step_*") if (p / RECIPE_STATE_FILE).exists()),
-        key=lambda p: int(p.name.split("_")[1]),
-    )
-    if not folders:
+        raise ConfigError(f"checkpoints={chosen} needs adapter_checkpoint=<a fine-tuning run's output_dir>")
+    by_step = step_checkpoints(adapter)
+    if not by_step:
         raise ConfigError(f"no complete checkpoint under {adapter}/checkpoints")
-    return folders
+    if opts.checkpoints == "all":
+        return list(by_step.values())
+    for step in opts.checkpoints:
+        if step not in by_step:
+            raise ConfigError(
+                f"checkpoints: step {step} has no complete checkpoint under {adapter}/checkpoints "
+                f"(steps there: {', '.join(str(s) for s in by_step)})"
+            )
+    return [by_step[step] for step in sorted(set(opts.checkpoints))]
 
 
 def run(cfg: DictConfig) -> Dict[str, Any]:

@@ -173,12 +173,14 @@ def check_value(key: str, value: Any, tp: Any, *, min: Optional[float] = None, m
 
 
 def _literal_choices(tp: Any) -> List[Any]:
-    """The allowed values of a ``Literal`` (or ``Optional[Literal]``) hint, else []."""
+    """The allowed values of a ``Literal`` (or ``Optional[Literal]``) hint, else [] (also for a
+    union with another type: ``latest | all`` or a list of steps is not a choice of two)."""
     origin = typing.get_origin(tp)
     if origin is Literal:
         return list(typing.get_args(tp))
     if origin in _UNION_TYPES:
-        return [c for a in typing.get_args(tp) for c in _literal_choices(a)]
+        per_arg = [_literal_choices(a) for a in typing.get_args(tp) if a is not type(None)]
+        return [c for choices in per_arg for c in choices] if all(per_arg) else []
     return []
 
 

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, List, Literal, Optional
+from typing import Any, List, Literal, Optional, Union
 
-from mas.config import option
+from mas.config import ConfigError, option
 from mas.generation.options import InferenceOptions
 
 __all__ = ["EvalOptions"]
@@ -19,7 +19,9 @@ class EvalOptions(InferenceOptions):
     benchmark: str = option("commonsense", "commonsense | mmlu | summarization | the name of your own tasks (task_file, user_tasks)")
     task_file: Optional[str] = option(None, "a YAML file declaring your own tasks (docs/own_task.md)")
     user_tasks: Optional[List[Any]] = option(None, "your own tasks declared inline, as in a task file's tasks list")
-    checkpoints: Literal["latest", "all"] = option("latest", "latest | all (every step checkpoint of adapter_checkpoint: Fig. 3)")
+    checkpoints: Union[Literal["latest", "all"], List[int]] = option(
+        "latest", "latest | all (every step checkpoint of adapter_checkpoint: Fig. 3) | a list of steps, e.g. [250,500,1000]"
+    )
     run_name: Optional[str] = option(None, "row label in the results table (null: from the adapter path)")
     tasks: Optional[List[str]] = option(None, "tasks, MMLU subjects or summarization sets (null: all of the benchmark)")
     data_dir: Optional[str] = option(None, "benchmark data: folder, file or hub id (null: the bundled sample)")
@@ -34,3 +36,9 @@ class EvalOptions(InferenceOptions):
     batch_size: int = option(16, "questions per batch", min=1)
     progress_bar: bool = option(True, "show progress")
     resume: bool = option(True, "reuse predictions already written by the same model and settings")
+
+    def check(self) -> None:
+        """Rules across keys."""
+        super().check()
+        if isinstance(self.checkpoints, list) and (not self.checkpoints or min(self.checkpoints) < 1):
+            raise ConfigError(f"checkpoints: a list of steps must name at least one step >= 1, got {self.checkpoints}")

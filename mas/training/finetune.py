@@ -147,7 +147,7 @@ class LoRAFinetuneRecipe:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             # A fresh name: a probe must never replace a file of the user's.
             tempfile.TemporaryFile(dir=self.output_dir).close()
-        self.writer = CheckpointWriter(self.output_dir, self.opts.keep_last_n_checkpoints)
+        self.writer = CheckpointWriter(self.output_dir, self.opts.keep_last_n_checkpoints, keep_steps=self.opts.save_at_steps or ())
 
     def _claim_output_dir(self) -> None:
         """Check that output_dir holds no other run (fresh) or this very run (resume); record it."""
@@ -305,6 +305,12 @@ class LoRAFinetuneRecipe:
                 f"{batches} batches per epoch < gradient_accumulation_steps={self.grad_accum}: no optimizer step possible"
             )
         self.total_steps = self.steps_per_epoch * self.opts.epochs
+        past = [s for s in self.opts.save_at_steps or () if s > self.total_steps]
+        if past:
+            raise ConfigError(
+                f"save_at_steps: step {past[0]} is past the run's last step {self.total_steps} "
+                f"({self.steps_per_epoch} steps per epoch x epochs={self.opts.epochs})"
+            )
 
     def _setup_lr_scheduler(self) -> None:
         self.lr_scheduler = instantiate(self.opts.lr_scheduler, self.optimizer, num_training_steps=self.total_steps)
@@ -448,6 +454,7 @@ class LoRAFinetuneRecipe:
         opts = self.opts
         log_every = opts.log_every_n_steps
         save_every = opts.save_every_n_steps
+        save_at = frozenset(opts.save_at_steps or ())
         val_every = opts.val_every_n_steps
         progress = tqdm(
             total=self.total_steps,
@@ -498,7 +505,7 @@ class LoRAFinetuneRecipe:
                     timer.lap()
                 validating = bool(val_every) and step % int(val_every) == 0
                 epoch_end = self.position.steps_in_epoch == self.steps_per_epoch
-                saving = bool(save_every) and step % int(save_every) == 0 and not epoch_end
+                saving = ((bool(save_every) and step % int(save_every) == 0) or step in save_at) and not epoch_end
                 if validating or saving:
                     window.seconds += timer.lap()
                     if validating:

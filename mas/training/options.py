@@ -7,7 +7,7 @@ sets one; a bundled experiment (``configs/``) only writes what differs.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Literal, Optional
+from typing import Any, List, Literal, Optional
 
 from mas.attention import AttentionBackend
 from mas.config import ConfigError, component, option
@@ -57,6 +57,9 @@ class FinetuneOptions:
     save_every_n_steps: Optional[int] = option(5000, "checkpoint cadence (null: epoch ends only)", min=1)
     save_merged_weights: bool = option(False, "also write merged HF weights at epoch ends (a full model copy each)")
     keep_last_n_checkpoints: Optional[int] = option(None, "delete older step checkpoints (null: keep all)", min=1)
+    save_at_steps: Optional[List[int]] = option(
+        None, "also checkpoint at these optimizer steps, never deleted by keep_last_n_checkpoints (mas_eval checkpoints=[...])"
+    )
     resume_from_checkpoint: bool = option(False, "continue the run in output_dir from its latest checkpoint")
     overwrite_output_dir: bool = option(False, "a fresh run may replace another run's checkpoints in output_dir")
     on_nonfinite: Literal["stop", "skip"] = option(
@@ -68,6 +71,8 @@ class FinetuneOptions:
         check_lora_values(self.model)
         if self.resume_from_checkpoint and self.overwrite_output_dir:
             raise ConfigError("resume_from_checkpoint=True and overwrite_output_dir=True contradict each other; set one")
+        if self.save_at_steps is not None and (not self.save_at_steps or min(self.save_at_steps) < 1):
+            raise ConfigError(f"save_at_steps: a list of steps >= 1 (or null), got {self.save_at_steps}")
         if self.val_dataset is None and self.val_every_n_steps is not None:
             raise ConfigError("val_every_n_steps is set but there is no val_dataset; set val_dataset or val_every_n_steps=null")
 

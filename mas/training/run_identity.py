@@ -42,6 +42,7 @@ _NOT_IDENTITY = {
     "save_every_n_steps",
     "save_merged_weights",
     "keep_last_n_checkpoints",
+    "save_at_steps",
     "val_every_n_steps",
     "max_val_batches",
     "num_workers",

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from support.runs import tune_command
 
-from mas.config import load_config
+from mas.config import ConfigError, load_config
 
 TASKS = "[boolq,piqa,social_i_qa,winogrande,ARC-Easy,ARC-Challenge,openbookqa]"
 
@@ -94,6 +94,25 @@ def _bad_data(tmp_path: Path, rows) -> Path:
     return folder
 
 
+def test_chosen_checkpoints_only_and_a_missing_step_is_one_line(tmp_path, tiny_base_dir, tiny_mas_run):
+    import shutil
+
+    from mas.checkpointing import step_checkpoints
+
+    run = tmp_path / "tiny_mas"
+    shutil.copytree(tiny_mas_run, run)
+    last = list(step_checkpoints(run))[-1]
+    for step in (3, 6):  # the run's adapter under earlier steps' names: three checkpoints in all
+        shutil.copytree(run / "checkpoints" / f"step_{last:07d}", run / "checkpoints" / f"step_{step:07d}")
+    sweep = _run(tmp_path / "chosen", tiny_base_dir, adapter_checkpoint=run, checkpoints=f"[{last},3]", mode="loglik", limit=1)
+    assert [p["step"] for p in sweep["loglik"]] == [3, last]
+    assert sorted(p.name for p in (tmp_path / "chosen").glob("step_*")) == ["step_0000003", f"step_{last:07d}"]
+    with pytest.raises(ConfigError, match=rf"checkpoints: step 99999 has no complete checkpoint under .* \(steps there: 3, 6, {last}\)"):
+        _run(tmp_path / "missing", tiny_base_dir, adapter_checkpoint=run, checkpoints="[3,99999]", mode="loglik")
+    with pytest.raises(ConfigError, match=r"checkpoints: a list of steps must name at least one step >= 1"):
+        _run(tmp_path / "empty", tiny_base_dir, adapter_checkpoint=run, checkpoints="[]", mode="loglik")
+
+
 @pytest.mark.parametrize(
     "extra, message",
     [
@@ -101,6 +120,8 @@ def _bad_data(tmp_path: Path, rows) -> Path:
         ({"tasks": "[hellaswag]"}, r"hellaswag"),
         ({"mode": "vote"}, r"mode must be 'generate', 'loglik', 'exact', 'both' or 'all', got 'vote'"),
         ({"checkpoints": "all"}, "checkpoints=all needs adapter_checkpoint"),
+        ({"checkpoints": "[5,10]"}, r"checkpoints=\[5,10\] needs adapter_checkpoint"),
+        ({"checkpoints": "[5,last]"}, r"checkpoints: expected latest \| all or list of int"),
     ],
 )
 def test_bad_eval_configs_fail_clearly(tmp_path, tiny_base_dir, extra, message):

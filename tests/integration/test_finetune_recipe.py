@@ -17,6 +17,7 @@ from mas.checkpointing import (
     latest_checkpoint,
     load_peft_adapter,
     peft_to_adapter,
+    step_checkpoints,
 )
 from mas.config import ConfigError, load_config
 from mas.training import read_metrics
@@ -117,6 +118,17 @@ def test_killed_save_leaves_previous_checkpoint_loadable(tmp_path, tiny_base_dir
     recipe.save_checkpoint(epoch_end=False)
     assert not list((out / "checkpoints").glob("*.tmp"))  # the next save cleans up
     assert latest_checkpoint(out).name == "step_0000005"
+
+def test_save_at_steps_keeps_chosen_checkpoints_when_pruning(tmp_path, tiny_base_dir):
+    out = tmp_path / "run"
+    extra = {"max_steps_per_epoch": 6, "epochs": 2, "save_every_n_steps": 1, "keep_last_n_checkpoints": 1, "save_at_steps": "[2,5]"}
+    _run_in_process("tiny_mas", _overrides(out, tiny_base_dir, **extra))
+    assert list(step_checkpoints(out)) == [2, 5, 12]  # the chosen steps and the newest one
+    with pytest.raises(ConfigError, match=r"save_at_steps: step 13 is past the run's last step 12"):
+        _run_in_process("tiny_mas", _overrides(tmp_path / "b", tiny_base_dir, **{**extra, "save_at_steps": "[4,13]"}))
+    with pytest.raises(ConfigError, match=r"save_at_steps: a list of steps >= 1"):
+        _run_in_process("tiny_mas", _overrides(tmp_path / "c", tiny_base_dir, save_at_steps="[0]"))
+
 
 def test_causal_run_records_its_mode_and_refuses_a_mas_resume(tmp_path, tiny_base_dir):
     out = tmp_path / "run"
