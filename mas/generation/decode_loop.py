@@ -16,12 +16,13 @@ slots, not 4,096.
 from __future__ import annotations
 
 import functools
-from typing import Callable, Optional, Tuple
+from typing import Any, Callable, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
 
 from mas.compile_budget import compile_with_budget
+from mas.generation.logprobs import score_tokens
 from mas.generation.penalties import RowPenalties, apply_penalties
 from mas.generation.sampling import RowSampling, choose_tokens, suppress_stops
 
@@ -96,7 +97,8 @@ def decode_step(
     *,
     width: int,
     suppress: bool = False,
-) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    top_logprobs: int = -1,
+) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Optional[Tuple[Tensor, Tensor, Tensor]]]:
     """Write each decoding row's ``token`` at its ``slot``, choose the next token, update stops.
 
     The caches' plan must name rows ``[0, b)`` and these slots
@@ -117,13 +119,16 @@ def decode_step(
             their counts (updated in place with the chosen tokens); None: no row has one.
         width (int): key slots attended (:func:`decode_width`).
         suppress (bool): some row has ``min_left > 0`` (its stop ids are made impossible).
+        top_logprobs (int): ``>= 0``: also score the chosen tokens with this many alternatives
+            (:func:`mas.generation.logprobs.score_tokens`, on the raw logits); ``-1``: no scores.
 
     Returns:
-        Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]: the next token ``[b]``, the same with
-        ``-1`` on rows that are done ``[b]``, the updated ``done``, the next ``slot`` and
-        ``min_left``.
+        Tuple: the next token ``[b]``, the same with ``-1`` on rows that are done ``[b]``, the
+        updated ``done``, the next ``slot`` and ``min_left``, and the scores (``[b]``,
+        ``[b, top_logprobs]`` ids, ``[b, top_logprobs]`` values) or None.
     """
     logits = forward_one_token(model, token[:, None], decode_mask(slot, decoding, width), slot[:, None])
+    raw = logits
     if penalties is not None:
         logits = apply_penalties(logits, penalties)
     if suppress:
@@ -134,7 +139,8 @@ def decode_step(
     done = done | (next_token[:, None] == row_stops).any(-1)
     emitted = torch.where(done, torch.full_like(next_token, -1), next_token)
     step = decoding.long()
-    return next_token, emitted, done, slot + step, min_left - step
+    scores = score_tokens(raw, next_token, top_logprobs) if top_logprobs >= 0 else None
+    return next_token, emitted, done, slot + step, min_left - step, scores
 
 
 #: Compiled decode-step signatures per mode and process (dynamo's default limit is 8): at most 12
@@ -143,7 +149,7 @@ DECODE_SHAPE_BUDGET = 64
 
 
 @functools.lru_cache(maxsize=None)
-def compiled_decode_step(mode: str = "default") -> Callable[..., Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]]:
+def compiled_decode_step(mode: str = "default") -> Callable[..., Tuple[Any, ...]]:
     """:func:`decode_step` under ``torch.compile`` (static shapes, one graph), one wrapper per mode.
 
     Past :data:`DECODE_SHAPE_BUDGET` signatures (widths x rows x cache lengths x sampling flags)

@@ -41,6 +41,7 @@ from mas.errors import ConfigError, DataError
 from mas.generation.decode_loop import compiled_decode_step, decode_step, decode_width
 from mas.generation.gqa_attention import native_gqa_attention
 from mas.generation.layout import chunk_end, layout_chunks
+from mas.generation.logprobs import TokenLogprob, score_tokens, token_logprobs
 from mas.generation.penalties import RowPenalties, apply_penalties
 from mas.generation.prefill import prefill
 from mas.generation.prefix_cache import PrefixCache, reusable_ends
@@ -55,6 +56,9 @@ from mas.segments import SegmentedSequence
 __all__ = ["InferenceEngine", "PromptTooLongError", "Request", "StepOutput"]
 
 log = logging.getLogger("mas.generation.engine")
+
+#: Scores of chosen tokens: log-probabilities, and the top alternatives' ids and log-probabilities.
+Scores = Tuple[Tensor, Tensor, Tensor]
 
 class InferenceEngine:
     """Continuous batching over a slot KV cache (see the module docstring).
@@ -159,6 +163,8 @@ class InferenceEngine:
         self.min_left = torch.zeros(r, dtype=torch.long, device=device)
         self.sampling = RowSampling.empty(r, self.vocab, device)
         self.penalties: Optional[RowPenalties] = None  # made on the first request with a penalty
+        # This step's scores of first tokens, per row ([], [top], [top] tensors), read in _read.
+        self._first_scores: Dict[int, Tuple[Tensor, Tensor, Tensor]] = {}
 
     def _stop_width(self, own: int) -> int:
         """Columns of the per-row stop table: the engine's stop ids plus a request's own, rounded
@@ -206,9 +212,10 @@ class InferenceEngine:
             request.generator = torch.Generator(device=self.device).manual_seed(params.seed)
         if self.tokenizer is not None and (self.stream_text or params.stop):
             request.text = TextStream(self.tokenizer, params.stop)
-        request.shared_key = self._first_cut_key(prompt)
-        if self.prefix_cache is not None:
-            request.whole_key = tuple(prompt.tokens) + tuple(prompt.segment_ids)
+        if params.prompt_logprobs is None:  # a scored prompt is prefilled whole: no reuse
+            request.shared_key = self._first_cut_key(prompt)
+            if self.prefix_cache is not None and params.max_tokens > 0:
+                request.whole_key = tuple(prompt.tokens) + tuple(prompt.segment_ids)
         with self._lock:
             self._waiting.append(request)
             if request.shared_key is not None:
@@ -248,8 +255,8 @@ class InferenceEngine:
         first = torch.full((self.rows,), -2, dtype=torch.long, device=self.device)
         self._admit(first, outputs)
         self._prefill_pass(first, outputs)
-        emitted = self._decode_burst()
-        self._read(first, emitted, outputs)
+        emitted, scores = self._decode_burst()
+        self._read(first, emitted, scores, outputs)
         return list(outputs.values())
 
     def _output(self, outputs: Dict[int, StepOutput], request: Request) -> StepOutput:
@@ -308,10 +315,10 @@ class InferenceEngine:
         logits) needs no prefill: it starts decoding at once. A prompt that other waiting
         sequences repeat whole (``n > 1`` choices) is prefilled now, so they find it whole; one
         whose system prompt they share has that prefilled now and cached."""
-        if self.prefix_cache is None:
-            return
+        if self.prefix_cache is None or request.params.prompt_logprobs is not None:
+            return  # a scored prompt needs the logits of every slot: prefilled whole
         prompt = request.prompt
-        whole = self.prefix_cache.lookup_whole(self.namespace, prompt.tokens, prompt.segment_ids)
+        whole = None if request.params.max_tokens == 0 else self.prefix_cache.lookup_whole(self.namespace, prompt.tokens, prompt.segment_ids)
         if whole is not None:
             kv, logits = whole
             self.caches.write(request.row, kv, len(prompt))
@@ -373,16 +380,26 @@ class InferenceEngine:
         slots = round_up_to_tile(longest, start=start, tile=self.prefill_bucket, limit=self.max_len) if self.prefill_bucket else longest
         batch = layout_chunks([r.prompt for r in requests], ends, start=start, num_slots=slots, pad_id=self.pad_id).to(self.device)
         self.caches.plan_rows([r.row for r in requests], batch.positions[:, start:], slots, start=start)
-        last = torch.tensor([end - start - 1 for end in ends]).to(self.device)
-        logits = prefill(self.model, batch, attention=self.settings.attention, backend=self.settings.attention_backend, logits_at=last)
+        # The LM head runs on each row's last slot (its next token), and on every slot of a
+        # scored prompt whose next token is a prompt token.
+        rows = list(range(len(requests)))
+        at = [end - start - 1 for end in ends]
+        scored = [(i, p) for i, (r, end) in enumerate(zip(requests, ends)) if r.params.prompt_logprobs is not None for p in range(end - start) if start + p + 1 < len(r.prompt)]
+        logits = prefill(
+            self.model, batch, attention=self.settings.attention, backend=self.settings.attention_backend,
+            logits_at=torch.tensor(at + [p for _, p in scored]).to(self.device), rows_at=torch.tensor(rows + [i for i, _ in scored]).to(self.device),
+        )  # fmt: skip
+        if scored:
+            self._score_prompts(requests, start, scored, logits[len(requests) :])
+        logits = logits[: len(requests)]
         self.prefill_forwards += 1
         self.prefilled_tokens += sum(end - start for end in ends)
         complete = []
         for i, (request, end) in enumerate(zip(requests, ends)):
             request.prefilled = end
             self._park(request)
-            if end == len(request.prompt) and first is not None:
-                complete.append(i)
+            if end == len(request.prompt) and first is not None and request.params.max_tokens > 0:
+                complete.append(i)  # (a request for no tokens ends at its next read)
         if not complete:
             return
         done = [requests[i] for i in complete]
@@ -395,12 +412,24 @@ class InferenceEngine:
                     kv = self.caches.read(request.row, len(prompt))
                     self.prefix_cache.insert(self.namespace, prompt.tokens, prompt.segment_ids, kv, next_logits=logits[i].float().clone())
 
+    def _score_prompts(self, requests: List[Request], start: int, scored: List[Tuple[int, int]], logits: Tensor) -> None:
+        """Append the log-probabilities of the prompt tokens this chunk predicts (``scored``:
+        ``(request index, query slot)`` pairs, ``logits`` ``[len(scored), vocab]``)."""
+        top = max(requests[i].params.prompt_logprobs or 0 for i, _ in scored)
+        targets = [requests[i].prompt.tokens[start + p + 1] for i, p in scored]
+        chosen, ids, values = score_tokens(logits, torch.tensor(targets).to(self.device), top)
+        chosen, ids, values = chosen.tolist(), ids.tolist(), values.tolist()  # a host read: scored prompts only
+        for k, (i, _) in enumerate(scored):
+            request = requests[i]
+            request.prompt_logprobs += token_logprobs([targets[k]], [chosen[k]], [ids[k]], [values[k]], request.params.prompt_logprobs)
+
     def _start_decoding(self, requests: List[Request], logits: Tensor, first: Tensor) -> None:
         """Choose each request's first token from its prefill logits (``[k, vocab]``) and make its
         row decode from the slot after its prompt."""
         params = [r.params for r in requests]
         rows = [r.row for r in requests]
         index = torch.tensor(rows).to(self.device)
+        raw = logits
         # The rows' settings first; the first token is then chosen from those rows of the tables.
         self.sampling.set_rows(rows, params, self.vocab)
         stops = [self._stops_of(p) for p in params]
@@ -422,6 +451,11 @@ class InferenceEngine:
             sampled = [i for i, p in enumerate(params) if p.samples]
             noise = draw_noise(len(requests), self.vocab, self.device, sampled, [requests[i].generator for i in sampled])
         token = choose_tokens(logits, noise, sampling)
+        tops = [p.logprobs for p in params if p.logprobs is not None]
+        if tops:  # scored from the raw logits, read with the step's tokens
+            chosen, ids, values = score_tokens(raw, token, max(tops))
+            for i, request in enumerate(requests):
+                self._first_scores[request.row] = (chosen[i], ids[i], values[i])
         if self.penalties is not None:
             self.penalties.counts[index, token] += 1
         done = (token[:, None] == row_stops).any(-1)
@@ -436,20 +470,22 @@ class InferenceEngine:
             request.chosen = 1
 
     # -- decode -------------------------------------------------------------------------
-    def _decode_burst(self) -> Optional[Tensor]:
+    def _decode_burst(self) -> Tuple[Optional[Tensor], Optional[Scores]]:
         """Up to ``stop_check_every`` decode steps (1 when streaming), no host read.
 
         Returns:
-            Optional[Tensor]: ``[rows, n]`` emitted tokens (``-1`` after a stop, ``-2`` in rows
-            that did not decode), or None when nothing decoded.
+            Tuple: ``[rows, n]`` emitted tokens (``-1`` after a stop, ``-2`` in rows that did
+            not decode), or None when nothing decoded; and when some row asked for
+            ``logprobs``, their scores (``[rows, n]``, ``[rows, n, top]`` ids and values).
         """
         decoding = [r for r in self._slots if r is not None and r.decoding]
         if not decoding:
-            return None
+            return None, None
         every = 1 if self.stream_text else self.settings.stop_check_every
         steps = min([every] + [r.params.max_tokens - r.chosen for r in decoding])
         if steps <= 0:
-            return None
+            return None, None
+        top = max((r.params.logprobs for r in decoding if r.params.logprobs is not None), default=-1)
         compiled = self._step_fn is not decode_step
         k = self.rows if compiled else max(r.row for r in decoding) + 1
         sampling = self.sampling.flags_for([r.params for r in decoding]).head(k)
@@ -458,6 +494,7 @@ class InferenceEngine:
         penalize = self.penalties is not None and any(r.params.penalizes for r in decoding)
         sampled = [r for r in decoding if r.params.samples]
         emitted: List[Tensor] = []
+        scores: List[Scores] = []
         started = time.perf_counter()
         compiling, compiling_steps = 0.0, 0
         for step in range(steps):
@@ -466,18 +503,21 @@ class InferenceEngine:
             noise = None
             if sampling.samples:
                 noise = draw_noise(k, self.vocab, self.device, [r.row for r in sampled], [r.generator for r in sampled])
-            shape = (width, sampling.samples, sampling.uses_top_k, sampling.uses_top_p, suppress, penalize)
-            if compiled and shape not in self._compiled_shapes:
+            shape = (width, sampling.samples, sampling.uses_top_k, sampling.uses_top_p, suppress, penalize, top)
+            compiles = compiled and shape not in self._compiled_shapes
+            if compiles:
                 # This step compiles a graph: timed apart, so the decode rate is the graphs' own.
                 self._compiled_shapes.add(shape)
                 self._synchronize()
                 first = time.perf_counter()
-                emitted.append(self._decode_step_isolated(k, noise, sampling, width, decoding, suppress, penalize))
+            out_token, out_scores = self._decode_step_isolated(k, noise, sampling, width, decoding, suppress, penalize, top)
+            emitted.append(out_token)
+            if out_scores is not None:
+                scores.append(out_scores)
+            if compiles:
                 self._synchronize()
                 compiling += time.perf_counter() - first
                 compiling_steps += 1
-                continue
-            emitted.append(self._decode_step_isolated(k, noise, sampling, width, decoding, suppress, penalize))
         for request in decoding:
             request.decode_steps += steps
             request.chosen += steps
@@ -490,27 +530,38 @@ class InferenceEngine:
         out = torch.full((self.rows, steps), -2, dtype=torch.long, device=self.device)
         rows = torch.tensor([r.row for r in decoding]).to(self.device)
         out[rows] = torch.stack(emitted, dim=1)[rows]
-        return out
+        if not scores:
+            return out, None
+        # [k] per step -> [k, steps] (and [k, steps, top]); rows past k never decoded.
+        stacked = tuple(torch.stack(part, dim=1) for part in zip(*scores))
+        return out, stacked  # type: ignore[return-value]
 
     def _decode_step_isolated(
-        self, k: int, noise: Optional[Tensor], sampling: RowSampling, width: int, decoding: List[Request], suppress: bool, penalize: bool
-    ) -> Tensor:
+        self, k: int, noise: Optional[Tensor], sampling: RowSampling, width: int, decoding: List[Request], suppress: bool, penalize: bool, top: int
+    ) -> Tuple[Tensor, Optional[Scores]]:
         """One decode step over rows ``[0, k)``; a failure is retried row by row (eagerly) when
         failures are isolated, and a failing compiled step falls back to eager for good."""
         try:
-            return self._decode_rows(self._step_fn, 0, k, noise, sampling, width, suppress, penalize)
+            return self._decode_rows(self._step_fn, 0, k, noise, sampling, width, suppress, penalize, top)
         except Exception:  # noqa: BLE001
             if not self.isolate_failures:
                 raise
             log.exception("batched decode step failed; retrying its rows one by one")
         emitted = torch.full((k,), -1, dtype=torch.long, device=self.device)
+        scores: Optional[Scores] = None
+        if top >= 0:
+            scores = (torch.zeros(k, device=self.device), torch.zeros(k, top, dtype=torch.long, device=self.device), torch.zeros(k, top, device=self.device))
         ok = 0
         for request in decoding:
             row = request.row
             try:
                 row_noise = None if noise is None else noise[row : row + 1]
                 one = sampling.rows(torch.tensor([row], device=self.device))
-                emitted[row] = self._decode_rows(decode_step, row, row + 1, row_noise, one, len(request.prompt) + request.decode_steps + 1, suppress, penalize)[0]
+                token, row_scores = self._decode_rows(decode_step, row, row + 1, row_noise, one, len(request.prompt) + request.decode_steps + 1, suppress, penalize, top)
+                emitted[row] = token[0]
+                if scores is not None and row_scores is not None:
+                    for whole, part in zip(scores, row_scores):
+                        whole[row] = part[0]
                 ok += 1
             except Exception as e:  # noqa: BLE001
                 log.exception("decode failed for sequence %d", request.id)
@@ -520,7 +571,7 @@ class InferenceEngine:
             # Every row decodes eagerly: the compiler failed, not a request.
             log.error("the compiled decode step failed (traceback above); decoding eagerly from now on")
             self._step_fn = decode_step
-        return emitted
+        return emitted, scores
 
     def _decode_rows(
         self,
@@ -532,7 +583,8 @@ class InferenceEngine:
         width: int,
         suppress: bool,
         penalize: bool,
-    ) -> Tensor:
+        top: int,
+    ) -> Tuple[Tensor, Optional[Scores]]:
         whole = hi - lo == self.rows
         rows = slice(lo, hi)
 
@@ -540,26 +592,30 @@ class InferenceEngine:
             return t if whole else t[rows]
 
         self.caches.plan_decode(part(self.slot), width, first_row=lo)
-        token, emitted, done, slot, min_left = fn(
+        token, emitted, done, slot, min_left, scores = fn(
             self.model, part(self.token), part(self.done), part(self.slot), part(self.decoding), part(self.row_stops), part(self.min_left),
-            noise, sampling, self.penalties.rows(lo, hi) if penalize else None, width=width, suppress=suppress,
+            noise, sampling, self.penalties.rows(lo, hi) if penalize else None, width=width, suppress=suppress, top_logprobs=top,
         )  # fmt: skip
         if whole and not self.settings.uses_cuda_graphs():
             self.token, self.done, self.slot, self.min_left = token, done, slot, min_left  # fresh tensors: no copy
-            return emitted
+            return emitted, scores
         # Copies into the engine's buffers (a CUDA graph's outputs are overwritten at its next replay).
         self.token[rows] = token
         self.done[rows] = done
         self.slot[rows] = slot
         self.min_left[rows] = min_left
-        return emitted.clone()
+        return emitted.clone(), None if scores is None else tuple(t.clone() for t in scores)  # type: ignore[return-value]
 
     # -- read ---------------------------------------------------------------------------
-    def _read(self, first: Tensor, emitted: Optional[Tensor], outputs: Dict[int, StepOutput]) -> None:
+    def _read(self, first: Tensor, emitted: Optional[Tensor], scores: Optional[Scores], outputs: Dict[int, StepOutput]) -> None:
         """The step's one host read, then each sequence's new tokens in order."""
         started = time.perf_counter()
         table = first[:, None] if emitted is None else torch.cat([first[:, None], emitted], dim=1)
         rows = table.tolist()  # the step's one host read
+        # Scores of the same tokens, when asked for (the values are ready: read with the tokens).
+        first_scores = {row: tuple(t.tolist() for t in parts) for row, parts in self._first_scores.items()}
+        self._first_scores = {}
+        step_scores = None if scores is None else tuple(t.tolist() for t in scores)
         now = time.perf_counter()
         if emitted is not None:
             self.decode_seconds += now - started
@@ -569,19 +625,31 @@ class InferenceEngine:
             if request.error:
                 self._finish(request, "error", outputs)
                 continue
-            for token in rows[request.row]:
+            if request.params.max_tokens == 0 and request.prefilled == len(request.prompt):
+                self._finish(request, "length", outputs)  # prefilled (and scored): nothing to generate
+                continue
+            for column, token in enumerate(rows[request.row]):
                 if token == -2:
                     continue
                 if token == -1:
                     self._finish(request, "stop", outputs)
                     break
-                if self._accept(request, token, now, outputs):
+                logprob = None
+                if request.params.logprobs is not None:
+                    row = request.row
+                    chosen, ids, values = first_scores[row] if column == 0 else (part[row][column - 1] for part in step_scores)  # type: ignore[index, union-attr]
+                    logprob = token_logprobs([token], [chosen], [ids], [values], request.params.logprobs)[0]
+                if self._accept(request, token, now, outputs, logprob):
                     break
 
-    def _accept(self, request: Request, token: int, now: float, outputs: Dict[int, StepOutput]) -> bool:
-        """Take one token; returns whether the sequence ended."""
+    def _accept(self, request: Request, token: int, now: float, outputs: Dict[int, StepOutput], logprob: Optional[TokenLogprob] = None) -> bool:
+        """Take one token (with its score when the sequence asked for one); returns whether the
+        sequence ended."""
         out = self._output(outputs, request)
         request.tokens.append(token)
+        if logprob is not None:
+            request.logprobs.append(logprob)
+            out.logprobs.append(logprob)
         if request.first_token_at is None:
             request.first_token_at = now
         piece, hit_stop_string = request.text.add(token) if request.text is not None else ("", False)

@@ -27,6 +27,7 @@ def prefill(
     attention: AttentionMode = "mas",
     backend: AttentionBackend = "auto",
     logits_at: Optional[Tensor] = None,
+    rows_at: Optional[Tensor] = None,
 ) -> Tensor:
     """Run the query slots ``[batch.prefix_len, P)`` of every row in one pass and fill the cache.
 
@@ -41,9 +42,12 @@ def prefill(
             (0 is slot ``prefix_len``) whose next-token logits are wanted, e.g. its last prompt
             token. The LM head then runs on those ``b`` positions only
             (:func:`mas.lm_head.logits_at_positions`). None: every query slot.
+        rows_at (Optional[Tensor]): ``[n]`` long: the row of each entry of ``logits_at``, which
+            is then ``[n]`` too (several slots of a row); None: ``logits_at`` has one slot per row.
 
     Returns:
-        Tensor: with ``logits_at``, ``[b, vocab]`` fp32 logits; else ``[b, P - prefix_len, vocab]``.
+        Tensor: with ``logits_at``, ``[b, vocab]`` (``[n, vocab]`` with ``rows_at``) fp32
+        logits; else ``[b, P - prefix_len, vocab]``.
     """
     start = batch.prefix_len
     # Prompt widths change every batch: compiling the block tables per shape would not pay.
@@ -58,7 +62,7 @@ def prefill(
     tokens, positions = batch.tokens[:, start:], batch.positions[:, start:]
     if logits_at is None:
         return _as_logits(model(tokens, mask=mask, input_pos=positions))
-    rows = torch.arange(tokens.shape[0], device=tokens.device)
+    rows = torch.arange(tokens.shape[0], device=tokens.device) if rows_at is None else rows_at
     if not has_unembed(model):  # every slot, then the chosen ones (the slow twin)
         return _as_logits(model(tokens, mask=mask, input_pos=positions))[rows, logits_at].float()
     return logits_at_positions(model, tokens, rows, logits_at, mask=mask, input_pos=positions)

@@ -11,6 +11,7 @@ from typing import List, Optional, Tuple
 import torch
 
 from mas.errors import DataError
+from mas.generation.logprobs import TokenLogprob
 from mas.generation.sampling import SamplingParams
 from mas.generation.text_stream import TextStream
 from mas.segments import SegmentedSequence
@@ -35,6 +36,9 @@ class Request:
         finish_reason (Optional[str]): ``"stop"``, ``"length"``, ``"cancelled"`` or ``"error"``.
         error (str): what failed (``finish_reason == "error"``).
         cached_tokens (int): prompt tokens whose keys and values came from the prefix cache.
+        logprobs (List[TokenLogprob]): scores of ``tokens`` (``params.logprobs``; else empty).
+        prompt_logprobs (List[TokenLogprob]): scores of the prompt's tokens after the first
+            (``params.prompt_logprobs``; else empty).
         submitted_at, admitted_at, first_token_at, finished_at (float): ``perf_counter`` times.
     """
 
@@ -45,6 +49,8 @@ class Request:
     finish_reason: Optional[str] = None
     error: str = ""
     cached_tokens: int = 0
+    logprobs: List[TokenLogprob] = field(default_factory=list)
+    prompt_logprobs: List[TokenLogprob] = field(default_factory=list)
     submitted_at: float = field(default_factory=time.perf_counter)
     admitted_at: Optional[float] = None
     first_token_at: Optional[float] = None
@@ -87,6 +93,7 @@ class StepOutput:
         pieces (List[str]): the text each of them adds (empty strings without text streaming).
         finished (bool): the sequence ended this step (see ``request.finish_reason``).
         final_text (str): text held back until the end (a possible stop-string start).
+        logprobs (List[TokenLogprob]): scores of ``tokens`` when the sequence asked for them.
     """
 
     request: Request
@@ -94,3 +101,4 @@ class StepOutput:
     pieces: List[str] = field(default_factory=list)
     finished: bool = False
     final_text: str = ""
+    logprobs: List[TokenLogprob] = field(default_factory=list)

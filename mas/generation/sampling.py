@@ -21,6 +21,8 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor
 
+from mas.generation.logprobs import MAX_LOGPROBS
+
 __all__ = ["RowSampling", "SamplingParams", "choose_tokens", "draw_noise", "exponential_noise", "filtered_probs", "suppress_stops"]
 
 
@@ -29,7 +31,8 @@ class SamplingParams:
     """How one sequence is decoded.
 
     Attributes:
-        max_tokens (int): tokens to generate at most (a stop token is not counted).
+        max_tokens (int): tokens to generate at most (a stop token is not counted); 0: prefill
+            the prompt and generate nothing (to score it with ``prompt_logprobs``).
         temperature (float): 0: greedy.
         top_k (Optional[int]): sample from the ``k`` most likely tokens (None: all).
         top_p (Optional[float]): nucleus mass (None: off).
@@ -45,6 +48,10 @@ class SamplingParams:
             already in the output, once / per occurrence (0: off; :mod:`mas.generation.penalties`).
         repetition_penalty (float): divides a positive (multiplies a negative) logit of a token
             in the prompt or the output (1: off).
+        logprobs (Optional[int]): report each generated token's log-probability and this many
+            most likely alternatives (:mod:`mas.generation.logprobs`; None: none).
+        prompt_logprobs (Optional[int]): the same for every prompt token after the first (the
+            prompt is then prefilled whole, not copied from the prefix cache; None: none).
     """
 
     max_tokens: int
@@ -59,10 +66,16 @@ class SamplingParams:
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     repetition_penalty: float = 1.0
+    logprobs: Optional[int] = None
+    prompt_logprobs: Optional[int] = None
 
     def __post_init__(self) -> None:
-        if self.max_tokens < 1:
-            raise ValueError(f"max_tokens must be >= 1, got {self.max_tokens}")
+        if self.max_tokens < 0:
+            raise ValueError(f"max_tokens must be >= 0, got {self.max_tokens}")
+        for name in ("logprobs", "prompt_logprobs"):
+            value = getattr(self, name)
+            if value is not None and not 0 <= value <= MAX_LOGPROBS:
+                raise ValueError(f"{name} must be in [0, {MAX_LOGPROBS}] or None, got {value}")
         for name in ("presence_penalty", "frequency_penalty"):
             if not -2.0 <= getattr(self, name) <= 2.0:
                 raise ValueError(f"{name} must be in [-2, 2], got {getattr(self, name)}")

@@ -10,6 +10,9 @@
   twin of :func:`mas.generation.sampling.filtered_probs` (per-row tensor settings).
 - :func:`multinomial_sample`: ``torch.multinomial`` over that distribution, the distributional
   oracle of the engine's exponential-race draw.
+- :func:`reference_logprobs`: every position's full ``[vocab]`` log-softmax of one forward of a
+  whole sequence (prompt and answer) under the dense mask, the twin of the engine's
+  ``logprobs`` and ``prompt_logprobs`` (scored on chosen rows only).
 
 Imported by the tests and tools only; the product never imports :mod:`mas.testing`.
 """
@@ -27,7 +30,7 @@ from mas.generation.slot_cache import remove_caches
 from mas.masks import CAUSAL, AttentionMode, as_causal, dense_mas_mask
 from mas.segments import SegmentedSequence
 
-__all__ = ["multinomial_sample", "reference_filtered_probs", "reference_generate", "reference_logits"]
+__all__ = ["multinomial_sample", "reference_filtered_probs", "reference_generate", "reference_logits", "reference_logprobs"]
 
 
 def reference_filtered_probs(logits: Tensor, temperature: float, top_k: Optional[int] = None, top_p: Optional[float] = None) -> Tensor:
@@ -69,6 +72,18 @@ def reference_logits(model: nn.Module, tokens: Sequence[int], segment_ids: Seque
     output = model(torch.tensor([list(tokens)], device=device), mask=mask.to(device))
     output = torch.cat(output, dim=1) if isinstance(output, list) else output
     return output[0, -1].float()
+
+
+def reference_logprobs(model: nn.Module, tokens: Sequence[int], segment_ids: Sequence[int], attention: AttentionMode = "mas") -> Tensor:
+    """``[len - 1, vocab]`` fp32: row ``p`` is ``log_softmax`` of the logits that predict token
+    ``p + 1``, from one forward of the whole sequence without a cache under the dense Eq. 14 mask
+    (the full LM head over every position)."""
+    ids = torch.tensor([list(segment_ids)])
+    mask = dense_mas_mask(ids if attention == "mas" else as_causal(ids))
+    device = model.tok_embeddings.weight.device
+    output = model(torch.tensor([list(tokens)], device=device), mask=mask.to(device))
+    output = torch.cat(output, dim=1) if isinstance(output, list) else output
+    return torch.log_softmax(output[0, :-1].float(), dim=-1)
 
 
 def _penalized(logits: Tensor, prompt_tokens: set, output: Counter, params: SamplingParams) -> Tensor:
