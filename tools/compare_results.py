@@ -11,9 +11,11 @@ the run recorded, e.g. ``tiny_mas step 36 (trained mas, eval mas)``).
 
 How runs are paired for the win-rate row: by what the results record, never by folder names.
 Runs are grouped by the base model they ran on (the ``base`` record of ``mas_eval``: its weights
-files' sizes and head hashes, so a copied base folder is the same base), benchmark and mode;
-adapters and base-model evaluations form separate groups. Files written before results recorded
-their base are grouped by their recorded ``experiment`` (or ``model``), with a note saying so.
+files' sizes and head hashes, so a copied base folder is the same base), benchmark and mode.
+Files written before results recorded their base are grouped by their recorded ``experiment``
+(or ``model``), with a note saying so. Evaluations of a base model without an adapter are never
+paired: nothing was fine-tuned, so its two prompt masks are no MAS-vs-causal comparison (they are
+listed under the table).
 In a group, the run trained and evaluated with ``--baseline`` attention (default ``causal``) is
 paired with the one trained and evaluated with ``--challenger`` (default ``mas``); with several
 runs per side (checkpoints), runs of the same step are paired. Cross-evaluations (trained one
@@ -54,6 +56,14 @@ def side_of(results: Results) -> Optional[str]:
     return evaluated if trained in (None, evaluated) else None
 
 
+def is_base_model(results: Results) -> bool:
+    """Whether a run evaluated a base model without an adapter (``adapter: null`` recorded; older
+    files without that record: run ``base`` with no trained attention)."""
+    if "adapter" in results:
+        return not results["adapter"]
+    return results.get("run") == "base" and results.get("trained_attention") is None
+
+
 def _base_weights(results: Results) -> Optional[str]:
     """The recorded base by content (weights files' sizes and head hashes), or None."""
     base = results.get("base")
@@ -66,22 +76,23 @@ def _base_weights(results: Results) -> Optional[str]:
 def _group_key(results: Results) -> Tuple[str, Any, Any, Any]:
     weights = _base_weights(results)
     if weights is not None:
-        kind = "adapters on base" if results.get("adapter") else "base model"
-        return (kind, weights, results.get("benchmark"), results.get("mode"))
+        return ("adapters on base", weights, results.get("benchmark"), results.get("mode"))
     if results.get("experiment"):
         return ("experiment", results["experiment"], results.get("benchmark"), results.get("mode"))
     return ("model", results.get("model"), results.get("benchmark"), results.get("mode"))
 
 
 def _group_name(kind: str, name: Any, members: Sequence[Run]) -> str:
-    if kind in ("adapters on base", "base model"):
+    if kind == "adapters on base":
         return f"{kind} {members[0][1]['base'].get('folder', '?')}"
     return f"{kind} {name!r}"
 
 
-def pair_runs(runs: Sequence[Run], baseline: str, challenger: str) -> Tuple[List[Tuple[Results, Results]], List[str], List[str]]:
+def pair_runs(
+    runs: Sequence[Run], baseline: str, challenger: str
+) -> Tuple[List[Tuple[Results, Results]], List[str], List[str], List[str]]:
     """``(baseline, challenger)`` results per experiment (and step), the labels of unpaired runs,
-    and the labels of cross-evaluations.
+    of cross-evaluations and of base-model evaluations (never paired).
 
     Raises:
         DataError: two runs of one side and step in a group that has both sides.
@@ -89,7 +100,11 @@ def pair_runs(runs: Sequence[Run], baseline: str, challenger: str) -> Tuple[List
     groups: Dict[Tuple[str, Any, Any, Any], Dict[str, List[Run]]] = {}
     unpaired: List[str] = []
     crossed: List[str] = []
+    base_models: List[str] = []
     for label, results in runs:
+        if is_base_model(results):
+            base_models.append(label)
+            continue
         side = side_of(results)
         if side is None:
             crossed.append(label)
@@ -122,7 +137,7 @@ def pair_runs(runs: Sequence[Run], baseline: str, challenger: str) -> Tuple[List
                 pairs.append((b[0][1], c[0][1]))
             else:
                 unpaired.extend(label for label, _ in b + c)
-    return pairs, unpaired, crossed
+    return pairs, unpaired, crossed, base_models
 
 
 def build_report(paths: Sequence[Path], labels: Optional[Sequence[str]], baseline: str, challenger: str) -> str:
@@ -131,12 +146,12 @@ def build_report(paths: Sequence[Path], labels: Optional[Sequence[str]], baselin
     show_mode = len({results.get("mode") for _, results in loaded}) > 1
     names = list(labels) if labels else [default_label(p, r, show_mode) for p, r in loaded]
     runs = [(name, results) for name, (_, results) in zip(names, loaded)]
-    pairs, unpaired, crossed = pair_runs(runs, baseline, challenger)
+    pairs, unpaired, crossed, base_models = pair_runs(runs, baseline, challenger)
     lines = [markdown_table(runs)]
     if pairs:
         lines.append(win_rate_row(pairs, label=f"{challenger} > {baseline} (win rate)"))
     lines.append("")
-    unrecorded = [name for name, results in runs if _base_weights(results) is None]
+    unrecorded = [name for name, results in runs if _base_weights(results) is None and name not in base_models]
     lines.append(
         f"Win rate: {len(pairs)} {baseline}/{challenger} pair(s) matched by recorded base model, benchmark and mode; "
         "task cells count models where the challenger is strictly better, Avg. counts all (model, task) cells."
@@ -147,6 +162,8 @@ def build_report(paths: Sequence[Path], labels: Optional[Sequence[str]], baselin
         lines.append(f"Not in the win rate (no partner run): {', '.join(unpaired)}.")
     if crossed:
         lines.append(f"Not in the win rate (cross-evaluations, trained and evaluated differently): {', '.join(crossed)}.")
+    if base_models:
+        lines.append(f"Not in the win rate (base model without an adapter: nothing fine-tuned to compare): {', '.join(base_models)}.")
     return "\n".join(lines) + "\n"
 
 

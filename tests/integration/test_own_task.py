@@ -97,7 +97,7 @@ def test_user_task_in_every_mode_with_groups_resume_and_compare(tmp_path, tiny_b
     resumed = _eval(tmp_path / "mas", tiny_base_dir, **{**common, "mode": "generate"})
     assert resumed["generate"]["tasks"] == written["generate"]["tasks"] and len(_lines(predictions)) == 8
 
-    # The causal prompt mask on the same model, then the table with its win-rate row.
+    # The causal prompt mask on the same base model: tabulated, never paired (nothing fine-tuned).
     _eval(tmp_path / "causal", tiny_base_dir, attention="causal", **{**common, "mode": "loglik"})
     out = subprocess.run(
         [sys.executable, str(REPO / "tools" / "compare_results.py"), str(tmp_path / "causal" / "results_loglik.json"),
@@ -105,7 +105,8 @@ def test_user_task_in_every_mode_with_groups_resume_and_compare(tmp_path, tiny_b
     )  # fmt: skip
     assert out.returncode == 0, out.stderr
     assert out.stdout.startswith("| Run | compare | Avg. |")
-    assert "| mas > causal (win rate) |" in out.stdout and "| compare: group |" in out.stdout
+    assert "| mas > causal (win rate) |" not in out.stdout and "| compare: group |" in out.stdout
+    assert "Not in the win rate (base model without an adapter: nothing fine-tuned to compare): base model (trained base, eval causal), base model (trained base, eval mas)." in out.stdout
 
 
 def test_user_task_config_errors_are_one_line(tmp_path, tiny_base_dir):

@@ -172,6 +172,30 @@ def test_compare_pairs_on_the_recorded_base_never_on_folder_names(tmp_path, caps
     assert "both mas runs of adapters on base /somewhere" in capsys.readouterr().err
 
 
+def test_compare_never_pairs_base_model_evaluations(tmp_path, capsys):
+    import compare_results
+
+    base = {"model.safetensors": [1000, "aa"]}
+    runs = [
+        _with_base(tmp_path / "1.json", "causal", base, 0.5, "baseline"),
+        _with_base(tmp_path / "2.json", "mas", base, 0.7, "run-mas"),
+    ]
+    for name, attention in (("b_causal", "causal"), ("b_mas", "mas")):  # as mas_eval records a base model
+        runs.append(_results(
+            tmp_path / f"{name}.json", acc=0.9, model=name, run_name=f"base model (trained base, eval {attention})", attention=attention,
+            trained_attention=None, experiment="base", run="base", step=None, adapter=None, base={"folder": "/somewhere", "weights": base},
+        ))  # fmt: skip
+    runs.append(_results(tmp_path / "old.json", acc=0.9, model="old", attention="mas", experiment="base", run="base"))  # before `adapter`
+    assert compare_results.main([str(p) for p in runs]) == 0
+    printed = capsys.readouterr().out
+    assert "| mas > causal (win rate) | 100% (1/1) |" in printed  # the adapters' pair only
+    assert "Win rate: 1 causal/mas pair(s)" in printed
+    assert ("Not in the win rate (base model without an adapter: nothing fine-tuned to compare): "
+            "base model (trained base, eval causal), base model (trained base, eval mas), old (mas).") in printed  # fmt: skip
+    assert compare_results.main([str(p) for p in runs[2:]]) == 0  # the base model alone: no pair, no win-rate row
+    assert "(win rate)" not in capsys.readouterr().out
+
+
 def test_compare_given_a_folder_says_so_in_one_line(tmp_path, capsys):
     import compare_results
 
