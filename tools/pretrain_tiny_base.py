@@ -4,6 +4,7 @@ Usage::
 
     python tools/pretrain_tiny_base.py my_rows.jsonl /tmp/own/base --steps 300 --seed 0
     python tools/pretrain_tiny_base.py notes.txt /tmp/own/base --embed-dim 128 --num-layers 4
+    python tools/pretrain_tiny_base.py my_rows.jsonl /tmp/own/format_base --random-answers yes no
 
 Rows: ``.json``/``.jsonl`` (``text``, commonsense/Alpaca ``instruction``/``input``/``output``,
 or chat ``messages``) or a ``.txt`` file; see :mod:`mas.models.pretrain_base`. It prints the
@@ -32,6 +33,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--steps", type=int, default=300, help="pre-training steps (default 300)")
     parser.add_argument("--seed", type=int, default=0, help="init and data-order seed (default 0)")
     parser.add_argument("--include-answers", action="store_true", help="also learn the answers of prompt/answer rows")
+    parser.add_argument(
+        "--random-answers", nargs="+", metavar="LABEL",
+        help="a format-only base: learn whole rows with each row's answer replaced by one of these labels, drawn at random",
+    )  # fmt: skip
+    parser.add_argument("--max-len", type=int, default=256, help="tokens kept per row (default 256)")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--lr", type=float, default=3e-3)
     for dim in _DIMS:
@@ -43,7 +49,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         folder = write_tiny_base(
             args.rows, args.out, steps=args.steps, seed=args.seed, include_answers=args.include_answers,
-            batch_size=args.batch_size, lr=args.lr, dims=dims,
+            random_answers=args.random_answers, max_len=args.max_len, batch_size=args.batch_size, lr=args.lr, dims=dims,
         )  # fmt: skip
     except (UserError, OSError) as e:  # anything else is a bug: its traceback stays
         print(f"pretrain_tiny_base: {e}", file=sys.stderr)

@@ -13,7 +13,10 @@ Which text it learns from each row (``.json``/``.jsonl`` rows or a ``.txt`` file
 - ``text`` rows (or a ``.txt`` file, one paragraph per blank-line-separated block): the text;
 - commonsense/Alpaca rows (``instruction``, optional ``input``, ``output``): the prompt in the
   fine-tuning template, without the answer unless ``include_answers`` (as the embedded model:
-  the base knows the language of the task, fine-tuning teaches the answer);
+  the base knows the language of the task, fine-tuning teaches the answer); with
+  ``random_answers`` the whole row, its ``answer`` replaced in ``output`` by a label drawn at
+  random (a *format-only* base: it knows how a question is answered, not which answer is right,
+  so a fine-tune must learn the task itself);
 - chat rows (``messages``): the system and user turns (and the assistant's with
   ``include_answers``).
 """
@@ -22,6 +25,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import shutil
 import tempfile
 from pathlib import Path
@@ -53,11 +57,25 @@ def _message_text(messages: Sequence[Any]) -> str:
     return "".join(m.text_content for m in messages)
 
 
-def row_texts(source: str | os.PathLike, include_answers: bool = False) -> List[str]:
+def row_texts(
+    source: str | os.PathLike,
+    include_answers: bool = False,
+    random_answers: Optional[Sequence[str]] = None,
+    seed: int = 0,
+) -> List[str]:
     """The texts to pre-train on, one per row (see the module docstring for each row kind).
 
+    Args:
+        source: a ``.json``/``.jsonl`` file of rows or a ``.txt`` file.
+        include_answers (bool): learn the answers of prompt/answer rows too.
+        random_answers (Optional[Sequence[str]]): labels; each commonsense/Alpaca row's
+            ``answer`` is replaced in its ``output`` by one of them, drawn at random (implies the
+            answers are learnt: a format-only base).
+        seed (int): seeds the draws of ``random_answers``.
+
     Raises:
-        DataError: a missing file, or a row that is none of the known kinds (naming the row).
+        DataError: a missing file, or a row that is none of the known kinds (naming the row);
+            with ``random_answers``, a row whose ``output`` does not contain its ``answer``.
     """
     path = Path(source).expanduser()
     if path.suffix == ".txt":
@@ -67,11 +85,26 @@ def row_texts(source: str | os.PathLike, include_answers: bool = False) -> List[
         return [b for b in blocks if b]
     rows = load_rows(str(path))
     texts = []
+    draw = random.Random(seed)
     for i, row in enumerate(rows.rows):
-        texts.append(_row_text(row, rows.where(i), include_answers))
+        if random_answers:
+            row = _with_random_answer(row, rows.where(i), random_answers, draw)
+        texts.append(_row_text(row, rows.where(i), include_answers or bool(random_answers)))
     if not texts:
         raise DataError(f"{rows.name}: no rows to pre-train on")
     return texts
+
+
+def _with_random_answer(row: Mapping[str, Any], where: str, labels: Sequence[str], draw: random.Random) -> Mapping[str, Any]:
+    """``row`` with the last occurrence of its ``answer`` in ``output`` replaced by a random label."""
+    if "instruction" not in row:
+        raise DataError(f"{where}: random answers need commonsense/Alpaca rows (instruction, output, answer), got {sorted(row)}")
+    answer, output = require_text(row, "answer", where), require_text(row, "output", where)
+    cut = output.rfind(answer)
+    if not answer or cut < 0:
+        raise DataError(f"{where}: its output {output!r} does not contain its answer {answer!r}, so the answer cannot be replaced")
+    label = draw.choice(list(labels))
+    return {**row, "output": output[:cut] + label + output[cut + len(answer) :]}
 
 
 def _row_text(row: Mapping[str, Any], where: str, include_answers: bool) -> str:
@@ -102,6 +135,7 @@ def write_tiny_base(
     steps: int = 300,
     seed: int = 0,
     include_answers: bool = False,
+    random_answers: Optional[Sequence[str]] = None,
     max_len: int = 256,
     batch_size: int = 16,
     lr: float = 3e-3,
@@ -117,6 +151,8 @@ def write_tiny_base(
         steps (int): pre-training steps.
         seed (int): init and batch-order seed.
         include_answers (bool): learn the answers of prompt/answer rows too.
+        random_answers (Optional[Sequence[str]]): learn whole rows with each answer replaced by
+            one of these labels, drawn with ``seed`` (a format-only base; module docstring).
         max_len (int): tokens kept per row.
         batch_size (int): rows per step.
         lr (float): learning rate.
@@ -140,7 +176,7 @@ def write_tiny_base(
     checkpoint_dir = Path(os.path.expandvars(checkpoint_dir)).expanduser()
     check_replaceable_model_dir(checkpoint_dir, marker=BASE_RECIPE_FILE, writer="pretrain_tiny_base", key="out")
     tokenizer = tiny_llama3_tokenizer()
-    texts = row_texts(source, include_answers)
+    texts = row_texts(source, include_answers, random_answers, seed)
     sequences = _sequences(texts, tokenizer, max_len)
     full_dims = {**TINY_LLAMA3_2, **dims}
     model, losses = seeded_tiny_model(
@@ -157,6 +193,7 @@ def write_tiny_base(
         "source": str(Path(source).expanduser().resolve()),
         "rows": len(texts),
         "include_answers": include_answers,
+        "random_answers": list(random_answers) if random_answers else None,
         "steps": steps,
         "seed": seed,
         "batch_size": batch_size,

@@ -151,6 +151,26 @@ def test_sweep_keys_each_checkpoint_by_its_own_identity(tmp_path, tiny_base_dir,
     assert sweep["experiment"] == experiment_name(tiny_mas_run.name) and sweep["points"][0]["step"] == steps[0]
 
 
+def test_format_only_base_learns_rows_with_random_answers(tmp_path):
+    from mas.data import DataError
+    from mas.models.pretrain_base import BASE_RECIPE_FILE, row_texts, write_tiny_base
+
+    rows = _rows(40, seed=5)
+    source = tmp_path / "train.jsonl"
+    source.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    texts = row_texts(source, random_answers=["yes", "no"], seed=1)
+    assert texts == row_texts(source, random_answers=["yes", "no"], seed=1)  # seeded
+    answers = [t.rsplit("the correct answer is ", 1)[1] for t in texts]
+    assert set(answers) == {"yes", "no"}  # every answer replaced, both labels drawn
+    assert all(r["instruction"] in t for r, t in zip(rows, texts))
+    assert all("the correct answer is" not in t for t in row_texts(source))  # the default: prompts only
+    folder = write_tiny_base(source, tmp_path / "base", steps=2, random_answers=["yes", "no"])
+    assert json.loads((folder / BASE_RECIPE_FILE).read_text())["random_answers"] == ["yes", "no"]
+    source.write_text(json.dumps({**rows[0], "output": "no answer here"}) + "\n")
+    with pytest.raises(DataError, match=r"train.jsonl, line 1: its output .no answer here. does not contain its answer .smaller."):
+        row_texts(source, random_answers=["yes"])
+
+
 @pytest.mark.slow
 def test_docs_worked_example_runs_end_to_end(tmp_path):
     """docs/own_task.md at a small size: own JSONL -> tiny base -> MAS and causal fine-tunes ->
