@@ -26,11 +26,13 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware.trustedhost import TrustedHostMiddleware
 
+from mas.generation.logprobs import TokenLogprob, is_prediction
 from mas.masks import AttentionMode
-from mas.segments import SegmentBuilder
+from mas.segments import IGNORE_INDEX, SegmentBuilder, SegmentedSequence
 from mas.serving._engine import Engine, EngineStoppedError, Event, PromptTooLongError, QueueFullError, SamplingParams, SequenceHandle, TooManySequencesError
 from mas.serving._metrics import CONTENT_TYPE_LATEST, ServeMetrics
-from mas.serving._protocol import ChatCompletionRequest, CompletionRequest, RequestError, error_body, parse_request, prompt_messages_of
+from mas.serving._logprobs import chat_logprobs, completion_logprobs, vllm_prompt_logprobs
+from mas.serving._protocol import ChatCompletionRequest, CompletionRequest, RequestError, error_body, parse_request, prompt_messages_of, token_prompts_of
 
 __all__ = ["ServerState", "create_app"]
 
@@ -190,10 +192,36 @@ def create_app(state: ServerState) -> FastAPI:
         except RequestError as e:
             return _error(e)
 
+    @app.get("/tokenizer_info")
+    async def tokenizer_info() -> JSONResponse:
+        """The tokenizer's special tokens (vLLM's route; lm-evaluation-harness's ``remote`` tokenizer
+        reads it). No chat template: chats are rendered here, message by message, into segments."""
+        tokenizer = state.builder.tokenizer
+        names = {i: name for name, i in _special_tokens(tokenizer).items()}
+        eos, bos = getattr(tokenizer, "eos_id", None), getattr(tokenizer, "bos_id", None)
+        return JSONResponse(
+            {"tokenizer_class": type(tokenizer).__name__, "eos_token": names.get(eos), "bos_token": names.get(bos), "pad_token": None, "chat_template": None, "model_max_length": state.engine.max_len}
+        )
+
+    def _raw_tokens(text: str) -> List[int]:
+        """``text``'s ids with no template and no BOS/EOS; a special token's name is its id."""
+        special = _special_tokens(state.builder.tokenizer)
+        if text in special:
+            return [special[text]]
+        return list(state.builder.tokenizer.encode(text, add_bos=False, add_eos=False))
+
     def _tokenize(raw: bytes) -> Dict[str, Any]:
         data = _loads(raw)
         if not isinstance(data, dict):
             raise RequestError(f"the request body must be a JSON object, got {type(data).__name__}")
+        if data.get("add_special_tokens") is False:
+            # vLLM's raw form (what lm-evaluation-harness's remote tokenizer sends): the text's own
+            # ids, which it then sends back as a token-id prompt.
+            text = data.get("prompt")
+            if not isinstance(text, str):
+                raise RequestError("prompt: expected a string with add_special_tokens: false", "prompt")
+            tokens = _raw_tokens(text)
+            return {"tokens": tokens, "count": len(tokens), "max_model_len": state.engine.max_len}
         data = {"model": state.model_name, **data}
         kind = ChatCompletionRequest if "messages" in data else CompletionRequest
         body = parse_request(kind, data)
@@ -285,12 +313,35 @@ def create_app(state: ServerState) -> FastAPI:
             warnings.append(note)
             access_log.warning(note)
         stops = body.stop_strings()
+        generated_logprobs = body.generated_logprobs()
+        echo = bool(getattr(body, "echo", False))
+        if endpoint == "chat" and body.model_extra and body.model_extra.get("echo") not in (None, False):
+            raise RequestError("echo: not supported on chat completions; ask for prompt_logprobs (vLLM's field) to score the messages", "echo")
+        if echo and generated_logprobs is not None and state.attention == "mas":
+            raise RequestError(
+                "echo: under attention=mas a completion prompt is one bidirectional segment, so the log-probabilities of its tokens are not "
+                "predictions; score an answer through /v1/chat/completions with the answer as a final assistant message and prompt_logprobs, "
+                "or serve a causal adapter",
+                "echo",
+            )
+        prompt_logprobs = body.prompt_logprobs
+        if echo and generated_logprobs is not None:
+            prompt_logprobs = max(prompt_logprobs or 0, generated_logprobs)
+        token_prompts = token_prompts_of(body) if endpoint == "completion" else None
+        vocab = state.engine.core.vocab
         prompts = []
-        for p_index, messages in enumerate(prompt_messages_of(body)):
-            try:
-                prompts.append(state.builder(messages, for_generation=True))
-            except ValueError as e:
-                raise RequestError(f"{'messages' if endpoint == 'chat' else 'prompt'}: {e}", "messages" if endpoint == "chat" else "prompt") from None
+        if token_prompts is not None:
+            for i, ids in enumerate(token_prompts):
+                if not all(0 <= t < vocab for t in ids):
+                    raise RequestError(f"prompt: token ids must be in [0, {vocab})", "prompt")
+                # Token ids are the prompt as given (no template, no BOS added), one segment.
+                prompts.append(SegmentedSequence(list(ids), [IGNORE_INDEX] * len(ids), [0] * len(ids)))
+        else:
+            for p_index, messages in enumerate(prompt_messages_of(body)):
+                try:
+                    prompts.append(state.builder(messages, for_generation=True))
+                except ValueError as e:
+                    raise RequestError(f"{'messages' if endpoint == 'chat' else 'prompt'}: {e}", "messages" if endpoint == "chat" else "prompt") from None
         context = state.engine.max_len
         field_name = "messages" if endpoint == "chat" else "prompt"
         max_tokens_field = "max_completion_tokens" if getattr(body, "max_completion_tokens", None) is not None else "max_tokens"
@@ -311,9 +362,10 @@ def create_app(state: ServerState) -> FastAPI:
                     code="context_length_exceeded",
                 )
             max_tokens = asked if asked is not None else min(state.default_max_tokens, context - len(prompt))
+            if max_tokens == 0 and not (echo or prompt_logprobs is not None):
+                raise RequestError(f"{max_tokens_field}: must be at least 1 (0 only with echo or prompt_logprobs)", max_tokens_field)
             if body.min_tokens > max_tokens:
                 raise RequestError(f"min_tokens: {body.min_tokens} is more than max_tokens ({max_tokens})", "min_tokens")
-            vocab = state.engine.core.vocab
             if body.stop_token_ids and not all(0 <= t < vocab for t in body.stop_token_ids):
                 raise RequestError(f"stop_token_ids: ids must be in [0, {vocab})", "stop_token_ids")
             for j in range(body.n):
@@ -331,10 +383,41 @@ def create_app(state: ServerState) -> FastAPI:
                         presence_penalty=float(body.presence_penalty),
                         frequency_penalty=float(body.frequency_penalty),
                         repetition_penalty=float(body.repetition_penalty),
+                        logprobs=generated_logprobs,
+                        prompt_logprobs=prompt_logprobs,
                     )
                 )
                 sequences.append(prompt)
-        return {"prompts": sequences, "params": params, "warnings": warnings}
+        prompt_texts: List[str] = []  # echo: each prompt as given (token ids: their text)
+        if echo:
+            given = body.prompt if isinstance(body.prompt, list) else [body.prompt]
+            prompt_texts = [state.builder.tokenizer.decode(ids) for ids in token_prompts] if token_prompts is not None else list(given)
+        return {"prompts": sequences, "params": params, "warnings": warnings, "echo": echo, "prompt_texts": prompt_texts}
+
+    def _token_text(token: int) -> str:
+        return state.builder.tokenizer.decode([token])
+
+    def _prompt_scores(handle: SequenceHandle) -> List[Optional[TokenLogprob]]:
+        """The prompt's scores as reported: None for its first token and for tokens that are not
+        predictions under the served mask."""
+        valid = is_prediction(handle.prompt.segment_ids, state.attention)
+        return [None] + [s if ok else None for s, ok in zip(handle.prompt_logprobs, valid)]
+
+    def _echo_logprobs(handle: SequenceHandle) -> Dict[str, Any]:
+        return completion_logprobs(_prompt_scores(handle), handle.prompt.tokens, _token_text)
+
+    def _choice_logprobs(handle: SequenceHandle, endpoint: str, echo: bool) -> Optional[Dict[str, Any]]:
+        """A whole choice's ``logprobs`` (None when not asked for)."""
+        if handle.params.logprobs is None:
+            return None
+        if endpoint == "chat":
+            return chat_logprobs(handle.logprobs, _token_text)
+        generated = completion_logprobs(handle.logprobs, handle.tokens[: len(handle.logprobs)], _token_text)
+        if not echo:
+            return generated
+        prompt = _echo_logprobs(handle)
+        shift = sum(len(t) for t in prompt["tokens"])
+        return {key: prompt[key] + ([o + shift for o in generated[key]] if key == "text_offset" else generated[key]) for key in prompt}
 
     def _usage(choices: _Choices, n: int) -> Dict[str, Any]:
         # As OpenAI counts it: each prompt once, however many choices it has (choices i*n..i*n+n-1
@@ -379,13 +462,22 @@ def create_app(state: ServerState) -> FastAPI:
             response = _unavailable(failure.message) if failure.status == 503 else _error(RequestError(failure.message, status=failure.status, type="server_error"))
             return _finish_record(record, started, failure.status, error=failure.message, choices=choices, response=response)
         created = int(time.time())
+        handles = choices.handles
+        echo = plan["echo"]
         if endpoint == "chat":
-            out_choices = [{"index": i, "message": {"role": "assistant", "content": t}, "finish_reason": r, "logprobs": None} for i, (t, r) in enumerate(zip(texts, reasons))]
+            out_choices = [{"index": i, "message": {"role": "assistant", "content": t}, "finish_reason": r, "logprobs": _choice_logprobs(h, endpoint, False)} for i, (t, r, h) in enumerate(zip(texts, reasons, handles))]
             obj = "chat.completion"
         else:
-            out_choices = [{"index": i, "text": t, "finish_reason": r, "logprobs": None} for i, (t, r) in enumerate(zip(texts, reasons))]
+            out_choices = []
+            for i, (t, r, h) in enumerate(zip(texts, reasons, handles)):
+                choice = {"index": i, "text": (plan["prompt_texts"][i // body.n] if echo else "") + t, "finish_reason": r, "logprobs": _choice_logprobs(h, endpoint, echo)}
+                if body.prompt_logprobs is not None:
+                    choice["prompt_logprobs"] = vllm_prompt_logprobs(_prompt_scores(h), _token_text)
+                out_choices.append(choice)
             obj = "text_completion"
         response = {"id": record["id"], "object": obj, "created": created, "model": state.model_name, "choices": out_choices, "usage": _usage(choices, body.n), "mas": _meta(choices, body, plan)}
+        if endpoint == "chat" and body.prompt_logprobs is not None:
+            response["prompt_logprobs"] = vllm_prompt_logprobs(_prompt_scores(handles[0]), _token_text)  # vLLM: one per response
         return _finish_record(record, started, 200, choices=choices, response=JSONResponse(response))
 
     async def _stream(choices: _Choices, body: Any, endpoint: str, plan: Dict[str, Any], record: Dict[str, Any], started: float) -> AsyncIterator[str]:
@@ -393,12 +485,14 @@ def create_app(state: ServerState) -> FastAPI:
         obj = "chat.completion.chunk" if endpoint == "chat" else "text_completion"
         status = 200
 
-        def chunk(index: int, text: Optional[str], reason: Optional[str], *, role: bool = False, token: Optional[int] = None, meta: bool = False) -> str:
+        echoed = [not plan["echo"]] * len(choices.handles)
+
+        def chunk(index: int, text: Optional[str], reason: Optional[str], *, role: bool = False, token: Optional[int] = None, meta: bool = False, logprobs: Optional[Dict[str, Any]] = None) -> str:
             if endpoint == "chat":
                 delta: Dict[str, Any] = {"role": "assistant", "content": ""} if role else ({"content": text} if text is not None else {})
-                choice: Dict[str, Any] = {"index": index, "delta": delta, "finish_reason": reason, "logprobs": None}
+                choice: Dict[str, Any] = {"index": index, "delta": delta, "finish_reason": reason, "logprobs": logprobs}
             else:
-                choice = {"index": index, "text": text or "", "finish_reason": reason, "logprobs": None}
+                choice = {"index": index, "text": text or "", "finish_reason": reason, "logprobs": logprobs}
             if token is not None and body.return_token_ids:
                 choice["token_ids"] = [token]
             out: Dict[str, Any] = {"id": record["id"], "object": obj, "created": created, "model": state.model_name, "choices": [choice]}
@@ -413,9 +507,17 @@ def create_app(state: ServerState) -> FastAPI:
             pending = len(choices.handles)
             while pending:
                 index, event = await choices.queue.get()
+                if not echoed[index] and event.kind != "error":
+                    # The prompt is prefilled (and scored) before any event: its text comes first.
+                    echoed[index] = True
+                    handle = choices.handles[index]
+                    yield chunk(index, plan["prompt_texts"][index // body.n], None, logprobs=_echo_logprobs(handle) if handle.params.logprobs is not None else None)
                 if event.kind == "token":
-                    if event.text or body.return_token_ids:
-                        yield chunk(index, event.text, None, token=event.token)
+                    logprobs = None
+                    if event.logprob is not None:
+                        logprobs = chat_logprobs([event.logprob], _token_text) if endpoint == "chat" else completion_logprobs([event.logprob], [event.logprob.token], _token_text)
+                    if event.text or body.return_token_ids or logprobs is not None:
+                        yield chunk(index, event.text, None, token=event.token, logprobs=logprobs)
                 elif event.kind == "finish":
                     pending -= 1
                     if event.text:
@@ -464,6 +566,12 @@ def create_app(state: ServerState) -> FastAPI:
         return response
 
     return app
+
+
+def _special_tokens(tokenizer: Any) -> Dict[str, int]:
+    """Name -> id of a torchtune tokenizer's special tokens (empty when it keeps none)."""
+    special = getattr(tokenizer, "special_tokens", None)
+    return dict(special) if isinstance(special, dict) else {}
 
 
 async def _wait_disconnect(request: Request) -> None:

@@ -25,6 +25,7 @@ from typing import Any, Callable, Dict, Hashable, List, Optional, Sequence
 from torch import nn
 
 from mas.generation import GenerationSettings, InferenceEngine, PrefixCache, PromptTooLongError, Request, SamplingParams, StepOutput
+from mas.generation.logprobs import TokenLogprob
 from mas.segments import SegmentedSequence
 
 __all__ = ["Engine", "EngineStoppedError", "Event", "PromptTooLongError", "QueueFullError", "SamplingParams", "SequenceHandle", "TooManySequencesError"]
@@ -53,6 +54,7 @@ class Event:
         kind (str): ``"token"`` (a new token and its text), ``"finish"`` or ``"error"``.
         text (str): text to append (may be empty while a stop string or character is pending).
         token (Optional[int]): the generated id (``"token"`` events).
+        logprob (Optional[TokenLogprob]): its score, when the sequence asked for log-probabilities.
         finish_reason (Optional[str]): ``"stop"``, ``"length"`` or ``"cancelled"``.
         message (str), status (int): for ``"error"`` events.
     """
@@ -60,6 +62,7 @@ class Event:
     kind: str
     text: str = ""
     token: Optional[int] = None
+    logprob: Optional[TokenLogprob] = None
     finish_reason: Optional[str] = None
     message: str = ""
     status: int = 500
@@ -96,6 +99,14 @@ class SequenceHandle:
     @property
     def tokens(self) -> List[int]:
         return self.request.tokens if self.request is not None else []
+
+    @property
+    def logprobs(self) -> List[TokenLogprob]:
+        return self.request.logprobs if self.request is not None else []
+
+    @property
+    def prompt_logprobs(self) -> List[TokenLogprob]:
+        return self.request.prompt_logprobs if self.request is not None else []
 
     @property
     def cached_tokens(self) -> int:
@@ -273,7 +284,8 @@ class Engine:
             return
         metrics = self.metrics
         now = time.perf_counter()
-        for token, piece in zip(output.tokens, output.pieces):
+        scores: List[Optional[TokenLogprob]] = list(output.logprobs) or [None] * len(output.tokens)
+        for token, piece, score in zip(output.tokens, output.pieces, scores):
             if metrics is not None:
                 metrics.completion_tokens.inc()
                 if handle.last_token_at is None:
@@ -281,7 +293,7 @@ class Engine:
                 else:
                     metrics.inter_token_latency.observe(now - handle.last_token_at)
             handle.last_token_at = now
-            self._emit(handle, Event("token", text=piece, token=token))
+            self._emit(handle, Event("token", text=piece, token=token, logprob=score))
         if not output.finished:
             return
         del self._handles[request.id]

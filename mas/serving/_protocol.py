@@ -18,6 +18,8 @@ from typing import Any, Dict, List, Literal, Optional, Tuple, Union
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from torchtune.data import Message
 
+from mas.generation.logprobs import MAX_LOGPROBS
+
 __all__ = [
     "ChatCompletionRequest",
     "CompletionRequest",
@@ -25,6 +27,7 @@ __all__ = [
     "error_body",
     "parse_request",
     "prompt_messages_of",
+    "token_prompts_of",
 ]
 
 #: OpenAI role -> the builder's role (``developer`` is OpenAI's newer name for ``system``).
@@ -32,9 +35,6 @@ _ROLES = {"system": "system", "developer": "system", "user": "user", "assistant"
 #: Fields of the OpenAI API this server does not implement: refused rather than ignored, unless
 #: they hold the value that means "off" (clients send those defaults on every request).
 _NEUTRAL: Dict[str, Tuple[Any, ...]] = {
-    "logprobs": (None, False),
-    "top_logprobs": (None, 0),
-    "echo": (None, False),
     "suffix": (None, ""),
     "best_of": (None, 1),
     "tools": (None, []),
@@ -77,7 +77,7 @@ class StreamOptions(_Body):
 
 class _Sampling(_Body):
     model: str
-    max_tokens: Optional[int] = Field(None, ge=1)
+    max_tokens: Optional[int] = Field(None, ge=0)  # 0: only with echo / prompt_logprobs (checked in the plan)
     temperature: Optional[float] = Field(None, ge=0.0, le=2.0)
     top_p: Optional[float] = Field(None, gt=0.0, le=1.0)
     top_k: Optional[int] = Field(None, ge=-1)
@@ -97,6 +97,7 @@ class _Sampling(_Body):
     presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     repetition_penalty: float = Field(1.0, gt=0.0)  # vLLM's field (1: off)
+    prompt_logprobs: Optional[int] = Field(None, ge=0, le=MAX_LOGPROBS)  # vLLM's field: score the prompt's tokens
 
     def stop_strings(self) -> List[str]:
         if self.stop is None:
@@ -111,11 +112,25 @@ class _Sampling(_Body):
 
 class ChatCompletionRequest(_Sampling):
     messages: List[Dict[str, Any]]
-    max_completion_tokens: Optional[int] = Field(None, ge=1)
+    max_completion_tokens: Optional[int] = Field(None, ge=0)
+    logprobs: Optional[bool] = None
+    top_logprobs: Optional[int] = Field(None, ge=0, le=MAX_LOGPROBS)
+
+    def generated_logprobs(self) -> Optional[int]:
+        """Alternatives per generated token when log-probabilities are asked for, else None."""
+        if self.top_logprobs is not None and self.top_logprobs > 0 and not self.logprobs:
+            raise RequestError("top_logprobs: needs logprobs: true", "top_logprobs")
+        return (self.top_logprobs or 0) if self.logprobs else None
 
 
 class CompletionRequest(_Sampling):
     prompt: Any
+    logprobs: Optional[int] = Field(None, ge=0, le=MAX_LOGPROBS)
+    echo: Optional[bool] = None
+
+    def generated_logprobs(self) -> Optional[int]:
+        """Alternatives per token when log-probabilities are asked for, else None."""
+        return self.logprobs
 
 
 def _param(loc: Tuple[Any, ...]) -> str:
@@ -160,6 +175,24 @@ def _text_of(content: Any, param: str) -> str:
     raise RequestError(f"{param}: expected a string or a list of text parts, got {type(content).__name__}", param)
 
 
+def token_prompts_of(request: CompletionRequest) -> Optional[List[List[int]]]:
+    """The prompts of a completion request given as token ids (``[1, 2]`` or ``[[1, 2], [3]]``,
+    as lm-evaluation-harness sends them), or None when ``prompt`` is text.
+
+    Raises:
+        RequestError: an empty id list.
+    """
+    prompt = request.prompt
+    if isinstance(prompt, list) and prompt and all(type(t) is int for t in prompt):
+        return [list(prompt)]
+    if isinstance(prompt, list) and prompt and all(isinstance(p, list) for p in prompt):
+        for i, ids in enumerate(prompt):
+            if not ids or not all(type(t) is int for t in ids):
+                raise RequestError(f"prompt[{i}]: expected a non-empty list of token ids", f"prompt[{i}]")
+        return [list(p) for p in prompt]
+    return None
+
+
 def prompt_messages_of(request: Union[ChatCompletionRequest, CompletionRequest]) -> List[List[Message]]:
     """The prompts of a request as torchtune messages (one list per prompt).
 
@@ -177,7 +210,7 @@ def prompt_messages_of(request: Union[ChatCompletionRequest, CompletionRequest])
         for i, p in enumerate(prompts):
             param = "prompt" if not isinstance(request.prompt, list) else f"prompt[{i}]"
             if not isinstance(p, str):
-                raise RequestError(f"{param}: expected a string (token-id prompts are not supported)", param)
+                raise RequestError(f"{param}: expected a string, a list of token ids or a list of strings", param)
             if not p.strip():
                 raise RequestError(f"{param}: the prompt is empty", param)
             out.append([Message("user", p, masked=True)])

@@ -217,6 +217,103 @@ def test_openai_client_chat_completions_stream_and_models(server, reference, tin
     assert "".join(c.choices[0].delta.content or "" for c in chat_stream) == reply.choices[0].message.content
 
 
+def _twin_logprobs(reference, tokens, segment_ids):
+    """Every position's log-softmax from one forward of the whole sequence (no cache, dense mask)."""
+    from mas.testing.reference_decoding import reference_logprobs
+
+    return reference_logprobs(reference.model, tokens, segment_ids, reference.attention)
+
+
+def test_logprobs_equal_a_full_forward_streamed_or_not(server, reference):
+    import openai
+
+    from mas import CAUSAL
+
+    client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="not-needed")
+    messages = _chat_messages(SYSTEM, USERS[1])
+    reply = client.chat.completions.create(model=server.model, messages=messages, max_tokens=MAX_TOKENS, temperature=0, logprobs=True, top_logprobs=3, extra_body={"return_token_ids": True})
+    (ids,) = reply.model_extra["mas"]["token_ids"]
+    prompt = httpx.post(f"{server.url}/tokenize", json={"messages": messages}, timeout=30).json()
+    twin = _twin_logprobs(reference, prompt["tokens"] + ids, prompt["segment_ids"] + [CAUSAL] * len(ids))[len(prompt["tokens"]) - 1 :]
+    content = reply.choices[0].logprobs.content
+    assert len(content) == len(ids) > 0
+    for entry, row, token in zip(content, twin, ids):
+        assert entry.token == reference.tokenizer.decode([token]) and entry.bytes == list(entry.token.encode())
+        assert entry.logprob == pytest.approx(row[token].item(), abs=1e-4)
+        assert [t.logprob for t in entry.top_logprobs] == pytest.approx(row.topk(3).values.tolist(), abs=1e-4)
+    stream = client.chat.completions.create(model=server.model, messages=messages, max_tokens=MAX_TOKENS, temperature=0, logprobs=True, top_logprobs=3, stream=True)
+    streamed = [e for c in stream for ch in c.choices if ch.logprobs for e in ch.logprobs.content]
+    assert [(e.token, round(e.logprob, 4)) for e in streamed] == [(e.token, round(e.logprob, 4)) for e in content]
+    # Completions: OpenAI's layout, `logprobs` alternatives per token.
+    completion = client.completions.create(model=server.model, prompt=USERS[0], max_tokens=MAX_TOKENS, temperature=0, logprobs=2, extra_body={"return_token_ids": True})
+    (ids,) = completion.model_extra["mas"]["token_ids"]
+    layout = completion.choices[0].logprobs
+    assert len(layout.tokens) == len(layout.token_logprobs) == len(layout.top_logprobs) == len(ids)
+    assert all(len(top) <= 2 and max(top.values()) >= lp - 1e-6 for top, lp in zip(layout.top_logprobs, layout.token_logprobs))
+    assert layout.text_offset == sorted(layout.text_offset)
+    # Echo under MAS would score tokens that their predicting position has seen: refused, named.
+    refused = httpx.post(f"{server.url}/v1/completions", json={"model": server.model, "prompt": USERS[0], "echo": True, "logprobs": 1, "max_tokens": 0}, timeout=30)
+    assert refused.status_code == 400 and refused.json()["error"]["param"] == "echo", refused.text
+    with pytest.raises(openai.BadRequestError):
+        client.chat.completions.create(model=server.model, messages=messages, max_tokens=2, top_logprobs=2)  # needs logprobs=True
+
+
+def test_prompt_logprobs_of_an_answer_equal_mas_eval_loglik(server, reference):
+    """A candidate answer as the final assistant message, nothing generated: its tokens' prompt
+    log-probabilities sum to mas_eval's loglik score; tokens inside a MAS segment are null."""
+    import mas
+    from mas.evaluation.loglik import answer_logprobs
+    from mas.segments import SegmentBuilder
+
+    messages = _chat_messages(SYSTEM, USERS[1]) + [{"role": "assistant", "content": "true"}]
+    r = httpx.post(f"{server.url}/v1/chat/completions", json={"model": server.model, "messages": messages, "max_tokens": 0, "prompt_logprobs": 1}, timeout=60)
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["choices"][0]["finish_reason"] == "length" and body["usage"]["completion_tokens"] == 0
+    candidate = SegmentBuilder(reference.tokenizer)(mas.generation.prompt_messages({"messages": messages}), for_generation=True)
+    scores = body["prompt_logprobs"]
+    assert len(scores) == len(candidate) and scores[0] is None
+    answer = [i for i, s in enumerate(candidate.segment_ids) if s < 0]
+    assert answer and all(scores[i] is not None for i in answer)
+    summed = sum(scores[i][str(candidate.tokens[i])]["logprob"] for i in answer)
+    (expected,) = answer_logprobs(reference.model, [candidate], attention=reference.attention)
+    assert summed == pytest.approx(expected, abs=1e-4)
+    inside = [i for i in range(1, len(candidate)) if candidate.segment_ids[i] >= 0 and candidate.segment_ids[i] == candidate.segment_ids[i - 1]]
+    assert reference.attention == "mas" and inside and all(scores[i] is None for i in inside)
+    bad = httpx.post(f"{server.url}/v1/chat/completions", json={"model": server.model, "messages": messages, "max_tokens": 0}, timeout=30)
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "max_tokens", bad.text
+
+
+def _check_lm_eval_style_scoring(server: Server, reference) -> None:
+    """What lm-evaluation-harness's local-completions does for a log-likelihood request, on a
+    causal server: raw ids from /tokenize, a token-id prompt with echo, logprobs=1, max_tokens=1;
+    the continuation's summed log-probabilities equal mas_eval's loglik score."""
+    from mas import CAUSAL
+    from mas.evaluation.loglik import answer_logprobs
+    from mas.segments import SegmentedSequence
+
+    info = httpx.get(f"{server.url}/tokenizer_info", timeout=30).json()
+    assert info["eos_token"] and info["model_max_length"] > 0
+    eos = httpx.post(f"{server.url}/tokenize", json={"prompt": info["eos_token"], "add_special_tokens": False}, timeout=30).json()["tokens"]
+    assert eos == [reference.tokenizer.eos_id]
+    raw = lambda text: httpx.post(f"{server.url}/tokenize", json={"prompt": text, "add_special_tokens": False}, timeout=30).json()["tokens"]  # noqa: E731
+    context, continuation = raw("Question: is ice cold?\nAnswer:"), raw(" yes")
+    body = {"model": server.model, "prompt": [context + continuation], "max_tokens": 1, "echo": True, "logprobs": 1, "temperature": 0}
+    r = httpx.post(f"{server.url}/v1/completions", json=body, timeout=60)
+    assert r.status_code == 200, r.text
+    choice = r.json()["choices"][0]
+    layout = choice["logprobs"]
+    assert layout["token_logprobs"][0] is None and len(layout["tokens"]) == len(context) + len(continuation) + 1
+    assert choice["text"].startswith(reference.tokenizer.decode(context + continuation))
+    score = sum(layout["token_logprobs"][len(context) : -1])
+    tokens = context + continuation
+    sequence = SegmentedSequence(tokens, [-100] * len(context) + continuation, [0] * len(context) + [CAUSAL] * len(continuation))
+    (expected,) = answer_logprobs(reference.model, [sequence], attention="causal")
+    assert score == pytest.approx(expected, abs=1e-4)
+    zero = httpx.post(f"{server.url}/v1/completions", json={**body, "max_tokens": 0, "prompt": "Is ice cold?"}, timeout=60).json()
+    assert zero["choices"][0]["text"] == "Is ice cold?" and zero["usage"]["completion_tokens"] == 0
+
+
 def test_usage_counts_each_prompt_once_and_streams_it_only_when_asked(server):
     import openai
 
@@ -236,7 +333,7 @@ def test_harmless_defaults_are_accepted_and_unsupported_values_named(server):
     defaults = {"response_format": {"type": "text"}, "logit_bias": {}, "tools": [], "presence_penalty": 0, "frequency_penalty": 0.0, "logprobs": False}
     r = httpx.post(f"{server.url}/v1/chat/completions", json={**base, **defaults}, timeout=60)
     assert r.status_code == 200, r.text
-    for key, value in {"logit_bias": {"1": 5}, "response_format": {"type": "json_object"}, "logprobs": True, "tools": [{"type": "function"}]}.items():
+    for key, value in {"logit_bias": {"1": 5}, "response_format": {"type": "json_object"}, "echo": True, "tools": [{"type": "function"}]}.items():
         r = httpx.post(f"{server.url}/v1/chat/completions", json={**base, key: value}, timeout=60)
         assert r.status_code == 400 and r.json()["error"]["param"] == key, (key, r.text)
         assert "not supported" in r.json()["error"]["message"]
@@ -516,6 +613,7 @@ def test_causal_adapter_capacity_and_graceful_shutdown(tmp_path, tiny_base_dir, 
     try:
         reference = _Reference(tiny_base_dir, tiny_causal_run, tmp_path / "ref")
         assert reference.attention == "causal" and small.health()["attention"] == "causal"
+        _check_lm_eval_style_scoring(small, reference)
         messages = _chat_messages(SYSTEM, USERS[1])
         reply = _chat(small, messages, attention="mas")
         assert reply["mas"]["token_ids"] == [reference.tokens({"messages": messages})]

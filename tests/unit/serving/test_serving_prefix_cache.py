@@ -119,7 +119,8 @@ def test_text_stream_holds_back_what_a_stop_string_may_cut():
         ({"messages": []}, "model"),
         ({"model": "m", "messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, "messages[0].content[0]"),
         ({"model": "m", "messages": [{"role": "user", "content": "hi"}], "top_p": 0}, "top_p"),
-        ({"model": "m", "messages": [{"role": "user", "content": "hi"}], "logprobs": True}, "logprobs"),
+        ({"model": "m", "messages": [{"role": "user", "content": "hi"}], "top_logprobs": 21}, "top_logprobs"),
+        ({"model": "m", "messages": [{"role": "user", "content": "hi"}], "logprobs": "yes"}, "logprobs"),
         ({"model": "m", "messages": [{"role": "user", "content": "hi"}], "stop": ["a", "b", "c", "d", "e"]}, "stop"),
     ],
 )
