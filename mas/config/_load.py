@@ -224,6 +224,8 @@ def validate_config(cfg: DictConfig, options_type: Type[Any], recipe: str) -> No
 
 #: Option and component argument names that hold a path (``~`` and ``$VAR`` are expanded).
 _PATH_NAMES = ("adapter_checkpoint", "path", "source")
+#: Options whose values (a mapping of names to paths) are all paths.
+_PATH_MAPS = ("adapters",)
 _PATH_SUFFIXES = ("_dir", "_file", "_path")
 _UNSET_VARIABLE = re.compile(r"\$(\w+|\{\w+\})")
 
@@ -259,7 +261,7 @@ def expand_paths(cfg: DictConfig) -> None:
                 continue  # an unresolvable interpolation: the checks report it
             if isinstance(value, DictConfig):
                 walk(value, f"{prefix}{key}.")
-            elif _is_path_key(key):
+            elif _is_path_key(key) or prefix.rstrip(".") in _PATH_MAPS:
                 expanded = _expanded_path(prefix + key, value)
                 if expanded is not value:
                     node[key] = expanded

@@ -20,6 +20,7 @@ from mas.model_weights import BaseWeights, check_vocab, load_adapter, load_base_
 
 __all__ = [
     "InferenceSetup",
+    "load_adapter_beside",
     "load_for_inference",
     "InferenceModel",
     "load_inference_model",
@@ -90,6 +91,47 @@ def load_inference_model(
     use_mas_attention(model, attention_backend)  # type: ignore[arg-type]
     model.eval()
     return InferenceModel(model, adapter_config, adapter_path, base)
+
+
+def load_adapter_beside(
+    first: InferenceModel,
+    model_cfg: DictConfig,
+    adapter_checkpoint: str,
+    *,
+    device: torch.device,
+    dtype: torch.dtype,
+    attention_backend: str = "auto",
+    allow_other_base: bool = False,
+) -> InferenceModel:
+    """Another adapter over ``first``'s base weights, which the two models share (not copied):
+    several adapters by name in one server cost one base plus their LoRA weights.
+
+    Args:
+        first (InferenceModel): a loaded LoRA model (its ``base`` recorded).
+        model_cfg (DictConfig): the same LoRA model node (the adapter must have its rank and targets).
+        adapter_checkpoint (str): the other adapter's folder (or run folder).
+        device, dtype, attention_backend, allow_other_base: as :func:`load_inference_model`.
+
+    Raises:
+        ConfigError: as :func:`mas.model_weights.load_adapter` (another base, another LoRA shape).
+    """
+    from torchtune import training
+    from torchtune.modules.peft import get_adapter_params
+
+    with training.set_default_dtype(dtype), device:
+        model = instantiate(model_cfg)
+    adapter_names = set(get_adapter_params(model))
+    shared = {name: value for name, value in first.model.state_dict().items() if name not in adapter_names}
+    # assign=True: the new model's base parameters become the first model's tensors (the
+    # freshly built ones are freed); only its LoRA weights are its own.
+    missing, unexpected = model.load_state_dict(shared, strict=False, assign=True)
+    if set(missing) != adapter_names or unexpected:
+        raise RuntimeError(f"sharing base weights failed: missing {sorted(set(missing) - adapter_names)[:4]}, unexpected {unexpected[:4]}")
+    assert first.base is not None, "the first model records its base"
+    adapter = load_adapter(model, adapter_checkpoint, first.base, model_cfg=model_cfg, allow_other_base=allow_other_base)
+    use_mas_attention(model, attention_backend)  # type: ignore[arg-type]
+    model.eval()
+    return InferenceModel(model, adapter.config, adapter.path, first.base)
 
 
 @dataclass

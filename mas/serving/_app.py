@@ -15,6 +15,7 @@ import asyncio
 import hmac
 import json
 import logging
+import threading
 import time
 import uuid
 from contextlib import asynccontextmanager
@@ -34,9 +35,32 @@ from mas.serving._metrics import CONTENT_TYPE_LATEST, ServeMetrics
 from mas.serving._logprobs import chat_logprobs, completion_logprobs, vllm_prompt_logprobs
 from mas.serving._protocol import ChatCompletionRequest, CompletionRequest, RequestError, error_body, parse_request, prompt_messages_of, token_prompts_of
 
-__all__ = ["ServerState", "create_app"]
+__all__ = ["ServedModel", "ServerState", "create_app"]
 
 access_log = logging.getLogger("mas_serve.requests")
+
+
+@dataclass
+class ServedModel:
+    """One model a request's ``model`` can name: the base with one adapter, its engine, and how
+    it is prompted (as its adapter was trained).
+
+    Attributes:
+        name (str): the id clients send as ``model``.
+        engine (Engine): its running engine (its own rows; the base weights are shared).
+        builder (SegmentBuilder): messages -> segments, with its training settings.
+        attention (AttentionMode): the prefill mode its requests get.
+        warnings (List[str]): notes each of its responses carries (a config that asked for
+            another mode than its adapter was trained with).
+        adapter (Optional[str]): the adapter folder, if any.
+    """
+
+    name: str
+    engine: Engine
+    builder: SegmentBuilder
+    attention: AttentionMode
+    warnings: List[str] = field(default_factory=list)
+    adapter: Optional[str] = None
 
 
 @dataclass
@@ -44,34 +68,60 @@ class ServerState:
     """What the routes need.
 
     Attributes:
-        engine (Engine): the running engine.
-        builder (SegmentBuilder): messages -> segments, with the training settings.
+        models (Dict[str, ServedModel]): by name, the first is the default (``/tokenize`` without
+            ``model``; ``/health``'s top-level fields).
         metrics (ServeMetrics): the server's metrics.
-        model_name (str): the id clients send as ``model``.
-        attention (AttentionMode): the prefill mode every request gets.
         default_max_tokens (int): ``max_tokens`` of a request that sets none.
         max_n (int): largest ``n``.
-        warnings (List[str]): notes every response carries (a config that asked for another mode).
         notes (List[str]): start-up notes shown by ``/health``.
         api_key (Optional[str]): the key the ``/v1`` routes require as ``Authorization: Bearer``.
         allowed_hosts (List[str]): ``Host`` header values accepted (``["*"]``: any).
         max_request_bytes (int): the largest request body read.
     """
 
-    engine: Engine
-    builder: SegmentBuilder
+    models: Dict[str, ServedModel]
     metrics: ServeMetrics
-    model_name: str
-    attention: AttentionMode
     default_max_tokens: int
     max_n: int = 8
-    warnings: List[str] = field(default_factory=list)
     notes: List[str] = field(default_factory=list)
     created: int = field(default_factory=lambda: int(time.time()))
     shutting_down: bool = False
     api_key: Optional[str] = None
     allowed_hosts: List[str] = field(default_factory=lambda: ["*"])
     max_request_bytes: int = 4 * 2**20
+
+    @property
+    def default(self) -> ServedModel:
+        return next(iter(self.models.values()))
+
+    @property
+    def engines(self) -> List[Engine]:
+        return [m.engine for m in self.models.values()]
+
+    @property
+    def tokenizer(self) -> Any:
+        """The one tokenizer (every adapter is over the same base)."""
+        return self.default.builder.tokenizer
+
+    def model(self, name: str) -> ServedModel:
+        """The model a request names.
+
+        Raises:
+            RequestError: 404 naming the served models.
+        """
+        served = self.models.get(name)
+        if served is None:
+            names = ", ".join(f"`{n}`" for n in self.models)
+            raise RequestError(f"model: the model `{name}` does not exist; this server serves {names}", "model", status=404, code="model_not_found")
+        return served
+
+    def stop(self, drain_timeout_s: float = 0.0) -> None:
+        """Stop every engine (in parallel: they drain for the same time)."""
+        threads = [threading.Thread(target=e.stop, args=(drain_timeout_s,), daemon=True) for e in self.engines]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
 
 
 def _error(e: RequestError) -> JSONResponse:
@@ -115,7 +165,7 @@ def create_app(state: ServerState) -> FastAPI:
         yield
         # uvicorn has already let in-flight requests finish (or cancelled them past its timeout).
         state.shutting_down = True
-        await asyncio.get_running_loop().run_in_executor(None, state.engine.stop, 0.0)
+        await asyncio.get_running_loop().run_in_executor(None, state.stop, 0.0)
 
     app = FastAPI(title="mas_serve", lifespan=lifespan)
     app.state.mas = state
@@ -139,21 +189,23 @@ def create_app(state: ServerState) -> FastAPI:
 
     @app.get("/health")
     async def health() -> JSONResponse:
-        engine = state.engine
-        cache = engine.prefix_cache
-        ok = engine.is_alive() and not state.shutting_down
+        default = state.default
+        engine = default.engine
+        cache = engine.prefix_cache  # one cache for every model (keyed by adapter)
+        ok = all(e.is_alive() for e in state.engines) and not state.shutting_down
         body = {
             "status": "ok" if ok else "unavailable",
-            "model": state.model_name,
-            "attention": state.attention,
-            "active_slots": engine.active_slots(),
-            "rows": engine.num_rows,
-            "queue_depth": engine.queue_depth(),
+            "model": default.name,
+            "attention": default.attention,
+            "active_slots": sum(e.active_slots() for e in state.engines),
+            "rows": sum(e.num_rows for e in state.engines),
+            "queue_depth": sum(e.queue_depth() for e in state.engines),
             "max_queue": engine.max_queue,
             "context_length": engine.max_len,
             "prefix_cache": None
             if cache is None
             else {"entries": len(cache), "tokens": cache.tokens, "bytes": cache.bytes, "hits": cache.stats.hits, "misses": cache.stats.misses, "saved_tokens": cache.stats.saved_tokens},
+            "models": [{"id": m.name, "attention": m.attention, "active_slots": m.engine.active_slots(), "queue_depth": m.engine.queue_depth()} for m in state.models.values()],
             "notes": state.notes,
         }
         return JSONResponse(body, status_code=200 if ok else 503)
@@ -164,8 +216,11 @@ def create_app(state: ServerState) -> FastAPI:
 
     @app.get("/v1/models")
     async def models() -> JSONResponse:
-        card = {"id": state.model_name, "object": "model", "created": state.created, "owned_by": "mas", "max_model_len": state.engine.max_len, "attention": state.attention}
-        return JSONResponse({"object": "list", "data": [card]})
+        cards = [
+            {"id": m.name, "object": "model", "created": state.created, "owned_by": "mas", "max_model_len": m.engine.max_len, "attention": m.attention, "prompt_format": m.builder.prompt_format, "adapter": m.adapter}
+            for m in state.models.values()
+        ]
+        return JSONResponse({"object": "list", "data": cards})
 
     @app.post("/tokenize")
     async def tokenize(request: Request) -> Response:
@@ -185,10 +240,10 @@ def create_app(state: ServerState) -> FastAPI:
             _check_json(request)
             data = _loads(await _read_body(request))
             tokens = data.get("tokens") if isinstance(data, dict) else None
-            vocab = state.engine.core.vocab
+            vocab = state.default.engine.core.vocab
             if not isinstance(tokens, list) or not all(type(t) is int and 0 <= t < vocab for t in tokens):
                 raise RequestError(f"tokens: expected a list of token ids in [0, {vocab})", "tokens")
-            return JSONResponse({"prompt": state.builder.tokenizer.decode(tokens)})
+            return JSONResponse({"prompt": state.tokenizer.decode(tokens)})
         except RequestError as e:
             return _error(e)
 
@@ -196,19 +251,19 @@ def create_app(state: ServerState) -> FastAPI:
     async def tokenizer_info() -> JSONResponse:
         """The tokenizer's special tokens (vLLM's route; lm-evaluation-harness's ``remote`` tokenizer
         reads it). No chat template: chats are rendered here, message by message, into segments."""
-        tokenizer = state.builder.tokenizer
+        tokenizer = state.tokenizer
         names = {i: name for name, i in _special_tokens(tokenizer).items()}
         eos, bos = getattr(tokenizer, "eos_id", None), getattr(tokenizer, "bos_id", None)
         return JSONResponse(
-            {"tokenizer_class": type(tokenizer).__name__, "eos_token": names.get(eos), "bos_token": names.get(bos), "pad_token": None, "chat_template": None, "model_max_length": state.engine.max_len}
+            {"tokenizer_class": type(tokenizer).__name__, "eos_token": names.get(eos), "bos_token": names.get(bos), "pad_token": None, "chat_template": None, "model_max_length": state.default.engine.max_len}
         )
 
     def _raw_tokens(text: str) -> List[int]:
         """``text``'s ids with no template and no BOS/EOS; a special token's name is its id."""
-        special = _special_tokens(state.builder.tokenizer)
+        special = _special_tokens(state.tokenizer)
         if text in special:
             return [special[text]]
-        return list(state.builder.tokenizer.encode(text, add_bos=False, add_eos=False))
+        return list(state.tokenizer.encode(text, add_bos=False, add_eos=False))
 
     def _tokenize(raw: bytes) -> Dict[str, Any]:
         data = _loads(raw)
@@ -221,15 +276,14 @@ def create_app(state: ServerState) -> FastAPI:
             if not isinstance(text, str):
                 raise RequestError("prompt: expected a string with add_special_tokens: false", "prompt")
             tokens = _raw_tokens(text)
-            return {"tokens": tokens, "count": len(tokens), "max_model_len": state.engine.max_len}
-        data = {"model": state.model_name, **data}
+            return {"tokens": tokens, "count": len(tokens), "max_model_len": state.default.engine.max_len}
+        data = {"model": state.default.name, **data}
         kind = ChatCompletionRequest if "messages" in data else CompletionRequest
         body = parse_request(kind, data)
-        if body.model != state.model_name:
-            raise RequestError(f"model: the model `{body.model}` does not exist; this server serves `{state.model_name}`", "model", status=404, code="model_not_found")
-        prompts = [state.builder(m, for_generation=True) for m in prompt_messages_of(body)]
+        served = state.model(body.model)
+        prompts = [served.builder(m, for_generation=True) for m in prompt_messages_of(body)]
         rows = [{"count": len(p), "tokens": p.tokens, "segment_ids": p.segment_ids} for p in prompts]
-        out: Dict[str, Any] = {"model": state.model_name, "max_model_len": state.engine.max_len, "attention": state.attention, "prompts": rows}
+        out: Dict[str, Any] = {"model": served.name, "max_model_len": served.engine.max_len, "attention": served.attention, "prompts": rows}
         if len(rows) == 1:
             out.update(rows[0])
         return out
@@ -256,7 +310,7 @@ def create_app(state: ServerState) -> FastAPI:
         record.update(stream=body.stream, n=body.n, warnings=plan["warnings"])
         try:
             choices = _Choices(lambda cb: [SequenceHandle(p, plan["params"][i], cb(i)) for i, p in enumerate(plan["prompts"])])
-            state.engine.submit(choices.handles)
+            plan["served"].engine.submit(choices.handles)
         except QueueFullError as e:
             return _finish_record(record, started, 429, error=str(e), response=_error(RequestError(str(e), status=429, code="rate_limit_exceeded", type="rate_limit_error")))
         except EngineStoppedError as e:
@@ -303,13 +357,12 @@ def create_app(state: ServerState) -> FastAPI:
         return body, _plan(body, endpoint)
 
     def _plan(body: Any, endpoint: str) -> Dict[str, Any]:
-        if body.model != state.model_name:
-            raise RequestError(f"model: the model `{body.model}` does not exist; this server serves `{state.model_name}`", "model", status=404, code="model_not_found")
+        served = state.model(body.model)
         if body.n > state.max_n:
             raise RequestError(f"n: at most {state.max_n} choices per request, got {body.n}", "n")
-        warnings = list(state.warnings)
-        if body.attention is not None and body.attention != state.attention:
-            note = f"attention={body.attention} was requested, but this model is served with attention={state.attention} (how its adapter was trained)"
+        warnings = list(served.warnings)
+        if body.attention is not None and body.attention != served.attention:
+            note = f"attention={body.attention} was requested, but this model is served with attention={served.attention} (how its adapter was trained)"
             warnings.append(note)
             access_log.warning(note)
         stops = body.stop_strings()
@@ -317,7 +370,7 @@ def create_app(state: ServerState) -> FastAPI:
         echo = bool(getattr(body, "echo", False))
         if endpoint == "chat" and body.model_extra and body.model_extra.get("echo") not in (None, False):
             raise RequestError("echo: not supported on chat completions; ask for prompt_logprobs (vLLM's field) to score the messages", "echo")
-        if echo and generated_logprobs is not None and state.attention == "mas":
+        if echo and generated_logprobs is not None and served.attention == "mas":
             raise RequestError(
                 "echo: under attention=mas a completion prompt is one bidirectional segment, so the log-probabilities of its tokens are not "
                 "predictions; score an answer through /v1/chat/completions with the answer as a final assistant message and prompt_logprobs, "
@@ -328,7 +381,7 @@ def create_app(state: ServerState) -> FastAPI:
         if echo and generated_logprobs is not None:
             prompt_logprobs = max(prompt_logprobs or 0, generated_logprobs)
         token_prompts = token_prompts_of(body) if endpoint == "completion" else None
-        vocab = state.engine.core.vocab
+        vocab = served.engine.core.vocab
         prompts = []
         if token_prompts is not None:
             for i, ids in enumerate(token_prompts):
@@ -339,10 +392,10 @@ def create_app(state: ServerState) -> FastAPI:
         else:
             for p_index, messages in enumerate(prompt_messages_of(body)):
                 try:
-                    prompts.append(state.builder(messages, for_generation=True))
+                    prompts.append(served.builder(messages, for_generation=True))
                 except ValueError as e:
                     raise RequestError(f"{'messages' if endpoint == 'chat' else 'prompt'}: {e}", "messages" if endpoint == "chat" else "prompt") from None
-        context = state.engine.max_len
+        context = served.engine.max_len
         field_name = "messages" if endpoint == "chat" else "prompt"
         max_tokens_field = "max_completion_tokens" if getattr(body, "max_completion_tokens", None) is not None else "max_tokens"
         asked = getattr(body, "max_completion_tokens", None) or body.max_tokens
@@ -391,20 +444,20 @@ def create_app(state: ServerState) -> FastAPI:
         prompt_texts: List[str] = []  # echo: each prompt as given (token ids: their text)
         if echo:
             given = body.prompt if isinstance(body.prompt, list) else [body.prompt]
-            prompt_texts = [state.builder.tokenizer.decode(ids) for ids in token_prompts] if token_prompts is not None else list(given)
-        return {"prompts": sequences, "params": params, "warnings": warnings, "echo": echo, "prompt_texts": prompt_texts}
+            prompt_texts = [state.tokenizer.decode(ids) for ids in token_prompts] if token_prompts is not None else list(given)
+        return {"served": served, "prompts": sequences, "params": params, "warnings": warnings, "echo": echo, "prompt_texts": prompt_texts}
 
     def _token_text(token: int) -> str:
-        return state.builder.tokenizer.decode([token])
+        return state.tokenizer.decode([token])
 
-    def _prompt_scores(handle: SequenceHandle) -> List[Optional[TokenLogprob]]:
+    def _prompt_scores(handle: SequenceHandle, attention: AttentionMode) -> List[Optional[TokenLogprob]]:
         """The prompt's scores as reported: None for its first token and for tokens that are not
         predictions under the served mask."""
-        valid = is_prediction(handle.prompt.segment_ids, state.attention)
+        valid = is_prediction(handle.prompt.segment_ids, attention)
         return [None] + [s if ok else None for s, ok in zip(handle.prompt_logprobs, valid)]
 
     def _echo_logprobs(handle: SequenceHandle) -> Dict[str, Any]:
-        return completion_logprobs(_prompt_scores(handle), handle.prompt.tokens, _token_text)
+        return completion_logprobs(_prompt_scores(handle, "causal"), handle.prompt.tokens, _token_text)  # echo is causal only
 
     def _choice_logprobs(handle: SequenceHandle, endpoint: str, echo: bool) -> Optional[Dict[str, Any]]:
         """A whole choice's ``logprobs`` (None when not asked for)."""
@@ -428,7 +481,7 @@ def create_app(state: ServerState) -> FastAPI:
         return {"prompt_tokens": prompt_tokens, "completion_tokens": completion, "total_tokens": prompt_tokens + completion, "prompt_tokens_details": {"cached_tokens": cached}}
 
     def _meta(choices: _Choices, body: Any, plan: Dict[str, Any]) -> Dict[str, Any]:
-        meta: Dict[str, Any] = {"attention": state.attention, "cached_prompt_tokens": [h.cached_tokens for h in choices.handles], "warnings": plan["warnings"]}
+        meta: Dict[str, Any] = {"attention": plan["served"].attention, "cached_prompt_tokens": [h.cached_tokens for h in choices.handles], "warnings": plan["warnings"]}
         if body.return_token_ids:
             meta["token_ids"] = [list(h.tokens) for h in choices.handles]
         return meta
@@ -472,12 +525,12 @@ def create_app(state: ServerState) -> FastAPI:
             for i, (t, r, h) in enumerate(zip(texts, reasons, handles)):
                 choice = {"index": i, "text": (plan["prompt_texts"][i // body.n] if echo else "") + t, "finish_reason": r, "logprobs": _choice_logprobs(h, endpoint, echo)}
                 if body.prompt_logprobs is not None:
-                    choice["prompt_logprobs"] = vllm_prompt_logprobs(_prompt_scores(h), _token_text)
+                    choice["prompt_logprobs"] = vllm_prompt_logprobs(_prompt_scores(h, plan["served"].attention), _token_text)
                 out_choices.append(choice)
             obj = "text_completion"
-        response = {"id": record["id"], "object": obj, "created": created, "model": state.model_name, "choices": out_choices, "usage": _usage(choices, body.n), "mas": _meta(choices, body, plan)}
+        response = {"id": record["id"], "object": obj, "created": created, "model": body.model, "choices": out_choices, "usage": _usage(choices, body.n), "mas": _meta(choices, body, plan)}
         if endpoint == "chat" and body.prompt_logprobs is not None:
-            response["prompt_logprobs"] = vllm_prompt_logprobs(_prompt_scores(handles[0]), _token_text)  # vLLM: one per response
+            response["prompt_logprobs"] = vllm_prompt_logprobs(_prompt_scores(handles[0], plan["served"].attention), _token_text)  # vLLM: one per response
         return _finish_record(record, started, 200, choices=choices, response=JSONResponse(response))
 
     async def _stream(choices: _Choices, body: Any, endpoint: str, plan: Dict[str, Any], record: Dict[str, Any], started: float) -> AsyncIterator[str]:
@@ -495,7 +548,7 @@ def create_app(state: ServerState) -> FastAPI:
                 choice = {"index": index, "text": text or "", "finish_reason": reason, "logprobs": logprobs}
             if token is not None and body.return_token_ids:
                 choice["token_ids"] = [token]
-            out: Dict[str, Any] = {"id": record["id"], "object": obj, "created": created, "model": state.model_name, "choices": [choice]}
+            out: Dict[str, Any] = {"id": record["id"], "object": obj, "created": created, "model": body.model, "choices": [choice]}
             if meta:
                 out["mas"] = _meta(choices, body, plan)
             return "data: " + json.dumps(out) + "\n\n"
@@ -533,7 +586,7 @@ def create_app(state: ServerState) -> FastAPI:
             if status == 200 and body.stream_options is not None and body.stream_options.include_usage:
                 # A chunk with no choices only when asked for (the usual `chunk.choices[0]` loop
                 # must not meet one otherwise).
-                final = {"id": record["id"], "object": obj, "created": created, "model": state.model_name, "choices": [], "usage": _usage(choices, body.n)}
+                final = {"id": record["id"], "object": obj, "created": created, "model": body.model, "choices": [], "usage": _usage(choices, body.n)}
                 yield "data: " + json.dumps(final) + "\n\n"
             yield "data: [DONE]\n\n"
         except BaseException:  # the client went away (cancelled generator): free its rows

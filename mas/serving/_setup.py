@@ -10,15 +10,16 @@ import logging
 import os
 import socket
 import threading
-from typing import Any, List
+from typing import Any, Dict, List, Optional, Tuple
 
 from mas.checkpointing import ADAPTER_WEIGHTS_FILE
 from mas.errors import ConfigError
 from mas.fingerprint import file_sha256
-from mas.generation.loading import InferenceModel, load_for_inference
-from mas.generation.options import PromptSettings, generation_settings, prompt_settings, with_prompt_settings
+from mas.generation.loading import InferenceModel, load_adapter_beside, load_for_inference
+from mas.generation.options import generation_settings, prompt_settings, with_prompt_settings
+from mas.generation.prefix_cache import PrefixCache
 from mas.segments import SegmentBuilder
-from mas.serving._app import ServerState, create_app
+from mas.serving._app import ServedModel, ServerState, create_app
 from mas.serving._engine import Engine
 from mas.serving._metrics import ServeMetrics
 from mas.serving.options import ServeOptions
@@ -74,40 +75,91 @@ def _model_name(loaded: InferenceModel, opts: ServeOptions) -> str:
     return path.parents[1].name if path.parent.name == "checkpoints" else path.name
 
 
+def _adapter_specs(opts: ServeOptions) -> List[Tuple[Optional[str], Optional[str]]]:
+    """``(served name or None, adapter folder or None)`` per served model, in order.
+
+    Raises:
+        ConfigError: ``adapters`` together with ``adapter_checkpoint`` or ``served_model_name``,
+            or an empty name.
+    """
+    if not opts.adapters:
+        return [(opts.served_model_name, opts.adapter_checkpoint)]
+    if opts.adapter_checkpoint:
+        raise ConfigError("set adapters or adapter_checkpoint, not both (adapter_checkpoint=<folder> is adapters={<name>: <folder>})")
+    if opts.served_model_name:
+        raise ConfigError("served_model_name names the one model of adapter_checkpoint; with adapters, the keys of adapters are the names")
+    bad = [name for name in opts.adapters if not str(name).strip()]
+    if bad:
+        raise ConfigError("adapters: every adapter needs a non-empty name (the `model` clients send)")
+    return [(str(name), str(path)) for name, path in opts.adapters.items()]
+
+
+def _load_models(opts: ServeOptions) -> Tuple[Any, List[Tuple[Optional[str], InferenceModel]], Any, Any]:
+    """The tokenizer and every served model (the first loads the base; the others share it)."""
+    specs = _adapter_specs(opts)
+    setup = load_for_inference(opts, adapter_checkpoint=specs[0][1])
+    models = [(specs[0][0], setup.loaded)]
+    for name, path in specs[1:]:
+        log.warning("loading adapter %s (%s) over the same base weights", name, path)
+        beside = load_adapter_beside(
+            setup.loaded, opts.model, path, device=setup.device, dtype=setup.dtype, attention_backend=opts.attention_backend, allow_other_base=opts.allow_other_base  # type: ignore[arg-type]
+        )
+        models.append((name, beside))
+    return setup.tokenizer, models, setup.device, setup.dtype
+
+
 def build_server(opts: ServeOptions) -> ServerState:
-    """Load the model and tokenizer, and build the engine (started) and the server state."""
+    """Load the model(s) and tokenizer, and build the engines (started) and the server state.
+
+    With ``adapters``, each adapter is its own model over one base (shared weights) with its
+    own engine (``max_num_seqs`` rows) and prompt settings; one prefix cache keyed by adapter.
+    """
     import torch
 
     check_port_free(opts.host, opts.port)  # before minutes of loading, not after
     if opts.seed is not None:
         torch.manual_seed(opts.seed)  # requests without a seed of their own draw from this RNG
-    setup = load_for_inference(opts, adapter_checkpoint=opts.adapter_checkpoint)
-    tokenizer, loaded, device, dtype = setup.tokenizer, setup.loaded, setup.device, setup.dtype
-    prompts = prompt_settings((loaded.adapter_config or {}).get("mas"), opts)
-    for note in prompts.mismatches + prompts.notes:
-        log.warning(note)
-    opts = with_prompt_settings(opts, prompts)
-    max_len = opts.max_cache_len or loaded.model.max_seq_len
-    model = loaded.model
-    kv_bytes = 2 * sum(m.num_kv_heads * m.head_dim for m in _attention_layers(model)) * dtype.itemsize * max_len * opts.max_num_seqs
+    tokenizer, models, device, dtype = _load_models(opts)
+    first = models[0][1].model
+    max_len = opts.max_cache_len or first.max_seq_len
+    kv_bytes = 2 * sum(m.num_kv_heads * m.head_dim for m in _attention_layers(first)) * dtype.itemsize * max_len * opts.max_num_seqs * len(models)
     log.warning(
-        "KV cache: %d rows x %d tokens = %.2f GiB (lower max_num_seqs or max_cache_len to shrink it)", opts.max_num_seqs, max_len, kv_bytes / 2**30
-    )
+        "KV cache: %d model(s) x %d rows x %d tokens = %.2f GiB (lower max_num_seqs or max_cache_len to shrink it)",
+        len(models), opts.max_num_seqs, max_len, kv_bytes / 2**30,
+    )  # fmt: skip
+    shared_cache = PrefixCache(opts.prefix_cache_max_tokens, int(opts.prefix_cache_max_mib * 2**20)) if opts.reuse_system_cache else None
+    served: Dict[str, ServedModel] = {}
+    notes: List[str] = []
+    engines: List[Engine] = []
     try:
-        engine = Engine(
-            loaded.model,
-            tokenizer,
-            generation_settings(opts, rows=opts.max_num_seqs),
-            max_queue=opts.max_queue,
-            namespace=_adapter_identity(loaded, opts),
-            pad_id=getattr(tokenizer, "pad_id", None) or 0,
-        )
+        for name, loaded in models:
+            prompts = prompt_settings((loaded.adapter_config or {}).get("mas"), opts)
+            for note in prompts.mismatches + prompts.notes:
+                log.warning("%s%s", f"{name}: " if name else "", note)
+            model_opts = with_prompt_settings(opts, prompts)
+            engine = Engine(
+                loaded.model,
+                tokenizer,
+                generation_settings(model_opts, rows=opts.max_num_seqs),
+                max_queue=opts.max_queue,
+                namespace=_adapter_identity(loaded, opts),
+                prefix_cache=shared_cache,
+                pad_id=getattr(tokenizer, "pad_id", None) or 0,
+            )
+            engines.append(engine)
+            model_name = name or _model_name(loaded, opts)
+            if model_name in served:
+                raise ConfigError(f"two adapters are served as `{model_name}`; give them different names")
+            builder = SegmentBuilder(tokenizer, prompt_format=prompts.prompt_format, merge_system_and_user=prompts.merge_system_and_user)
+            warnings = [m for m in prompts.mismatches if m.startswith("attention=")]
+            served[model_name] = ServedModel(model_name, engine, builder, prompts.attention, warnings, None if loaded.adapter_path is None else str(loaded.adapter_path))
+            notes += [f"{model_name}: {n}" if len(models) > 1 else n for n in prompts.mismatches + prompts.notes]
     except (torch.OutOfMemoryError, MemoryError):
         raise ConfigError(
-            f"the KV cache ({opts.max_num_seqs} rows x {max_len} tokens, {kv_bytes / 2**30:.1f} GiB) does not fit on {device}; "
+            f"the KV caches ({len(models)} x {opts.max_num_seqs} rows x {max_len} tokens, {kv_bytes / 2**30:.1f} GiB) do not fit on {device}; "
             "lower max_num_seqs or max_cache_len"
         ) from None
-    return _state(opts, prompts, loaded, tokenizer, engine)
+    return _state(opts, served, notes)
 
 
 def _attention_layers(model: Any) -> List[Any]:
@@ -116,35 +168,31 @@ def _attention_layers(model: Any) -> List[Any]:
     return [m for m in model.modules() if isinstance(m, MultiHeadAttention)]
 
 
-def _state(opts: ServeOptions, prompts: PromptSettings, loaded: InferenceModel, tokenizer: Any, engine: Engine) -> ServerState:
-    cache = engine.prefix_cache
+def _state(opts: ServeOptions, served: Dict[str, ServedModel], notes: List[str]) -> ServerState:
+    engines = [m.engine for m in served.values()]
+    cache = engines[0].prefix_cache  # shared by every engine
     metrics = ServeMetrics(
-        queue_depth=engine.queue_depth,
-        active_slots=engine.active_slots,
+        queue_depth=lambda: sum(e.queue_depth() for e in engines),
+        active_slots=lambda: sum(e.active_slots() for e in engines),
         cached_tokens=lambda: cache.tokens if cache else 0,
         cached_bytes=lambda: cache.bytes if cache else 0,
         prefix_hits=lambda: cache.stats.hits if cache else 0,
         prefix_misses=lambda: cache.stats.misses if cache else 0,
         prefix_saved_tokens=lambda: cache.stats.saved_tokens if cache else 0,
     )
-    engine.metrics = metrics
-    builder = SegmentBuilder(tokenizer, prompt_format=prompts.prompt_format, merge_system_and_user=prompts.merge_system_and_user)
-    engine.start()
-    notes = prompts.mismatches + prompts.notes
+    for engine in engines:
+        engine.metrics = metrics
+        engine.start()
     if not opts.reuse_system_cache:
         notes.append("reuse_system_cache=False: the prefix cache is off; every prompt is prefilled whole")
     return ServerState(
         api_key=opts.api_key or os.environ.get(API_KEY_VARIABLE) or None,
         allowed_hosts=allowed_hosts(opts),
         max_request_bytes=opts.max_request_bytes,
-        engine=engine,
-        builder=builder,
+        models=served,
         metrics=metrics,
-        model_name=_model_name(loaded, opts),
-        attention=prompts.attention,
         default_max_tokens=opts.max_new_tokens,
         max_n=opts.max_n,
-        warnings=[m for m in prompts.mismatches if m.startswith("attention=")],
         notes=notes,
     )
 
@@ -170,7 +218,7 @@ def _draining_server_type() -> type:
             if not self.mas_state.shutting_down:
                 self.mas_state.shutting_down = True
                 log.warning("mas_serve: stopping; in-flight requests get %.0f s to finish", self.drain_s)
-                threading.Thread(target=self.mas_state.engine.stop, args=(self.drain_s,), name="mas-serve-drain", daemon=True).start()
+                threading.Thread(target=self.mas_state.stop, args=(self.drain_s,), name="mas-serve-drain", daemon=True).start()
             super().handle_exit(sig, frame)
 
     return DrainingServer
@@ -192,13 +240,11 @@ def run_server(state: ServerState, opts: ServeOptions) -> None:
     )
     server = _draining_server_type()(config, state, opts.shutdown_timeout_s)
     log.warning(
-        "mas_serve: %s (attention=%s, prompt_format=%s, %d rows x %d tokens, prefix cache %s, decode %s, API key %s) on http://%s:%d",
-        state.model_name,
-        state.attention,
-        state.builder.prompt_format,
-        state.engine.num_rows,
-        state.engine.max_len,
-        "on" if state.engine.prefix_cache is not None else "off",
+        "mas_serve: %s (%d rows x %d tokens each, prefix cache %s, decode %s, API key %s) on http://%s:%d",
+        ", ".join(f"{m.name} (attention={m.attention}, prompt_format={m.builder.prompt_format})" for m in state.models.values()),
+        state.default.engine.num_rows,
+        state.default.engine.max_len,
+        "on" if state.default.engine.prefix_cache is not None else "off",
         f"compiled ({opts.compile_mode}; the first step at each power-of-two width compiles)" if opts.compile_decode else "eager",
         "required" if state.api_key else "off",
         opts.host,
@@ -207,4 +253,4 @@ def run_server(state: ServerState, opts: ServeOptions) -> None:
     try:
         server.run()
     finally:
-        state.engine.stop(0.0)
+        state.stop(0.0)

@@ -606,6 +606,34 @@ def test_shutdown_ends_a_long_stream_with_an_error_event_and_done(tmp_path, tiny
         small.stop()
 
 
+def test_two_adapters_by_name_in_one_server(tmp_path, tiny_base_dir, tiny_mas_run, tiny_causal_run, reference):
+    """adapters={mas: ..., causal: ...}: /v1/models lists both with their recorded mode; each
+    request's `model` picks one, prompted as it was trained; tokens equal mas.generate with that
+    adapter alone; the prefix cache keeps their prompts apart; an unknown name is a 404 naming both."""
+    import openai
+
+    both = _start(tmp_path, tiny_base_dir, "null", **{"adapters": f"{{mas: {tiny_mas_run}, causal: {tiny_causal_run}}}", "max_num_seqs": 2})
+    try:
+        client = openai.OpenAI(base_url=f"{both.url}/v1", api_key="not-needed")
+        cards = {m.id: m.model_extra["attention"] for m in client.models.list().data}
+        assert cards == {"mas": "mas", "causal": "causal"}
+        causal_reference = _Reference(tiny_base_dir, tiny_causal_run, tmp_path / "ref")
+        messages = _chat_messages(SYSTEM, USERS[1])
+        for _ in range(2):  # the second round hits the prefix cache of each adapter
+            for name, ref in (("mas", reference), ("causal", causal_reference)):
+                reply = client.chat.completions.create(model=name, messages=messages, max_tokens=MAX_TOKENS, temperature=0, extra_body={"return_token_ids": True})
+                assert reply.model == name and reply.model_extra["mas"]["attention"] == ref.attention
+                assert reply.model_extra["mas"]["token_ids"] == [ref.tokens({"messages": messages})], name
+        assert both.health()["prefix_cache"]["hits"] >= 2
+        with pytest.raises(openai.NotFoundError) as e:
+            client.chat.completions.create(model="other", messages=messages, max_tokens=2)
+        assert "`mas`" in str(e.value) and "`causal`" in str(e.value)
+        tokenized = httpx.post(f"{both.url}/tokenize", json={"model": "causal", "messages": messages}, timeout=30).json()
+        assert tokenized["attention"] == "causal"
+    finally:
+        assert both.stop() in (0, -signal.SIGTERM), both.log.read_text()[-3000:]
+
+
 def test_causal_adapter_capacity_and_graceful_shutdown(tmp_path, tiny_base_dir, tiny_causal_run):
     """A causal adapter is served causally (exactly); a full server answers 429; SIGTERM lets an
     in-flight stream end cleanly and the process exit 0."""
