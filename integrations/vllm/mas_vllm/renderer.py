@@ -1,0 +1,138 @@
+"""vLLM's renderer mode ``mas``: chats and text prompts segmented by the project's own builder.
+
+A chat request's messages, and a completion request's text (one user message, as ``mas_serve``
+and ``mas_generate`` read a string), go through :class:`mas.segments.SegmentBuilder` with the
+served model's recorded prompt format and merge setting (:mod:`mas_vllm.settings`): the token
+ids and segments are the ones ``mas.generate`` prefills. Under ``attention: mas`` each prompt
+segment becomes one ``mas_segment`` item (:mod:`mas_vllm.segments`); under ``causal`` there are
+none and vLLM attends causally.
+
+Refused (a ``ValueError``, which vLLM's server answers with a 400 naming it):
+
+- a segment longer than the longest one the server was sized for: a segment is prefilled in one
+  step, so vLLM sizes its token budget (``--max-num-batched-tokens``) to the longest segment,
+  which is the context unless ``--hf-overrides`` sets ``"mas_max_segment_tokens"`` lower;
+- a segment longer than the model's sliding window: vLLM drops such a range (causal inside);
+- under ``mas``, a token-id prompt without ``mas_segment`` items: ids carry no segments.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Dict, List, Sequence, Tuple
+
+from vllm.logger import init_logger
+from vllm.renderers.base import BaseRenderer
+
+from mas.generation.api import prompt_messages
+from mas.segments import SegmentBuilder, SegmentedSequence
+from mas_vllm.segments import MODALITY, max_segment_tokens, segment_items
+from mas_vllm.settings import MasPromptSettings, settings_from_hf_config
+
+__all__ = ["MasRenderer"]
+
+logger = init_logger(__name__)
+
+#: OpenAI role -> the builder's role (``developer`` is OpenAI's newer name for ``system``), as in mas_serve.
+_ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
+
+
+def _text(content: Any, where: str) -> str:
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        parts = []
+        for j, part in enumerate(content):
+            if not (isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str)):
+                raise ValueError(f"{where}[{j}]: only text parts can be segmented")
+            parts.append(part["text"])
+        return "".join(parts)
+    raise ValueError(f"{where}: expected a string or a list of text parts")
+
+
+class MasRenderer(BaseRenderer):
+    """Builds every prompt with ``SegmentBuilder`` (see the module docstring).
+
+    Args:
+        config: vLLM's config.
+        tokenizer: the ``mas`` tokenizer (:class:`mas_vllm.tokenizer.MasTokenizer`).
+    """
+
+    def __init__(self, config: Any, tokenizer: Any) -> None:
+        super().__init__(config, tokenizer)
+        self.mas_settings: MasPromptSettings = settings_from_hf_config(self.model_config.hf_config)
+        self.builder = SegmentBuilder.from_settings(self.get_tokenizer().torchtune, self.mas_settings.segment_settings())
+        self.max_segment_tokens = min(
+            max_segment_tokens(self.model_config.hf_config, self.model_config.max_model_len),
+            config.scheduler_config.max_num_batched_tokens,
+        )
+        self.sliding_window = getattr(self.model_config.hf_text_config, "sliding_window", None)
+        logger.info(
+            "mas-vllm: attention=%s prompt_format=%s merge_system_and_user=%s (from %s)",
+            self.mas_settings.attention, self.mas_settings.prompt_format, self.mas_settings.merge_system_and_user, self.mas_settings.source,
+        )
+
+    # -- checks -------------------------------------------------------------------------------
+    def _check_segments(self, items: Sequence[Dict[str, Any]]) -> None:
+        for i, item in enumerate(items):
+            n = len(item["token_ids"])
+            if n > self.max_segment_tokens:
+                raise ValueError(
+                    f"prompt segment {i} has {n} tokens, more than the {self.max_segment_tokens} this server prefills in one "
+                    f"step (a segment is never split): shorten the message, or restart with --max-num-batched-tokens {n} "
+                    f"or more (and \"mas_max_segment_tokens\": {n} or more in --hf-overrides, if set)"
+                )
+            if self.sliding_window is not None and n > self.sliding_window:
+                raise ValueError(
+                    f"prompt segment {i} has {n} tokens, more than the model's sliding window ({self.sliding_window}); "
+                    "vLLM would attend causally inside it: shorten the message or serve with --disable-sliding-window"
+                )
+
+    # -- prompts ------------------------------------------------------------------------------
+    def _prompt_of(self, sequence: SegmentedSequence) -> Dict[str, Any]:
+        prompt: Dict[str, Any] = {"prompt_token_ids": list(sequence.tokens)}
+        if self.mas_settings.attention == "mas":
+            items = segment_items(sequence.tokens, sequence.segment_ids)
+            self._check_segments(items)
+            if items:
+                prompt["multi_modal_data"] = {MODALITY: items}
+        return prompt
+
+    def segmented(self, messages: List[Dict[str, Any]]) -> SegmentedSequence:
+        """The builder's sequence of OpenAI-style messages (a final assistant message is continued).
+
+        Raises:
+            ValueError: unknown roles, empty or non-text content (naming ``messages[i]``).
+        """
+        normalized = []
+        for i, message in enumerate(messages):
+            role = message.get("role") if isinstance(message, dict) else None
+            if role not in _ROLES:
+                raise ValueError(f"messages[{i}].role: unknown role {role!r}; expected one of {sorted(_ROLES)}")
+            normalized.append({"role": _ROLES[role], "content": _text(message.get("content"), f"messages[{i}].content")})
+        return self.builder(prompt_messages({"messages": normalized}), for_generation=True)
+
+    def render_messages(self, messages: List[Any], params: Any) -> Tuple[List[Dict[str, Any]], Dict[str, Any]]:
+        messages = [dict(m) for m in messages]
+        sequence = self.segmented(messages)
+        conversation = [{"role": m["role"], "content": _text(m.get("content"), "content")} for m in messages]
+        return conversation, self._prompt_of(sequence)
+
+    def render_prompt(self, prompt: Any) -> Any:
+        if isinstance(prompt, dict) and isinstance(prompt.get("prompt"), str) and "prompt_token_ids" not in prompt:
+            # A completion's text is one user message, as mas_serve and mas_generate read it.
+            sequence = self.builder(prompt_messages(prompt["prompt"]), for_generation=True)
+            rendered = {k: v for k, v in prompt.items() if k != "prompt"}
+            rendered.update(self._prompt_of(sequence))
+            return rendered
+        if isinstance(prompt, dict) and "prompt_token_ids" in prompt and self.mas_settings.attention == "mas":
+            items = (prompt.get("multi_modal_data") or {}).get(MODALITY)
+            if not items:
+                raise ValueError(
+                    "a token-id prompt carries no segments: send text or chat messages, or pass "
+                    f"multi_modal_data={{'{MODALITY}': [{{'start': ..., 'token_ids': [...]}}, ...]}}"
+                )
+            self._check_segments(items)
+        return super().render_prompt(prompt)
+
+    async def _render_prompt_async(self, prompt: Any) -> Any:
+        return self.render_prompt(prompt)
