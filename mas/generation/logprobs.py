@@ -17,7 +17,7 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
-__all__ = ["MAX_LOGPROBS", "TokenLogprob", "score_tokens", "token_logprobs"]
+__all__ = ["MAX_LOGPROBS", "TokenLogprob", "is_prediction", "score_tokens", "token_logprobs"]
 
 #: Most alternatives per token a request may ask for (OpenAI's ``top_logprobs`` limit).
 MAX_LOGPROBS = 20
@@ -69,3 +69,25 @@ def token_logprobs(tokens: Sequence[int], chosen: Sequence[float], ids: Sequence
     """
     keep = top or 0
     return [TokenLogprob(int(t), float(c), tuple(zip(map(int, i[:keep]), map(float, v[:keep])))) for t, c, i, v in zip(tokens, chosen, ids, values)]
+
+
+def is_prediction(segment_ids: Sequence[int], attention: str) -> List[bool]:
+    """For prompt tokens ``1 .. s-1``: whether the position before a token does not see it, so
+    that its log-probability is a prediction.
+
+    Under MAS a prompt token attends every token of its own segment, later ones included: inside
+    a segment, position ``p - 1`` has seen token ``p``, and its "log-probability" of ``p`` is not
+    a prediction (it is near 0 after fine-tuning). A segment's first token, causal tokens and
+    every token under ``attention="causal"`` are predictions. Example (MAS), segments
+    ``[0, 0, 1, 1, CAUSAL]`` -> ``[False, True, False, True]``.
+
+    Args:
+        segment_ids (Sequence[int]): ``[s]`` (``>= 0`` prompt segment, negative: causal).
+        attention (str): ``"mas"`` or ``"causal"``.
+
+    Returns:
+        List[bool]: ``[s - 1]``.
+    """
+    if attention != "mas":
+        return [True] * max(len(segment_ids) - 1, 0)
+    return [not (cur >= 0 and cur == prev) for prev, cur in zip(segment_ids[:-1], segment_ids[1:])]

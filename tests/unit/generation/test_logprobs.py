@@ -102,3 +102,17 @@ def test_a_prompt_scored_with_nothing_generated_gives_mas_eval_loglik(model, lla
     summed = sum(s.logprob for s in request.prompt_logprobs[answer[0] - 1 :])
     (expected,) = answer_logprobs(copy.deepcopy(model), [candidate], attention="mas")
     assert summed == pytest.approx(expected, abs=1e-4)
+
+
+def test_is_prediction_marks_tokens_their_predicting_position_has_seen():
+    from mas.generation.logprobs import is_prediction
+
+    segments = [0, 0, 1, 1, CAUSAL, CAUSAL]
+    assert is_prediction(segments, "mas") == [False, True, False, True, True]
+    assert is_prediction(segments, "causal") == [True] * 5
+    # Against the dense Eq. 14 mask: position p-1 sees token p exactly where it is not a prediction.
+    from mas.masks import dense_mas_mask
+
+    mask = dense_mas_mask(torch.tensor([segments]))[0]
+    mask = mask.squeeze(0) if mask.dim() == 3 else mask
+    assert [not bool(mask[p - 1, p]) for p in range(1, len(segments))] == is_prediction(segments, "mas")
