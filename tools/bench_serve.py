@@ -14,6 +14,13 @@ Llama-3.2-1B shape on CUDA) and random-token prompts (a system and a user segmen
   between two of its tokens while the arrival is prefilled, with the default prefill chunk and
   a small one (the chunks end at segment boundaries; a segment is never split).
 
+With ``--http`` it measures the HTTP server itself (``create_app`` under uvicorn on 127.0.0.1,
+the tiny tokenizer, random weights): the p50/p99/max inter-token gap of a running stream while
+nothing else arrives, while long prompts arrive, while a 10 MB body arrives (refused with 413
+past ``max_request_bytes``, read no further) and while a 3.5 MB prompt is parsed and tokenized
+(off the event loop, then refused for its length); and the prefill tokens that identical-prompt
+reuse saves for ``n`` choices and repeated prompts.
+
 With ``--compile-decode`` it measures instead the engine's eager decode against its compiled one
 (``mas_serve compile_decode=True``) side by side: two engines on copies of one model, each warmed
 up over the lengths the run reaches (so every width bucket is compiled before timing), the client
@@ -25,6 +32,7 @@ Usage::
     python tools/bench_serve.py --device cuda    # GPU, Llama-3.2-1B shape, bf16
     python tools/bench_serve.py --no-write       # print only
     python tools/bench_serve.py --compile-decode --clients 1 8 --requests 32   # eager vs compiled decode
+    python tools/bench_serve.py --http           # the HTTP server under large bodies and long prompts
 """
 
 from __future__ import annotations
@@ -257,6 +265,151 @@ def _stall(model: torch.nn.Module, args: argparse.Namespace, vocab: int, chunk: 
     }
 
 
+def _http_server(model: torch.nn.Module, rows: int) -> Tuple[str, object, object]:
+    """``create_app`` for ``model`` under uvicorn in a thread on a free 127.0.0.1 port (tiny_serve's
+    tokenizer and keys); returns its URL, the uvicorn server and the state."""
+    import socket
+
+    import uvicorn
+
+    from mas.config import instantiate, load_config, to_options
+    from mas.segments import SegmentBuilder
+    from mas.serving import ServedModel, ServeOptions, create_app, server_state
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    opts = to_options(load_config("tiny_serve", [f"port={port}", f"max_num_seqs={rows}"]), ServeOptions, "mas_serve")
+    tokenizer = instantiate(opts.tokenizer)
+    settings = GenerationSettings(attention="mas", batch_size=rows, max_cache_len=model.max_seq_len, reuse_system_cache=True)
+    engine = Engine(model, tokenizer, settings, max_queue=opts.max_queue, prefix_cache=PrefixCache(1 << 20, 1 << 32))
+    state = server_state(opts, {"bench": ServedModel("bench", engine, SegmentBuilder(tokenizer), "mas")}, [])
+    server = uvicorn.Server(uvicorn.Config(create_app(state), host="127.0.0.1", port=port, log_level="error", log_config=None))
+    threading.Thread(target=server.run, daemon=True).start()
+    while not server.started:
+        time.sleep(0.01)
+    return f"http://127.0.0.1:{port}", server, state
+
+
+def _gaps_while(url: str, disturb, new_tokens: int) -> Dict[str, float]:
+    """Stream one chat (``new_tokens``, stop tokens ignored); after its 8th token run ``disturb()``
+    in another thread; the stream's inter-token gaps while it ran (ms percentiles), and what
+    ``disturb`` returned."""
+    import httpx
+
+    body = {"model": "bench", "messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Count slowly."}], "max_tokens": new_tokens, "ignore_eos": True, "temperature": 0, "stream": True}
+    stamps: List[float] = []
+    window: Dict[str, float] = {}
+    result: Dict[str, object] = {}
+
+    def run() -> None:
+        window["start"] = time.perf_counter()
+        result["value"] = disturb()
+        window["end"] = time.perf_counter()
+
+    worker = threading.Thread(target=run)
+    with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, timeout=300) as r:
+        for line in r.iter_lines():
+            if line.startswith("data: ") and line != "data: [DONE]":
+                stamps.append(time.perf_counter())
+                if len(stamps) == 8:
+                    worker.start()
+    worker.join()
+    during = [(b - a) * 1e3 for a, b in zip(stamps, stamps[1:]) if b >= window["start"] and a <= window["end"]]
+    during = during or [0.0]
+    return {"p50": _percentile(during, 0.5), "p99": _percentile(during, 0.99), "max": max(during), "seconds": window["end"] - window["start"], "result": result["value"]}  # type: ignore[dict-item]
+
+
+def bench_http(args: argparse.Namespace) -> str:
+    import httpx
+
+    device = torch.device(args.device)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    model = benchmark_model(args.model, device, dtype)
+    url, server, state = _http_server(model, rows=4)
+    words = " ".join(f"w{i}" for i in range(40))
+    try:
+        post = lambda body, **kw: httpx.post(f"{url}/v1/chat/completions", timeout=300, **kw, **({"json": body} if body is not None else {}))  # noqa: E731
+
+        def nothing() -> str:
+            time.sleep(0.5)
+            return "-"
+
+        def long_prompts() -> str:
+            # 4 requests of ~7 segments each (a system prompt and user turns), at once.
+            chat = [{"role": "system", "content": words * 2}] + [{"role": "user", "content": words} for _ in range(6)]
+            with concurrent.futures.ThreadPoolExecutor(4) as pool:
+                codes = list(pool.map(lambda i: post({"model": "bench", "messages": chat + [{"role": "user", "content": f"q{i}"}], "max_tokens": 1}).status_code, range(4)))
+            return ",".join(map(str, codes))
+
+        def big_body() -> str:
+            payload = b'{"model": "bench", "messages": [{"role": "user", "content": "' + b"x" * (10 * 2**20) + b'"}]}'
+            return str(post(None, content=payload, headers={"content-type": "application/json"}).status_code)
+
+        def big_prompt() -> str:
+            return str(post({"model": "bench", "messages": [{"role": "user", "content": "lorem ipsum " * (3_500_000 // 12)}], "max_tokens": 1}).status_code)
+
+        _gaps_while(url, nothing, 16)  # warm-up
+        rows = []
+        for label, disturb in (
+            ("nothing else", nothing),
+            ("4 chats of 7 segments (~700 tokens) arrive", long_prompts),
+            ("a 10 MB body arrives (413 at max_request_bytes = 4 MiB)", big_body),
+            ("a 3.5 MB prompt arrives (parsed and tokenized off the loop, then 400: too long)", big_prompt),
+        ):
+            out = _gaps_while(url, disturb, args.new_tokens * 4)
+            rows.append(
+                {
+                    "while": label,
+                    "its status": out["result"],
+                    "arrival handled in s": f"{out['seconds']:.2f}",
+                    "stream gap p50 ms": f"{out['p50']:.1f}",
+                    "p99 ms": f"{out['p99']:.1f}",
+                    "max ms": f"{out['max']:.1f}",
+                }
+            )
+    finally:
+        server.should_exit = True
+        state.stop(0.0)
+    reuse = _identical_prompt_reuse(model, vocab=model.tok_embeddings.num_embeddings)
+    return _report(
+        f"{device.type.upper()} over HTTP: {args.model} model, random weights, {dtype}",
+        device,
+        "`python tools/bench_serve.py --http`: the server's app (`create_app`, uvicorn, 127.0.0.1, 4 rows) streams one chat "
+        f"({args.new_tokens * 4} tokens, stop tokens ignored); after its 8th token something else arrives from another client. "
+        "The gaps are between the running stream's chunks while that arrival was being handled:",
+        markdown_table(rows),
+        "Before (issue 20, measured on the server of 2026-12-06): a 10 MB prompt took 7 s to be refused and a running stream "
+        "stalled 6.4 s meanwhile (the body was read whole, parsed and tokenized on the event loop).",
+        "Identical prompts (`n` choices, repeated prompts) reuse the whole cached prompt: prompt tokens prefilled by the engine "
+        "for the same work with the prefix cache on and off:",
+        markdown_table(reuse),
+    )
+
+
+def _identical_prompt_reuse(model: torch.nn.Module, vocab: int) -> List[Dict[str, str]]:
+    """Prefilled prompt tokens for n=4 choices of one prompt and 4 repeats of another, with and
+    without the prefix cache."""
+    rows = []
+    prompt = random_prompt(400, vocab, system=100, seed=7)
+    for label, cache in (("on", PrefixCache(1 << 20, 1 << 32)), ("off", None)):
+        engine = _engine(model, 4, 512, prefix_cache=cache)
+        try:
+            done = [threading.Event() for _ in range(4)]
+            handles = [SequenceHandle(prompt, SamplingParams(max_tokens=4, ignore_stop_tokens=True, temperature=1.0, seed=i), lambda e, d=d: d.set() if e.kind in ("finish", "error") else None) for i, d in enumerate(done)]
+            engine.submit(handles)  # n = 4: one request's choices arrive together
+            for d in done:
+                d.wait()
+            choices = engine.core.prefilled_tokens
+            for _ in range(4):
+                _run_one(engine, prompt, 4)  # the same prompt again, one after another
+            repeats = engine.core.prefilled_tokens - choices
+        finally:
+            engine.stop()
+        rows.append({"prefix cache": label, "n=4 choices of a 400-token prompt: tokens prefilled": str(choices), "then 4 repeats: tokens prefilled": str(repeats)})
+    return rows
+
+
 def bench_compiled_decode(args: argparse.Namespace) -> str:
     """The engine's eager decode vs its compiled decode, same requests, interleaved rounds."""
     device, dtype, model, prompts = _workload(args)
@@ -334,17 +487,19 @@ def main(argv: Optional[List[str]] = None) -> None:
     parser.add_argument("--compile-decode", action="store_true", help="measure the eager engine against the compiled decode instead")
     parser.add_argument("--compile-mode", default="default", help="torch.compile mode of the compiled decode (with --compile-decode)")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds (with --compile-decode)")
+    parser.add_argument("--http", action="store_true", help="measure the HTTP server under long prompts and large bodies instead")
     args = parser.parse_args(argv)
     if args.model is None:
         args.model = "llama3_2_1b" if args.device.startswith("cuda") else "tiny"
     if args.threads:
         torch.set_num_threads(args.threads)
-    report = bench_compiled_decode(args) if args.compile_decode else bench(args)
+    report = bench_compiled_decode(args) if args.compile_decode else bench_http(args) if args.http else bench(args)
     print(report)
     if not args.no_write:
         device_type = torch.device(args.device).type
         # Its own subsection: the eager table above it is not overwritten.
-        update_section(BENCHMARKS_FILE, NAME, TITLE, f"{device_type}-compiled-decode" if args.compile_decode else device_type, report)
+        subsection = f"{device_type}-compiled-decode" if args.compile_decode else f"{device_type}-http" if args.http else device_type
+        update_section(BENCHMARKS_FILE, NAME, TITLE, subsection, report)
 
 
 if __name__ == "__main__":

@@ -7,7 +7,7 @@
 - :class:`ServeOptions`: the recipe's keys.
 """
 
-from mas.serving._app import ServerState, create_app
+from mas.serving._app import ServedModel, ServerState, create_app
 from mas.serving._engine import (
     Engine,
     EngineStoppedError,
@@ -18,7 +18,7 @@ from mas.serving._engine import (
     SequenceHandle,
     TooManySequencesError,
 )
-from mas.serving._setup import build_server, run_server
+from mas.serving._setup import build_server, run_server, server_state
 from mas.serving.options import ServeOptions
 
 __all__ = [
@@ -30,9 +30,11 @@ __all__ = [
     "SamplingParams",
     "SequenceHandle",
     "ServeOptions",
+    "ServedModel",
     "ServerState",
     "TooManySequencesError",
     "build_server",
     "create_app",
     "run_server",
+    "server_state",
 ]

@@ -24,7 +24,7 @@ from mas.serving._engine import Engine
 from mas.serving._metrics import ServeMetrics
 from mas.serving.options import ServeOptions
 
-__all__ = ["API_KEY_VARIABLE", "allowed_hosts", "build_server", "check_port_free", "run_server"]
+__all__ = ["API_KEY_VARIABLE", "allowed_hosts", "build_server", "check_port_free", "run_server", "server_state"]
 
 log = logging.getLogger("mas_serve")
 
@@ -159,7 +159,7 @@ def build_server(opts: ServeOptions) -> ServerState:
             f"the KV caches ({len(models)} x {opts.max_num_seqs} rows x {max_len} tokens, {kv_bytes / 2**30:.1f} GiB) do not fit on {device}; "
             "lower max_num_seqs or max_cache_len"
         ) from None
-    return _state(opts, served, notes)
+    return server_state(opts, served, notes)
 
 
 def _attention_layers(model: Any) -> List[Any]:
@@ -168,7 +168,8 @@ def _attention_layers(model: Any) -> List[Any]:
     return [m for m in model.modules() if isinstance(m, MultiHeadAttention)]
 
 
-def _state(opts: ServeOptions, served: Dict[str, ServedModel], notes: List[str]) -> ServerState:
+def server_state(opts: ServeOptions, served: Dict[str, ServedModel], notes: List[str]) -> ServerState:
+    """The server state of built models: their engines get the metrics and are started."""
     engines = [m.engine for m in served.values()]
     cache = engines[0].prefix_cache  # shared by every engine
     metrics = ServeMetrics(

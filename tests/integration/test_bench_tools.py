@@ -228,6 +228,16 @@ def test_serving_benchmark_runs_its_tables_on_cpu(monkeypatch, capsys):
 
 
 @pytest.mark.slow
+def test_serving_benchmark_over_http_refuses_large_bodies_and_counts_reuse(monkeypatch, capsys):
+    _no_write(monkeypatch, bench_serve)
+    bench_serve.main(["--http", "--new-tokens", "6", "--no-write"])
+    out = capsys.readouterr().out
+    assert re.search(r"\| a 10 MB body arrives .* \| 413 \| [0-9.]+ \| [0-9.]+ \| [0-9.]+ \| [0-9.]+ \|", out), out
+    assert re.search(r"\| a 3.5 MB prompt arrives .* \| 400 \|", out) and "| 200,200,200,200 |" in out
+    assert "| on | 400 | 0 |" in out and "| off | 1600 | 1600 |" in out  # whole-prompt reuse: prefilled once
+
+
+@pytest.mark.slow
 def test_serving_benchmark_compares_eager_and_compiled_decode_on_cpu(monkeypatch, capsys):
     _no_write(monkeypatch, bench_serve)
     bench_serve.main([*_SMALL_SERVE, "--compile-decode", "--rounds", "1"])
