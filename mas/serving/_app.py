@@ -539,6 +539,13 @@ def create_app(state: ServerState) -> FastAPI:
         status = 200
 
         echoed = [not plan["echo"]] * len(choices.handles)
+        offsets = [0] * len(choices.handles)  # text_offset of each choice's next token (completions)
+
+        def completion_chunk_logprobs(index: int, scores: Dict[str, Any]) -> Dict[str, Any]:
+            """Shift a chunk's ``text_offset`` past what the choice streamed before."""
+            scores["text_offset"] = [o + offsets[index] for o in scores["text_offset"]]
+            offsets[index] += sum(len(t) for t in scores["tokens"])
+            return scores
 
         def chunk(index: int, text: Optional[str], reason: Optional[str], *, role: bool = False, token: Optional[int] = None, meta: bool = False, logprobs: Optional[Dict[str, Any]] = None) -> str:
             if endpoint == "chat":
@@ -564,11 +571,15 @@ def create_app(state: ServerState) -> FastAPI:
                     # The prompt is prefilled (and scored) before any event: its text comes first.
                     echoed[index] = True
                     handle = choices.handles[index]
-                    yield chunk(index, plan["prompt_texts"][index // body.n], None, logprobs=_echo_logprobs(handle) if handle.params.logprobs is not None else None)
+                    echo_scores = completion_chunk_logprobs(index, _echo_logprobs(handle)) if handle.params.logprobs is not None else None
+                    yield chunk(index, plan["prompt_texts"][index // body.n], None, logprobs=echo_scores)
                 if event.kind == "token":
                     logprobs = None
                     if event.logprob is not None:
-                        logprobs = chat_logprobs([event.logprob], _token_text) if endpoint == "chat" else completion_logprobs([event.logprob], [event.logprob.token], _token_text)
+                        if endpoint == "chat":
+                            logprobs = chat_logprobs([event.logprob], _token_text)
+                        else:
+                            logprobs = completion_chunk_logprobs(index, completion_logprobs([event.logprob], [event.logprob.token], _token_text))
                     if event.text or body.return_token_ids or logprobs is not None:
                         yield chunk(index, event.text, None, token=event.token, logprobs=logprobs)
                 elif event.kind == "finish":

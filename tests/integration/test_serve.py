@@ -251,6 +251,10 @@ def test_logprobs_equal_a_full_forward_streamed_or_not(server, reference):
     assert len(layout.tokens) == len(layout.token_logprobs) == len(layout.top_logprobs) == len(ids)
     assert all(len(top) <= 2 and max(top.values()) >= lp - 1e-6 for top, lp in zip(layout.top_logprobs, layout.token_logprobs))
     assert layout.text_offset == sorted(layout.text_offset)
+    chunks = list(client.completions.create(model=server.model, prompt=USERS[0], max_tokens=MAX_TOKENS, temperature=0, logprobs=2, stream=True))
+    streamed = [c.choices[0].logprobs for c in chunks if c.choices and c.choices[0].logprobs]
+    assert [t for lp in streamed for t in lp.tokens] == layout.tokens
+    assert [o for lp in streamed for o in lp.text_offset] == layout.text_offset  # offsets continue across chunks
     # Echo under MAS would score tokens that their predicting position has seen: refused, named.
     refused = httpx.post(f"{server.url}/v1/completions", json={"model": server.model, "prompt": USERS[0], "echo": True, "logprobs": 1, "max_tokens": 0}, timeout=30)
     assert refused.status_code == 400 and refused.json()["error"]["param"] == "echo", refused.text
