@@ -16,6 +16,7 @@ from torchtune.data import Message
 
 from mas.errors import DataError
 from mas.generation.engine import InferenceEngine
+from mas.generation.logprobs import TokenLogprob
 from mas.generation.request import PromptTooLongError
 from mas.generation.settings import GenerationSettings, default_cache_len
 from mas.segments import SegmentBuilder, SegmentedSequence
@@ -43,6 +44,8 @@ class GenerationResult:
             from the prefix cache instead of a prefill.
         cached_prompt_tokens (int): prompt tokens taken from the prefix cache, over all prompts.
         finish_reasons (List[str]): ``"stop"`` or ``"length"`` per prompt.
+        logprobs (Optional[List[List[TokenLogprob]]]): with ``logprobs`` set, each generated
+            token's log-probability and its most likely alternatives, per prompt.
     """
 
     tokens: List[List[int]]
@@ -54,6 +57,7 @@ class GenerationResult:
     cached_prompt_tokens: int = 0
     compile_seconds: float = 0.0
     finish_reasons: List[str] = field(default_factory=list)
+    logprobs: Optional[List[List[TokenLogprob]]] = None
 
 
 def prompt_messages(prompt: Prompt, index: int = 0) -> List[Message]:
@@ -179,4 +183,5 @@ def _run(engine: InferenceEngine, sequences: List[SegmentedSequence], settings: 
         cached_prompt_tokens=sum(r.cached_tokens for r in requests),
         compile_seconds=engine.compile_seconds - compile_s,
         finish_reasons=[r.finish_reason or "" for r in requests],
+        logprobs=None if settings.logprobs is None else [r.logprobs for r in requests],
     )

@@ -56,6 +56,8 @@ class GenerationSettings:
         (Optional[float]), stop (Sequence[str]): as in ``SamplingParams``.
         seed (Optional[int]): prompt ``i`` of a call samples from a generator seeded ``seed + i``
             (so each prompt draws what it draws alone, whatever the batch size).
+        logprobs (Optional[int]): score each generated token with this many alternatives
+            (``GenerationResult.logprobs``; None: none).
     """
 
     attention: AttentionMode = "mas"
@@ -77,6 +79,7 @@ class GenerationSettings:
     top_p: Optional[float] = None
     stop: Sequence[str] = ()
     seed: Optional[int] = None
+    logprobs: Optional[int] = None
 
     def __post_init__(self) -> None:
         validate_attention_mode(self.attention)
@@ -104,6 +107,7 @@ class GenerationSettings:
             top_p=self.top_p,
             seed=None if self.seed is None else self.seed + index,
             stop=tuple(self.stop),
+            logprobs=self.logprobs,
         )
 
 

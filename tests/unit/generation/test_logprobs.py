@@ -116,3 +116,10 @@ def test_is_prediction_marks_tokens_their_predicting_position_has_seen():
     mask = dense_mas_mask(torch.tensor([segments]))[0]
     mask = mask.squeeze(0) if mask.dim() == 3 else mask
     assert [not bool(mask[p - 1, p]) for p in range(1, len(segments))] == is_prediction(segments, "mas")
+
+
+def test_generate_returns_logprobs_when_asked(model, llama3_tokenizer):
+    out = mas.generate(copy.deepcopy(model), llama3_tokenizer, PROMPTS[:2], max_new_tokens=4, logprobs=2, stop_tokens=[])
+    assert [len(x) for x in out.logprobs] == [len(t) for t in out.tokens] == [4, 4]
+    assert all(len(s.top) == 2 and s.top[0][1] >= s.logprob - 1e-6 for row in out.logprobs for s in row)
+    assert mas.generate(copy.deepcopy(model), llama3_tokenizer, PROMPTS[:1], max_new_tokens=2).logprobs is None
