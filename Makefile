@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 RUNS ?= /tmp/mas_runs
 
-.PHONY: install demo test test-fast bench clean
+.PHONY: install demo test test-fast bench replicate clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -35,6 +35,12 @@ test-fast: install
 
 bench: install
 	$(BIN)/python tools/bench_masks.py
+
+# The miniature, pre-registered replication of docs/replication.md (CPU; rerun to continue a killed
+# study; JOBS=2 runs two fine-tunes at a time on an idle 2-core machine).
+JOBS ?= 1
+replicate: install
+	$(BIN)/python tools/replicate.py --out $(RUNS)/replication --jobs $(JOBS) --docs
 
 clean:
 	rm -rf $(VENV) build *.egg-info
