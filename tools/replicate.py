@@ -35,79 +35,25 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import dataclasses
 import json
 import os
 import shutil
-import threading
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Iterator, List, Optional, Sequence, Tuple
 
-from replication_report import CROSSINGS, plot_curves, report_markdown, summarize, write_json
-from replication_tasks import TASKS, make_splits, task_file_text, write_jsonl
+from replication_report import plot_curves, report_markdown, summarize, write_json
+from replication_study import BENCHMARK, CI, FULL, Layout, Study, StudyError, claim_folder, collect, study_record
+from replication_tasks import make_splits, task_file_text, write_jsonl
 
 REPO = Path(__file__).resolve().parents[1]
-BENCHMARK = "replication"
 #: The report's place in the docs (``--docs``) and its plot beside it.
 DOCS_REPORT = REPO / "docs" / "replication_results.md"
-
-
-@dataclass(frozen=True)
-class Study:
-    """The fixed parameters of a study (``docs/replication.md`` states the full study's).
-
-    Attributes:
-        name (str): ``full`` or ``ci``.
-        tasks (Tuple[str, ...]): task names of ``replication_tasks.TASKS``.
-        seeds (Tuple[int, ...]): fine-tuning seeds (LoRA init, data order, dropout).
-        steps (Dict[str, Tuple[int, ...]]): chosen steps per task; the last is the run's length.
-        batch_size (int): fine-tuning examples per step (train rows = batch_size x last step).
-        test_rows (int): held-out rows per task.
-        pretrain_rows (int): format-only rows per task for the base.
-        pretrain_steps (int): the base's pre-training steps.
-        data_seed (int): seed of the synthetic rows.
-        base_seed (int): seed of the base's init and pre-training.
-        primary (Tuple[Tuple[str, str, int], ...]): the confirmatory tests, as (hypothesis,
-            task, step).
-    """
-
-    name: str
-    tasks: Tuple[str, ...]
-    seeds: Tuple[int, ...]
-    steps: Dict[str, Tuple[int, ...]] = field(hash=False)
-    batch_size: int = 8
-    test_rows: int = 300
-    pretrain_rows: int = 2000
-    pretrain_steps: int = 300
-    data_seed: int = 0
-    base_seed: int = 0
-    primary: Tuple[Tuple[str, str, int], ...] = ()
-
-
-#: The pre-registered study (docs/replication.md): fixed before any of its runs.
-FULL = Study(
-    name="full",
-    tasks=("membership", "majority"),
-    seeds=tuple(range(100, 112)),
-    steps={"membership": (125, 250, 500, 1000, 2000), "majority": (250, 500, 1000, 2000, 4000)},
-    primary=(("H1", "membership", 1000), ("H2", "membership", 2000), ("H2", "majority", 4000)),
-)
-#: The CI-sized study: the mechanics only (its numbers mean nothing).
-CI = Study(
-    name="ci",
-    tasks=("membership",),
-    seeds=(100, 101),
-    steps={"membership": (10, 20)},
-    test_rows=16,
-    pretrain_rows=64,
-    pretrain_steps=8,
-    primary=(("H1", "membership", 20), ("H2", "membership", 20)),
-)
 
 
 @dataclass
@@ -117,10 +63,6 @@ class Run:
     name: str
     marker: Path
     action: Callable[[], None]
-
-
-class StudyError(Exception):
-    """A study cannot go on (another study's folder, a run that failed): one line, exit 1."""
 
 
 # ----------------------------------------------------------------------------------- commands
@@ -195,28 +137,6 @@ class Runner:
 
 
 # ----------------------------------------------------------------------------------- the plan
-class Layout:
-    """Where each run of a study writes."""
-
-    def __init__(self, out: Path) -> None:
-        self.out = out
-        self.data = out / "data"
-        self.task_file = self.data / "tasks.yaml"
-        self.base = out / "base"
-
-    def train_rows(self, task: str) -> Path:
-        return self.data / task / "train.jsonl"
-
-    def finetune(self, task: str, seed: int, attention: str) -> Path:
-        return self.out / "runs" / task / f"s{seed}_{attention}"
-
-    def evaluation(self, task: str, seed: int, trained: str, evaluated: str) -> Path:
-        return self.out / "evals" / task / f"s{seed}_{trained}_eval_{evaluated}"
-
-    def base_evaluation(self, evaluated: str) -> Path:
-        return self.out / "evals" / f"base_eval_{evaluated}"
-
-
 def base_overrides(layout: Layout) -> List[str]:
     """The overrides that make every recipe load the study's base (as pretrain_tiny_base prints)."""
     from mas.models.pretrain_base import CHECKPOINTER_OVERRIDES
@@ -326,34 +246,6 @@ def _done(run: Run, study: Study) -> bool:
 
 
 # ----------------------------------------------------------------------------------- results
-def collect(study: Study, layout: Layout, seeds: Sequence[int]) -> Tuple[List[Dict[str, Any]], List[Dict[str, Any]], bool]:
-    """Every accuracy the finished runs wrote (percent), the base model's, and whether all were there."""
-    records: List[Dict[str, Any]] = []
-    complete = True
-    for task in study.tasks:
-        for seed in seeds:
-            for trained, evaluated in CROSSINGS:
-                sweep = layout.evaluation(task, seed, trained, evaluated) / "sweep_loglik.json"
-                if not sweep.exists():
-                    complete = False
-                    continue
-                for point in json.loads(sweep.read_text())["points"]:
-                    result = point["tasks"][task]
-                    records.append({
-                        "task": task, "seed": seed, "trained": trained, "evaluated": evaluated, "step": point["step"],
-                        "accuracy": 100.0 * result["accuracy"], "correct": result["correct"], "total": result["total"],
-                    })  # fmt: skip
-    base = []
-    for evaluated in ("mas", "causal"):
-        results = layout.base_evaluation(evaluated) / "results_loglik.json"
-        if not results.exists():
-            complete = False
-            continue
-        for task, result in json.loads(results.read_text())["tasks"].items():
-            base.append({"task": task, "evaluated": evaluated, "accuracy": 100.0 * result["accuracy"], "total": result["total"]})
-    return records, base, complete and list(seeds) == list(study.seeds)
-
-
 def write_report(study: Study, layout: Layout, seeds: Sequence[int], docs: bool) -> Path:
     """Per-run results, the summary (JSON and Markdown), the plot and the report."""
     records, base, complete = collect(study, layout, seeds)
@@ -361,7 +253,7 @@ def write_report(study: Study, layout: Layout, seeds: Sequence[int], docs: bool)
     results.mkdir(parents=True, exist_ok=True)
     (results / "per_run.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records + [{"base": True, **b} for b in base]))
     summary = summarize(records, base, list(seeds), {t: study.steps[t] for t in study.tasks})
-    description = {**_study_record(study), "out": str(layout.out), "seeds_run": list(seeds), "complete": complete}
+    description = {**study_record(study), "out": str(layout.out), "seeds_run": list(seeds), "complete": complete}
     write_json(results / "summary.json", {"study": description, "tasks": summary})
     markdown = report_markdown(summary, {**description, "seeds": list(seeds)}, complete=complete)
     (results / "summary.md").write_text(markdown)
@@ -380,28 +272,6 @@ def write_report(study: Study, layout: Layout, seeds: Sequence[int], docs: bool)
 
 
 # ----------------------------------------------------------------------------------- main
-def _study_record(study: Study) -> Dict[str, Any]:
-    record = dataclasses.asdict(study)
-    record["steps"] = {t: list(s) for t, s in study.steps.items()}
-    record["tasks"], record["seeds"] = list(study.tasks), list(study.seeds)
-    record["primary"] = [list(p) for p in study.primary]
-    return record
-
-
-def claim_folder(study: Study, out: Path) -> None:
-    """Record the study in ``out/study.json``; refuse a folder that holds another study."""
-    record = _study_record(study)
-    path = out / "study.json"
-    if path.exists():
-        held = json.loads(path.read_text())
-        if held != record:
-            key = next(k for k in sorted(set(held) | set(record)) if held.get(k) != record.get(k))
-            raise StudyError(f"{out} holds another study ({key}: {held.get(key)!r} there, {record.get(key)!r} here); use another --out")
-        return
-    out.mkdir(parents=True, exist_ok=True)
-    write_json(path, record)
-
-
 class _Progress:
     """One line per run, numbered in plan order, safe from several threads."""
 
