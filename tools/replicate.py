@@ -104,16 +104,21 @@ class Runner:
     def recipe(self, name: str, recipe: str, config: str, overrides: List[str]) -> None:
         """``tune run <recipe> --config <config> <overrides>``."""
         if not self.in_process:
-            tune = Path(sys.executable).parent / "tune"
-            self._subprocess(name, [str(tune), "run", recipe, "--config", config, *overrides])
+            beside = Path(sys.executable).parent / "tune"  # an unactivated venv has it here, not on PATH
+            tune = str(beside) if beside.exists() else shutil.which("tune") or "tune"
+            self._subprocess(name, [tune, "run", recipe, "--config", config, *overrides])
             return
         import importlib
 
         from mas.config import load_config
+        from mas.errors import UserError
 
         module = importlib.import_module(recipe)
-        with self._logged(name):
-            module.run(load_config(config, overrides))
+        try:
+            with self._logged(name):
+                module.run(load_config(config, overrides))
+        except UserError as e:  # as `tune run` would print it; a bug keeps its traceback
+            raise StudyError(f"{name} failed: {e}") from None
 
     @contextlib.contextmanager
     def _logged(self, name: str) -> Iterator[None]:
@@ -285,8 +290,10 @@ class _Progress:
             print(f"[{index}/{self.total}] {run.name}: {text} (study {time.perf_counter() - self.started:.0f} s)", flush=True)
 
 
-def _run_chain(chain: List[Tuple[int, Run]], study: Study, progress: _Progress) -> None:
+def _run_chain(chain: List[Tuple[int, Run]], study: Study, progress: _Progress, stopping: threading.Event) -> None:
     for index, run in chain:
+        if stopping.is_set():  # another chain failed, or Ctrl-C: start nothing new
+            return
         if _done(run, study):
             progress.line(index, run, "done before, skipped")
             continue
@@ -330,14 +337,17 @@ def run_study(
         return out
     claim_folder(study, out)
     progress = _Progress(index)
-    _run_chain(numbered[0], study, progress)
+    stopping = threading.Event()
+    _run_chain(numbered[0], study, progress, stopping)
     with ThreadPoolExecutor(max_workers=jobs) as pool:
-        futures = [pool.submit(_run_chain, chain, study, progress) for chain in numbered[1:]]
-        for future in futures:
-            error = future.exception()
-            if error is not None:
-                pool.shutdown(cancel_futures=True)
-                raise error
+        futures = [pool.submit(_run_chain, chain, study, progress, stopping) for chain in numbered[1:]]
+        try:
+            for future in futures:
+                future.result()
+        except BaseException:  # a failed run or Ctrl-C: the running ones end, no new one starts
+            stopping.set()
+            pool.shutdown(cancel_futures=True)
+            raise
     report = write_report(study, layout, seeds, docs)
     print(f"report: {report} (tables: {out / 'results'}/summary.md, plot: {out / 'results'}/learning_curves.png)")
     return report
@@ -366,6 +376,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except StudyError as e:
         print(f"replicate: {e}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print(f"replicate: interrupted; the same command continues the study in {out}", file=sys.stderr)
+        return 130
     return 0
 
 
