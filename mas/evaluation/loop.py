@@ -11,11 +11,10 @@ from __future__ import annotations
 
 from typing import Dict, List, Tuple
 
-from tqdm import tqdm
-
 from mas.evaluation.benchmarks import benchmark_modes
 from mas.evaluation.results import EvalResults, PredictionRecord, append_predictions, load_done
 from mas.evaluation.spec import Benchmark, BenchmarkContext, EvalItem, RecordBuilder
+from mas.progress import Progress
 
 __all__ = ["evaluate_benchmark", "run_resumable"]
 
@@ -46,7 +45,7 @@ def run_resumable(context: BenchmarkContext, benchmark: str, items: List[EvalIte
     results.extend(done.values())
     todo = [item for item in items if item.key not in done]
     desc = f"{benchmark} [{context.mode}, {context.settings.attention}]"
-    bar = tqdm(total=len(items), initial=len(items) - len(todo), desc=desc, disable=not context.progress, dynamic_ncols=True)
+    bar = Progress(len(items), desc, initial=len(items) - len(todo), unit="examples", enabled=context.progress)
     metric = results.suite.metric
     batch_size = context.settings.batch_size
     for start in range(0, len(todo), batch_size):
@@ -55,7 +54,7 @@ def run_resumable(context: BenchmarkContext, benchmark: str, items: List[EvalIte
         results.extend(records)
         bar.update(len(records))
         average = results.average()
-        bar.set_postfix({f"avg_{metric}": f"{100 * average:.1f}" if average is not None else "-"})
+        bar.set_postfix(**{f"avg_{metric}": f"{100 * average:.1f}" if average is not None else "-"})
     bar.close()
     return results
 

@@ -34,7 +34,7 @@ class EvalOptions(InferenceOptions):
     answer_template: Optional[str] = option(None, "loglik answer sentence with {label} (null: the benchmark's)")
     max_new_tokens: int = option(32, "tokens to generate per question", min=1)
     batch_size: int = option(16, "questions per batch", min=1)
-    progress_bar: bool = option(True, "show progress")
+    progress_bar: bool = option(True, "show progress: a bar on a terminal, a plain line every 10 s in a log or pipe")
     resume: bool = option(True, "reuse predictions already written by the same model and settings")
 
     def check(self) -> None:

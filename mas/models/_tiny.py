@@ -22,7 +22,6 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
-from tqdm import tqdm
 from torchtune.models.llama3 import Llama3Tokenizer, llama3_tokenizer
 from torchtune.models.llama3_2 import llama3_2, lora_llama3_2
 from torchtune.modules import TransformerDecoder
@@ -32,6 +31,7 @@ from mas.assets import TINY_TOKENIZER_DIR, commonsense_train_rows
 from mas.data.formats import instruction_messages
 from mas.errors import ConfigError
 from mas.models._hf_layout import HF_WEIGHTS_FILE, check_replaceable_model_dir, write_hf_model
+from mas.progress import Progress
 
 __all__ = [
     "TINY_LLAMA3_2",
@@ -155,7 +155,8 @@ def pretrain_causal_lm(
         pad_id (int): padding id (never a target).
         batch_size (int): sequences per step.
         lr (float): AdamW learning rate.
-        progress (Optional[str]): a progress bar's title (shown on a terminal); None: no bar.
+        progress (Optional[str]): what the wait is called: a bar on a terminal, a plain line every
+            few seconds anywhere else (:class:`mas.progress.Progress`); None: nothing shown.
 
     Returns:
         List[float]: the loss of every step.
@@ -165,8 +166,9 @@ def pretrain_causal_lm(
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # float sums in one fixed order: the same weights on every run
     losses = []
+    shown = Progress(steps, progress or "", unit="steps", enabled=progress is not None, leave=False)
     try:
-        for _ in tqdm(range(steps), desc=progress, disable=None if progress else True, unit="step", leave=False):
+        for _ in range(steps):
             picks = torch.randint(len(sequences), (batch_size,), generator=generator).tolist()
             length = max(len(sequences[i]) for i in picks)
             tokens = torch.full((batch_size, length), pad_id)  # [b, s]
@@ -181,8 +183,11 @@ def pretrain_causal_lm(
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             losses.append(loss.item())
+            shown.set_postfix(loss=f"{losses[-1]:.3f}")
+            shown.update()
     finally:
         torch.set_num_threads(threads)
+        shown.close()
     return losses
 
 

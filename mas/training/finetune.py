@@ -27,6 +27,7 @@ from mas.config import EXIT_INTERRUPTED, ConfigError, instantiate, resolved_yaml
 from mas.errors import UserError
 from mas.data import collate_segmented, pad_token_id
 from mas.model_weights import check_vocab, read_base_state
+from mas.progress import Progress
 from mas.training.options import FinetuneOptions
 from mas.training.metrics import MetricsFile, StepTimer, peak_memory_gib
 from mas.training.model_setup import check_attention_backend, lora_settings
@@ -456,12 +457,12 @@ class LoRAFinetuneRecipe:
         save_every = opts.save_every_n_steps
         save_at = frozenset(opts.save_at_steps or ())
         val_every = opts.val_every_n_steps
-        progress = tqdm(
-            total=self.total_steps,
+        # A bar on a terminal; in a log or a pipe, a plain line every few seconds.
+        progress = Progress(
+            self.total_steps,
+            f"{self.name} [{self.attention}]",
             initial=self.position.global_step,
-            desc=f"{self.name} [{self.attention}]",
-            disable=not (opts.progress_bar and self.parallel.is_main),
-            dynamic_ncols=True,
+            enabled=opts.progress_bar and self.parallel.is_main,
         )
         # Timed over the steps between two logs: the timer's lap (a CUDA sync) runs only where
         # the loop syncs anyway (logging, validation, saving), never inside a run of steps.

@@ -51,7 +51,7 @@ class FinetuneOptions:
     dtype: Literal["bf16", "fp32"] = option("bf16", "weights and LoRA dtype (fp16 is refused: use bf16)")
     log_every_n_steps: int = option(10, "metrics cadence in optimizer steps", min=1)
     log_peak_memory_stats: bool = option(True, "log peak accelerator memory with the metrics")
-    progress_bar: bool = option(True, "show a tqdm progress bar")
+    progress_bar: bool = option(True, "show progress: a bar on a terminal, a plain line every 10 s in a log or pipe")
     val_every_n_steps: Optional[int] = option(None, "validation cadence (null: epoch ends only)", min=1)
     max_val_batches: Optional[int] = option(None, "cap validation batches (null: all)", min=1)
     save_every_n_steps: Optional[int] = option(5000, "checkpoint cadence (null: epoch ends only)", min=1)
