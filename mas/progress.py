@@ -2,13 +2,16 @@
 
 Off a terminal (``make demo 2>&1 | cat``, a CI log, ``nohup``), tqdm either prints nothing
 (``disable=None``) or redraws its bar with carriage returns, which a log file keeps as one
-ever-growing line. :class:`Progress` prints plain lines there instead: one when the wait starts,
-one every ``every`` seconds, and one when it ends, each saying how far, how long so far, about how
-long is left, and the caller's latest figures (loss, accuracy)::
+ever-growing line. :class:`Progress` prints plain lines there instead, once the wait has lasted
+a few seconds: the first after ``first_after`` seconds, then one every ``every`` seconds, and one
+when it ends, each saying how far, how long so far, about how long is left, and the caller's
+latest figures (loss, accuracy). A wait shorter than ``first_after`` prints nothing, so a quick
+step adds no lines between a command and its result (or its one-line error)::
 
-    pre-training the tiny base once (/tmp/mas_runs/tiny_llama3_2): 0/200 steps
-    pre-training the tiny base once (/tmp/mas_runs/tiny_llama3_2): 52/200 steps (26%), 10 s, about 28 s left
-    pre-training the tiny base once (/tmp/mas_runs/tiny_llama3_2): 200/200 steps (100%), 39 s
+    pre-training the tiny base once (/tmp/mas_runs/tiny_llama3_2): 26/200 steps (13%), 5 s, about 33 s left, loss 5.410
+    pre-training the tiny base once (/tmp/mas_runs/tiny_llama3_2): 78/200 steps (39%), 15 s, about 23 s left, loss 3.902
+    ...
+    pre-training the tiny base once (/tmp/mas_runs/tiny_llama3_2): 200/200 steps (100%), 39 s, loss 2.871
 
 This module imports nothing from ``mas``.
 """
@@ -21,9 +24,10 @@ from typing import Any, Dict, Optional, TextIO
 
 from tqdm import tqdm
 
-__all__ = ["PLAIN_PROGRESS_SECONDS", "Progress"]
+__all__ = ["FIRST_LINE_SECONDS", "PLAIN_PROGRESS_SECONDS", "Progress"]
 
-#: Seconds between two plain progress lines off a terminal.
+#: Off a terminal: seconds of waiting before the first plain line, and between two lines after it.
+FIRST_LINE_SECONDS = 5.0
 PLAIN_PROGRESS_SECONDS = 10.0
 
 
@@ -44,7 +48,10 @@ class Progress:
         unit (str): what is counted, plural in lines ("steps", "examples").
         enabled (bool): False shows nothing at all.
         stream (Optional[TextIO]): where to write; None: ``sys.stderr`` at creation, as tqdm.
-        every (float): seconds between two plain lines.
+        first_after (Optional[float]): seconds before the first plain line (a shorter wait shows
+            none); None: :data:`FIRST_LINE_SECONDS`.
+        every (Optional[float]): seconds between two plain lines after the first; None:
+            :data:`PLAIN_PROGRESS_SECONDS`.
         leave (bool): keep a terminal bar on screen when it closes.
     """
 
@@ -57,10 +64,13 @@ class Progress:
         unit: str = "steps",
         enabled: bool = True,
         stream: Optional[TextIO] = None,
-        every: float = PLAIN_PROGRESS_SECONDS,
+        first_after: Optional[float] = None,
+        every: Optional[float] = None,
         leave: bool = True,
     ) -> None:
-        self.total, self.desc, self.unit, self.every = total, desc, unit, every
+        self.total, self.desc, self.unit = total, desc, unit
+        self.every = PLAIN_PROGRESS_SECONDS if every is None else every
+        first_after = FIRST_LINE_SECONDS if first_after is None else first_after
         self.count = initial
         self._initial = initial
         self._stream = stream if stream is not None else sys.stderr
@@ -75,8 +85,9 @@ class Progress:
                 dynamic_ncols=True, leave=leave,
             )  # fmt: skip
         else:
-            self._start = self._last_line = time.monotonic()
-            self._line(final=False)
+            self._start = time.monotonic()
+            self._next_line = self._start + first_after
+            self._lines = 0
 
     @property
     def plain(self) -> bool:
@@ -88,7 +99,7 @@ class Progress:
         self.count += n
         if self._bar is not None:
             self._bar.update(n)
-        elif self.plain and time.monotonic() - self._last_line >= self.every:
+        elif self.plain and time.monotonic() >= self._next_line:
             self._line(final=False)
 
     def set_postfix(self, **figures: Any) -> None:
@@ -98,12 +109,12 @@ class Progress:
             self._bar.set_postfix(self._postfix)
 
     def close(self) -> None:
-        """End the wait: a terminal bar closes, a plain run writes its last line."""
+        """End the wait: a terminal bar closes; plain lines, if the wait showed any, end with one."""
         if self._closed:
             return
         if self._bar is not None:
             self._bar.close()
-        else:
+        elif self._lines:
             self._line(final=True)
         self._closed = True
 
@@ -115,14 +126,13 @@ class Progress:
 
     def _line(self, *, final: bool) -> None:
         now = time.monotonic()
-        self._last_line = now
-        text = f"{self.desc}: {self.count}/{self.total} {self.unit}"
+        self._next_line = now + self.every
+        self._lines += 1
         elapsed = now - self._start
-        if self.count != self._initial or final:
-            text += f" ({100 * self.count / max(self.total, 1):.0f}%), {elapsed:.0f} s"
-            done = self.count - self._initial
-            if not final and 0 < done and self.count < self.total:
-                text += f", about {elapsed / done * (self.total - self.count):.0f} s left"
+        text = f"{self.desc}: {self.count}/{self.total} {self.unit} ({100 * self.count / max(self.total, 1):.0f}%), {elapsed:.0f} s"
+        done = self.count - self._initial
+        if not final and 0 < done and self.count < self.total:
+            text += f", about {elapsed / done * (self.total - self.count):.0f} s left"
         if self._postfix:
             text += ", " + ", ".join(f"{k} {v}" for k, v in self._postfix.items())
         print(text, file=self._stream, flush=True)
