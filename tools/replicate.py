@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import os
 import shutil
@@ -58,10 +59,10 @@ DOCS_REPORT = REPO / "docs" / "replication_results.md"
 
 @dataclass
 class Run:
-    """One step of the study: a name, the marker that says it finished, and how to run it."""
+    """One step of the study: a name, whether its output marker says it finished, how to run it."""
 
     name: str
-    marker: Path
+    done: Callable[[], bool]
     action: Callable[[], None]
 
 
@@ -212,9 +213,9 @@ def plan(study: Study, layout: Layout, runner: Runner, seeds: Sequence[int]) -> 
     runs before all others; each other chain (a fine-tune, then its two evaluations) needs only
     the first, so chains may run side by side."""
     runs = [
-        Run("data", layout.task_file, lambda: write_data(study, layout)),
+        Run("data", layout.task_file.exists, lambda: write_data(study, layout)),
         Run(
-            "base", layout.base / "base_recipe.json",
+            "base", (layout.base / "base_recipe.json").exists,
             lambda: runner.tool("base", "pretrain_tiny_base.py", [
                 str(layout.data / "pretrain.jsonl"), str(layout.base), "--steps", str(study.pretrain_steps),
                 "--seed", str(study.base_seed), "--random-answers", "yes", "no",
@@ -224,30 +225,24 @@ def plan(study: Study, layout: Layout, runner: Runner, seeds: Sequence[int]) -> 
     for evaluated in ("mas", "causal"):
         out = layout.base_evaluation(evaluated)
         name = f"eval base model, eval {evaluated}"
-        runs.append(Run(name, out / "results_loglik.json", lambda n=name, e=evaluated, o=out: evaluate(runner, layout, n, e, o, None, None, study.tasks)))
+        runs.append(Run(name, (out / "results_loglik.json").exists, lambda n=name, e=evaluated, o=out: evaluate(runner, layout, n, e, o, None, None, study.tasks)))
     chains = [runs]
     for task in study.tasks:
         for seed in seeds:
             for trained in ("mas", "causal"):
                 run_dir = layout.finetune(task, seed, trained)
                 name = f"finetune {task} seed {seed} {trained}"
-                chain = [Run(name, run_dir, lambda n=name, t=task, s=seed, a=trained: finetune(runner, study, layout, t, s, a, n))]
+                done = functools.partial(_finetune_done, run_dir, study.steps[task])
+                chain = [Run(name, done, lambda n=name, t=task, s=seed, a=trained: finetune(runner, study, layout, t, s, a, n))]
                 for evaluated in ("mas", "causal"):
                     out = layout.evaluation(task, seed, trained, evaluated)
                     name = f"eval {task} seed {seed} trained {trained}, eval {evaluated}"
                     chain.append(Run(
-                        name, out / "sweep_loglik.json",
+                        name, (out / "sweep_loglik.json").exists,
                         lambda n=name, t=task, e=evaluated, o=out, r=run_dir: evaluate(runner, layout, n, e, o, r, study.steps[t], [t]),
                     ))  # fmt: skip
                 chains.append(chain)
     return chains
-
-
-def _done(run: Run, study: Study) -> bool:
-    if run.name.startswith("finetune "):
-        task = run.name.split()[1]
-        return _finetune_done(run.marker, study.steps[task])
-    return run.marker.exists()
 
 
 # ----------------------------------------------------------------------------------- results
@@ -290,11 +285,11 @@ class _Progress:
             print(f"[{index}/{self.total}] {run.name}: {text} (study {time.perf_counter() - self.started:.0f} s)", flush=True)
 
 
-def _run_chain(chain: List[Tuple[int, Run]], study: Study, progress: _Progress, stopping: threading.Event) -> None:
+def _run_chain(chain: List[Tuple[int, Run]], progress: _Progress, stopping: threading.Event) -> None:
     for index, run in chain:
         if stopping.is_set():  # another chain failed, or Ctrl-C: start nothing new
             return
-        if _done(run, study):
+        if run.done():
             progress.line(index, run, "done before, skipped")
             continue
         begun = time.perf_counter()
@@ -338,9 +333,9 @@ def run_study(
     claim_folder(study, out)
     progress = _Progress(index)
     stopping = threading.Event()
-    _run_chain(numbered[0], study, progress, stopping)
+    _run_chain(numbered[0], progress, stopping)
     with ThreadPoolExecutor(max_workers=jobs) as pool:
-        futures = [pool.submit(_run_chain, chain, study, progress, stopping) for chain in numbered[1:]]
+        futures = [pool.submit(_run_chain, chain, progress, stopping) for chain in numbered[1:]]
         try:
             for future in futures:
                 future.result()
