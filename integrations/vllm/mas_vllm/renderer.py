@@ -9,26 +9,26 @@ none and vLLM attends causally.
 
 Refused (a ``ValueError``, which vLLM's server answers with a 400 naming it):
 
-- a segment longer than the longest one the server was sized for: a segment is prefilled in one
-  step, so vLLM sizes its token budget (``--max-num-batched-tokens``) to the longest segment,
-  which is the context unless ``--hf-overrides`` sets ``"mas_max_segment_tokens"`` lower;
+- a segment longer than the scheduler's token budget (``--max-num-batched-tokens``): a segment
+  is prefilled in one step, so it would never be scheduled (a backstop: the config hook keeps
+  the budget at least the context, and vLLM refuses longer prompts itself);
 - a segment longer than the model's sliding window: vLLM drops such a range (causal inside);
 - under ``mas``, a token-id prompt without ``mas_segment`` items: ids carry no segments.
 """
 
 from __future__ import annotations
 
-from typing import Any, Dict, List, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from vllm.logger import init_logger
 from vllm.renderers.base import BaseRenderer
 
 from mas.generation.api import prompt_messages
 from mas.segments import SegmentBuilder, SegmentedSequence
-from mas_vllm.segments import MODALITY, max_segment_tokens, segment_items
+from mas_vllm.segments import MODALITY, segment_items
 from mas_vllm.settings import MasPromptSettings, settings_from_hf_config
 
-__all__ = ["MasRenderer"]
+__all__ = ["MasRenderer", "check_segments"]
 
 logger = init_logger(__name__)
 
@@ -49,6 +49,32 @@ def _text(content: Any, where: str) -> str:
     raise ValueError(f"{where}: expected a string or a list of text parts")
 
 
+def check_segments(items: Sequence[Dict[str, Any]], *, max_tokens: int, sliding_window: Optional[int]) -> None:
+    """Refuse segments that vLLM would not serve exactly (see the module docstring).
+
+    Args:
+        items (Sequence[dict]): the prompt's ``mas_segment`` items.
+        max_tokens (int): the scheduler's token budget (``max_num_batched_tokens``).
+        sliding_window (Optional[int]): the model's window, if any.
+
+    Raises:
+        ValueError: one line naming the segment, its length and the setting to change.
+    """
+    for i, item in enumerate(items):
+        n = len(item["token_ids"])
+        if n > max_tokens:
+            raise ValueError(
+                f"prompt segment {i} has {n} tokens, more than the scheduler's token budget max_num_batched_tokens="
+                f"{max_tokens} (a segment is prefilled in one step): restart with --max-num-batched-tokens {n} or more, "
+                "or shorten the message"
+            )
+        if sliding_window is not None and n > sliding_window:
+            raise ValueError(
+                f"prompt segment {i} has {n} tokens, more than the model's sliding window ({sliding_window}); vLLM "
+                "would attend causally inside it: shorten the message or serve with --disable-sliding-window"
+            )
+
+
 class MasRenderer(BaseRenderer):
     """Builds every prompt with ``SegmentBuilder`` (see the module docstring).
 
@@ -61,10 +87,7 @@ class MasRenderer(BaseRenderer):
         super().__init__(config, tokenizer)
         self.mas_settings: MasPromptSettings = settings_from_hf_config(self.model_config.hf_config)
         self.builder = SegmentBuilder.from_settings(self.get_tokenizer().torchtune, self.mas_settings.segment_settings())
-        self.max_segment_tokens = min(
-            max_segment_tokens(self.model_config.hf_config, self.model_config.max_model_len),
-            config.scheduler_config.max_num_batched_tokens,
-        )
+        self.max_segment_tokens = config.scheduler_config.max_num_batched_tokens
         self.sliding_window = getattr(self.model_config.hf_text_config, "sliding_window", None)
         logger.info(
             "mas-vllm: attention=%s prompt_format=%s merge_system_and_user=%s (from %s)",
@@ -73,19 +96,7 @@ class MasRenderer(BaseRenderer):
 
     # -- checks -------------------------------------------------------------------------------
     def _check_segments(self, items: Sequence[Dict[str, Any]]) -> None:
-        for i, item in enumerate(items):
-            n = len(item["token_ids"])
-            if n > self.max_segment_tokens:
-                raise ValueError(
-                    f"prompt segment {i} has {n} tokens, more than the {self.max_segment_tokens} this server prefills in one "
-                    f"step (a segment is never split): shorten the message, or restart with --max-num-batched-tokens {n} "
-                    f"or more (and \"mas_max_segment_tokens\": {n} or more in --hf-overrides, if set)"
-                )
-            if self.sliding_window is not None and n > self.sliding_window:
-                raise ValueError(
-                    f"prompt segment {i} has {n} tokens, more than the model's sliding window ({self.sliding_window}); "
-                    "vLLM would attend causally inside it: shorten the message or serve with --disable-sliding-window"
-                )
+        check_segments(items, max_tokens=self.max_segment_tokens, sliding_window=self.sliding_window)
 
     # -- prompts ------------------------------------------------------------------------------
     def _prompt_of(self, sequence: SegmentedSequence) -> Dict[str, Any]:

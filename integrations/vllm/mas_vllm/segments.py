@@ -31,19 +31,12 @@ from vllm.multimodal.inputs import (
 from vllm.multimodal.parse import MultiModalDataParser, ProcessorBatchItems
 from vllm.multimodal.processing import BaseDummyInputsBuilder, BaseMultiModalProcessor, BaseProcessingInfo
 
-__all__ = ["MODALITY", "SEGMENT_IDS_KEY", "MasSegmentDummyInputs", "MasSegmentInfo", "MasSegmentProcessor", "max_segment_tokens", "segment_items", "segment_ranges"]
+__all__ = ["MODALITY", "SEGMENT_IDS_KEY", "MasSegmentDummyInputs", "MasSegmentInfo", "MasSegmentProcessor", "segment_items", "segment_ranges"]
 
 #: The modality name of a prompt segment.
 MODALITY = "mas_segment"
 #: The keyword argument that carries a segment's token ids to ``embed_multimodal``.
 SEGMENT_IDS_KEY = "mas_segment_token_ids"
-
-
-def max_segment_tokens(hf_config: Any, max_model_len: int) -> int:
-    """The longest prompt segment served: ``hf_config.mas_max_segment_tokens`` (from
-    ``--hf-overrides``), else the context length."""
-    limit = getattr(hf_config, "mas_max_segment_tokens", None)
-    return min(int(limit), max_model_len) if limit else max_model_len
 
 
 def segment_ranges(segment_ids: Sequence[int]) -> List[Tuple[int, int]]:
@@ -98,10 +91,9 @@ class MasSegmentInfo(BaseProcessingInfo):
         return {MODALITY: None}
 
     def get_mm_max_tokens_per_item(self, seq_len: int, mm_counts: Mapping[str, int]) -> Mapping[str, int]:
-        # A segment is prefilled in one step, so vLLM sizes (and, when left at its default,
-        # raises) the token budget to the longest one: the context, or less where
-        # --hf-overrides sets "mas_max_segment_tokens"; the renderer refuses longer segments.
-        return {MODALITY: max_segment_tokens(self.ctx.model_config.hf_config, seq_len)}
+        # A segment may fill the context; it is prefilled in one step (the config hook keeps
+        # the token budget at least the context).
+        return {MODALITY: seq_len}
 
 
 class MasSegmentDummyInputs(BaseDummyInputsBuilder[MasSegmentInfo]):

@@ -9,7 +9,6 @@ import pytest
 
 # The engine in this process, so the CPU test oracle's patches reach it (tests/cpu_oracle.py).
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 pytest.importorskip("vllm", reason="the plugin's tests run in the vLLM environment: make test-vllm")
 
 

@@ -43,9 +43,12 @@ def cpu_flex_oracle() -> Iterator[None]:
     """Within the block, vLLM in this process runs FlexAttention on the CPU (see the docstring)."""
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
     from vllm.platforms.cpu import CpuPlatform
+    from vllm.v1.attention import selector
     from vllm.v1.attention.backends import flex_attention as flex
     from vllm.v1.attention.backends.registry import AttentionBackendEnum
 
+    # vLLM caches each layer shape's backend choice: forget it on the way in and out.
+    selector._cached_get_attn_backend.cache_clear()
     saved = (CpuPlatform.__dict__["get_attn_backend_cls"], flex.flex_attention_compiled, flex.create_block_mask_compiled, flex.FlexAttentionImpl.do_kv_cache_update)
     stock = saved[0].__func__
 
@@ -61,5 +64,6 @@ def cpu_flex_oracle() -> Iterator[None]:
     try:
         yield
     finally:
+        selector._cached_get_attn_backend.cache_clear()
         CpuPlatform.get_attn_backend_cls = saved[0]
         flex.flex_attention_compiled, flex.create_block_mask_compiled, flex.FlexAttentionImpl.do_kv_cache_update = saved[1:]

@@ -64,7 +64,10 @@ def write_model(family: str, root: Path, *, adapter_attention: Optional[str] = N
     from mas.testing import write_tiny_checkpoint
 
     tiny, architecture, prompt_format = FAMILIES[family]
-    checkpoint = write_tiny_checkpoint(tiny, root / family, seed=1, **DIMS)
+    # The model's vocabulary is the tokenizer's: a random model must not sample ids the tokenizer
+    # cannot decode (the tiny SentencePiece has 1000 pieces, the shared tiny shape 1024 ids).
+    vocab = {"vocab_size": 1000} if family == "mistral" else {}
+    checkpoint = write_tiny_checkpoint(tiny, root / family, seed=1, **DIMS, **vocab)
     model = TinyModel(family, checkpoint, architecture, prompt_format)
     if adapter_attention is not None:
         model.adapter = write_adapter(model, root / f"{family}_adapter_{adapter_attention}", adapter_attention)
@@ -125,9 +128,10 @@ def llm_kwargs(model: TinyModel, *, mas_entry: Any, lora: bool) -> Dict[str, Any
     """``vllm.LLM`` arguments for the tiny model under the plugin (eager, fp32, a small cache)."""
     return dict(
         model=str(model.path), tokenizer_mode="mas", dtype="float32", enforce_eager=True, seed=0,
-        hf_overrides={"architectures": [model.architecture], "mas": mas_entry, "mas_max_segment_tokens": 64},
+        hf_overrides={"architectures": [model.architecture], "mas": mas_entry},
         max_model_len=256, max_num_seqs=4, block_size=16, enable_prefix_caching=True,
-        # A budget below the prompts' total: the scheduler splits batches at segment boundaries.
+        # Chunked prefill and a budget below the context are asked for on purpose: the plugin's
+        # config hook turns chunking off and raises the budget (a segment is never split).
         max_num_batched_tokens=64, enable_chunked_prefill=True,
         kv_cache_memory_bytes=2 << 20,
         **(dict(enable_lora=True, max_lora_rank=LORA["lora_rank"], max_loras=1) if lora else {}),

@@ -1,0 +1,104 @@
+"""The plugin's parts without an engine: settings, segment items, the tokenizer, the config hook."""
+
+from __future__ import annotations
+
+import json
+from types import SimpleNamespace
+
+import pytest
+from helpers import CHATS, write_model
+
+from mas.masks import CAUSAL
+from mas.segments import SegmentBuilder
+from mas_vllm.segments import segment_items, segment_ranges
+from mas_vllm.settings import MasSettingsError, settings_from_hf_config
+from mas_vllm.tokenizer import MasTokenizer
+
+
+def test_segment_ranges_are_the_runs_of_prompt_segments():
+    C = CAUSAL
+    assert segment_ranges([0, 0, 0, 1, 1, C, C, 2, C]) == [(0, 3), (3, 5), (7, 8)]
+    assert segment_ranges([C, C]) == [] and segment_ranges([]) == []
+    assert segment_items([5, 6, 7, 8], [0, 0, C, 1]) == [{"start": 0, "token_ids": [5, 6]}, {"start": 3, "token_ids": [8]}]
+
+
+def test_settings_from_config_dict_adapter_folder_and_defaults(models_dir):
+    model = write_model("llama", models_dir / "settings", adapter_attention="causal")
+    from_adapter = settings_from_hf_config(SimpleNamespace(mas=str(model.adapter)))
+    assert (from_adapter.attention, from_adapter.prompt_format) == ("causal", "chat")
+    # A run folder means its latest checkpoint, as adapter_checkpoint does in the recipes.
+    assert settings_from_hf_config(SimpleNamespace(mas=str(model.adapter.parent.parent))).attention == "causal"
+    merged = settings_from_hf_config(SimpleNamespace(mas={"attention": "mas", "prompt_format": "text", "merge_system_and_user": True}))
+    assert (merged.attention, merged.merge_system_and_user) == ("mas", True)
+    default = settings_from_hf_config(SimpleNamespace())
+    assert (default.attention, default.prompt_format, default.merge_system_and_user) == ("mas", "text", False)
+    with pytest.raises(MasSettingsError, match="attention must be"):
+        settings_from_hf_config(SimpleNamespace(mas={"attention": "bidirectional"}))
+    with pytest.raises(MasSettingsError, match="adapter_config.json"):
+        settings_from_hf_config(SimpleNamespace(mas=str(models_dir)))
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "mistral"])
+def test_tokenizer_decodes_as_torchtune_and_detokenizes_incrementally(family, models_dir):
+    from vllm.tokenizers.detokenizer_utils import detokenize_incrementally
+
+    model = write_model(family, models_dir / f"tok_{family}")
+    tok = MasTokenizer.from_pretrained(model.path)
+    text = "Grüße, 世界! Once upon a time…"
+    ids = tok.torchtune.encode(text, add_bos=False, add_eos=False)
+    assert tok.encode(text, add_special_tokens=False) == ids
+    assert tok.decode(ids) == (text if family == "llama" else tok.torchtune.decode(ids))
+    # vLLM's slow incremental detokenizer, one id at a time, ends with the whole text.
+    tokens, prefix, read, out = None, 0, 0, ""
+    for n in range(1, len(ids) + 1):
+        new_tokens, piece, prefix, read = detokenize_incrementally(tok, ids[:n], tokens, prefix, read)
+        tokens = new_tokens if tokens is None else tokens + new_tokens
+        out += piece
+    assert out == tok.decode(ids)
+
+
+def test_renderer_rules_are_the_builders(models_dir):
+    """The renderer builds with SegmentBuilder itself: same ids, same segments (chat format)."""
+    from mas_vllm.renderer import MasRenderer
+
+    model = write_model("qwen2", models_dir / "render")
+    tok = MasTokenizer.from_pretrained(model.path)
+    renderer = MasRenderer.__new__(MasRenderer)  # the builder part only; no engine config
+    renderer.builder = SegmentBuilder(tok.torchtune, prompt_format="chat")
+    for chat in CHATS:
+        built = renderer.segmented([{"role": ("developer" if m["role"] == "system" else m["role"]), "content": [{"type": "text", "text": m["content"]}]} for m in chat])
+        from mas.generation.api import prompt_messages
+
+        assert built.tokens == SegmentBuilder(tok.torchtune, prompt_format="chat")(prompt_messages({"messages": chat}), for_generation=True).tokens
+    with pytest.raises(ValueError, match="messages\\[0\\].role"):
+        renderer.segmented([{"role": "tool", "content": "x"}])
+
+
+def test_config_hook_turns_ranges_on_and_requires_the_mas_tokenizer_mode():
+    from mas_vllm.config_hook import MasConfig
+
+    hf = SimpleNamespace()
+    model_config = SimpleNamespace(hf_config=hf, tokenizer_mode="auto", architecture="MasLlamaForCausalLM", get_model_arch_config=lambda: "rebuilt")
+    with pytest.raises(ValueError, match="--tokenizer-mode mas"):
+        MasConfig.verify_and_update_model_config(model_config)
+    model_config.tokenizer_mode = "mas"
+    MasConfig.verify_and_update_model_config(model_config)
+    assert hf.is_mm_prefix_lm is True and model_config.model_arch_config == "rebuilt"
+    scheduler = SimpleNamespace(
+        disable_chunked_mm_input=False, enable_chunked_prefill=True, max_num_batched_tokens=64,
+        max_num_encoder_input_tokens=64, encoder_cache_size=64,
+    )
+    MasConfig.verify_and_update_config(SimpleNamespace(scheduler_config=scheduler, model_config=SimpleNamespace(max_model_len=256)))
+    assert scheduler.disable_chunked_mm_input is True and scheduler.enable_chunked_prefill is False
+    assert scheduler.max_num_batched_tokens == scheduler.max_num_encoder_input_tokens == scheduler.encoder_cache_size == 256
+
+
+def test_merged_checkpoint_settings_reach_the_plugin(tmp_path):
+    """What the fine-tuning recipe writes into merged/config.json is what the plugin reads."""
+    from mas.segments import SegmentSettings
+    from mas.training.run_state import mas_settings, merged_hf_config
+
+    config = merged_hf_config({"model_type": "llama"}, mas_settings("causal", SegmentSettings(prompt_format="chat", merge_system_and_user=True)))
+    hf = SimpleNamespace(**json.loads(json.dumps(config)))
+    read = settings_from_hf_config(hf)
+    assert (read.attention, read.prompt_format, read.merge_system_and_user) == ("causal", "chat", True)
