@@ -21,6 +21,7 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor
 
+from mas.errors import ConfigError
 from mas.generation.logprobs import MAX_LOGPROBS
 
 __all__ = ["RowSampling", "SamplingParams", "choose_tokens", "draw_noise", "exponential_noise", "filtered_probs", "suppress_stops"]
@@ -70,25 +71,27 @@ class SamplingParams:
     prompt_logprobs: Optional[int] = None
 
     def __post_init__(self) -> None:
+        # ConfigError: the generate and serve configs' sampling keys (temperature, top_k, top_p) arrive
+        # here under their own names (the server checks its requests before, as 400s).
         if self.max_tokens < 0:
-            raise ValueError(f"max_tokens must be >= 0, got {self.max_tokens}")
+            raise ConfigError(f"max_tokens must be >= 0, got {self.max_tokens}")
         for name in ("logprobs", "prompt_logprobs"):
             value = getattr(self, name)
             if value is not None and not 0 <= value <= MAX_LOGPROBS:
-                raise ValueError(f"{name} must be in [0, {MAX_LOGPROBS}] or None, got {value}")
+                raise ConfigError(f"{name} must be in [0, {MAX_LOGPROBS}] or None, got {value}")
         for name in ("presence_penalty", "frequency_penalty"):
             if not -2.0 <= getattr(self, name) <= 2.0:
-                raise ValueError(f"{name} must be in [-2, 2], got {getattr(self, name)}")
+                raise ConfigError(f"{name} must be in [-2, 2], got {getattr(self, name)}")
         if not self.repetition_penalty > 0:
-            raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+            raise ConfigError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
         if not 0 <= self.min_tokens <= self.max_tokens:
-            raise ValueError(f"min_tokens must be in [0, max_tokens={self.max_tokens}], got {self.min_tokens}")
+            raise ConfigError(f"min_tokens must be in [0, max_tokens={self.max_tokens}], got {self.min_tokens}")
         if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+            raise ConfigError(f"temperature must be >= 0, got {self.temperature}")
         if self.top_k is not None and self.top_k < 1:
-            raise ValueError(f"top_k must be >= 1 or None, got {self.top_k}")
+            raise ConfigError(f"top_k must be >= 1 or None, got {self.top_k}")
         if self.top_p is not None and not 0.0 < self.top_p <= 1.0:
-            raise ValueError(f"top_p must be in (0, 1] or None, got {self.top_p}")
+            raise ConfigError(f"top_p must be in (0, 1] or None, got {self.top_p}")
 
     @property
     def samples(self) -> bool:

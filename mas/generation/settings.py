@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from typing import Literal, Optional, Sequence, get_args
 
 from mas.attention import AttentionBackend, validate_attention_backend
+from mas.errors import ConfigError
 from mas.generation.sampling import SamplingParams
 from mas.masks import AttentionMode, validate_attention_mode
 
@@ -86,12 +87,12 @@ class GenerationSettings:
         validate_attention_backend(self.attention_backend)
         for name in ("max_new_tokens", "batch_size", "stop_check_every", "prefix_cache_max_tokens"):
             if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.compile_mode not in get_args(CompileMode):
-            raise ValueError(f"compile_mode must be one of {', '.join(get_args(CompileMode))}, got {self.compile_mode!r}")
+            raise ConfigError(f"compile_mode must be one of {', '.join(get_args(CompileMode))}, got {self.compile_mode!r}")
         for name in ("max_cache_len", "prefill_chunk_tokens"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1 or None, got {getattr(self, name)}")
+                raise ConfigError(f"{name} must be >= 1 or None, got {getattr(self, name)}")
         self.sampling_params(0)  # checks the sampling defaults
 
     def uses_cuda_graphs(self) -> bool:

@@ -131,6 +131,8 @@ CASES = [
          lambda t, b: ["--config", "tiny_eval", "output_dir=/proc/mas_eval_out", f"checkpointer.checkpoint_dir={b}", "checkpointer.pretrain_steps=30"],
          r"/proc/mas_eval_out", "ok"),
     Case("generate: bad sampling value", mas_generate.recipe_main, _gen("top_p=1.5"), r"top_p: must be <= 1", "ok"),
+    Case("generate: top_p of 0", mas_generate.recipe_main, _gen("top_p=0"),
+         r"^mas_generate: top_p must be in \(0, 1\] or None, got 0.0$", "traceback"),
     # Issue 22: paths that mean something else, inputs that cannot be right, tracebacks for user mistakes.
     Case("eval: data_dir naming one task's file", mas_eval.recipe_main, _eval("data_dir={tmp}/ARC-Easy.json", "tasks=[ARC-Challenge]"),
          r"data_dir=.*ARC-Easy.json is a file; the commonsense benchmark reads a folder with one file per task", "silent",

@@ -11,6 +11,7 @@ import torch
 
 import mas
 from mas import CAUSAL
+from mas.errors import ConfigError
 from mas.data import collate_segmented, instruction_messages
 from mas.generation import GenerationSettings, SamplingParams, install_slot_caches, layout_chunks, prefill
 from mas.generation.decode_loop import decode_mask, forward_one_token
@@ -185,11 +186,11 @@ def test_clear_errors(model, llama3_tokenizer):
         mas.generate(model, llama3_tokenizer, ["hi"], max_cache_len=4096)
     with pytest.raises(ValueError, match="attention must be"):
         GenerationSettings(attention="bidirectional")
-    with pytest.raises(ValueError, match="compile_mode must be one of"):
+    with pytest.raises(ConfigError, match="compile_mode must be one of"):
         GenerationSettings(compile_mode="fastest")
-    with pytest.raises(ValueError, match="stop_check_every"):
+    with pytest.raises(ConfigError, match="stop_check_every"):
         GenerationSettings(stop_check_every=0)
-    with pytest.raises(ValueError, match="top_p"):
+    with pytest.raises(ConfigError, match="top_p"):
         GenerationSettings(temperature=1.0, top_p=0.0)
 
 
