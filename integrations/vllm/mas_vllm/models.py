@@ -33,9 +33,14 @@ class MasStartupError(RuntimeError):
 
 
 def _attention_backends(model: nn.Module) -> List[type]:
+    """The backend class of every vLLM attention layer of ``model``, each once."""
     from vllm.model_executor.layers.attention.attention import Attention
 
-    return list({type(m.attn_backend) if not isinstance(m.attn_backend, type) else m.attn_backend: None for m in model.modules() if isinstance(m, Attention)})
+    backends: List[type] = []
+    for module in model.modules():
+        if isinstance(module, Attention) and module.attn_backend not in backends:
+            backends.append(module.attn_backend)
+    return backends
 
 
 def check_backend_honours_ranges(model: nn.Module) -> None:

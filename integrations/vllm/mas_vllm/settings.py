@@ -82,7 +82,8 @@ def settings_from_hf_config(hf_config: Any) -> MasPromptSettings:
         record, source = dict(raw), "config.json / --hf-overrides \"mas\" entry"
     else:
         raise MasSettingsError(f"mas: expected the recorded settings (a dict) or an adapter path, got {type(raw).__name__}")
-    chosen = {key: record.get(key, default) if record.get(key) is not None else default for key, default in PROMPT_DEFAULTS.items()}
+    # A key the record leaves out (or null) takes the project's default, as in prompt_settings.
+    chosen = {key: default if record.get(key) is None else record[key] for key, default in PROMPT_DEFAULTS.items()}
     try:
         attention = validate_attention_mode(chosen["attention"])
         segments = SegmentSettings(chosen["prompt_format"], bool(chosen["merge_system_and_user"]))
