@@ -14,7 +14,7 @@ import json
 import math
 import statistics
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
 
 __all__ = ["CROSSINGS", "HYPOTHESES", "PREDICTED_SIGN", "decide", "paired_statistics", "plot_curves", "report_markdown", "sign_test_p", "summarize"]
 
