@@ -124,6 +124,10 @@ def _apply_overrides(cfg: DictConfig, overrides: Sequence[str]) -> DictConfig:
                 cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist([f"{key}={value}"]))  # type: ignore[assignment]
         except OmegaConfBaseException as e:
             raise ConfigError(f"override {arg!r}: {e}") from None
+        except yaml.YAMLError as e:
+            # Usually a value the shell split: adapters={a: /x} unquoted arrives as 'adapters={a:'.
+            problem = str(getattr(e, "problem", None) or e).strip()
+            raise ConfigError(f"override {arg!r}: not a YAML value ({problem}); quote the whole override so the shell passes it as one argument, e.g. '{key}=[1, 2]'") from None
     return cfg
 
 

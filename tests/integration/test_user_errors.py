@@ -108,6 +108,7 @@ CASES = [
     Case("fp16, which cannot train here", mas_lora_finetune.recipe_main, _ft("dtype=fp16"), r"dtype must be 'bf16' or 'fp32', got 'fp16'", "silent"),
     Case("an unused unknown variable", mas_lora_finetune.recipe_main, _ft("my_dir=/data"), r"unknown config key 'my_dir'.*variables are allowed", "ok"),
     Case("malformed override", mas_lora_finetune.recipe_main, _ft("epochs"), r"overrides must be key=value, got 'epochs'", "ok"),
+    Case("an override the shell split (unquoted spaces)", mas_lora_finetune.recipe_main, _ft("lora_attn_modules=[q_proj,", "v_proj]"), r"override 'lora_attn_modules=\[q_proj,': not a YAML value .*quote the whole override", "traceback"),
     Case("LoRA rank of zero", mas_lora_finetune.recipe_main, _ft("model.lora_rank=0"), r"model.lora_rank must be >= 1, got 0", "traceback"),
     Case("generate: LoRA dropout of 1", mas_generate.recipe_main, _gen("model.lora_dropout=1.0"), r"model.lora_dropout must be in \[0, 1\), got 1.0", "ok"),
     Case("config file that is not valid YAML", mas_lora_finetune.recipe_main, lambda t, b: ["--config", str(t / "broken.yaml")], r"broken.yaml: not a readable YAML config \(ParserError: .*line 2", "traceback",
