@@ -63,27 +63,28 @@ def multinomial_sample(logits: Tensor, params: SamplingParams, generator: Option
     return int(torch.multinomial(probs, 1, generator=generator))
 
 
-def reference_logits(model: nn.Module, tokens: Sequence[int], segment_ids: Sequence[int], attention: AttentionMode = "mas") -> Tensor:
-    """``[vocab]`` next-token logits of a whole sequence in one forward without a cache, under
-    the dense Eq. 14 mask."""
+def _whole_sequence_logits(model: nn.Module, tokens: Sequence[int], segment_ids: Sequence[int], attention: AttentionMode) -> Tensor:
+    """``[s, vocab]`` logits of one forward of a whole sequence without a cache, under the dense
+    Eq. 14 mask (causal: the causal mask)."""
     ids = torch.tensor([list(segment_ids)])
     mask = dense_mas_mask(ids if attention == "mas" else as_causal(ids))
     device = model.tok_embeddings.weight.device
     output = model(torch.tensor([list(tokens)], device=device), mask=mask.to(device))
     output = torch.cat(output, dim=1) if isinstance(output, list) else output
-    return output[0, -1].float()
+    return output[0]
+
+
+def reference_logits(model: nn.Module, tokens: Sequence[int], segment_ids: Sequence[int], attention: AttentionMode = "mas") -> Tensor:
+    """``[vocab]`` next-token logits of a whole sequence in one forward without a cache, under
+    the dense Eq. 14 mask."""
+    return _whole_sequence_logits(model, tokens, segment_ids, attention)[-1].float()
 
 
 def reference_logprobs(model: nn.Module, tokens: Sequence[int], segment_ids: Sequence[int], attention: AttentionMode = "mas") -> Tensor:
     """``[len - 1, vocab]`` fp32: row ``p`` is ``log_softmax`` of the logits that predict token
     ``p + 1``, from one forward of the whole sequence without a cache under the dense Eq. 14 mask
     (the full LM head over every position)."""
-    ids = torch.tensor([list(segment_ids)])
-    mask = dense_mas_mask(ids if attention == "mas" else as_causal(ids))
-    device = model.tok_embeddings.weight.device
-    output = model(torch.tensor([list(tokens)], device=device), mask=mask.to(device))
-    output = torch.cat(output, dim=1) if isinstance(output, list) else output
-    return torch.log_softmax(output[0, :-1].float(), dim=-1)
+    return torch.log_softmax(_whole_sequence_logits(model, tokens, segment_ids, attention)[:-1].float(), dim=-1)
 
 
 def _penalized(logits: Tensor, prompt_tokens: set, output: Counter, params: SamplingParams) -> Tensor:
