@@ -456,10 +456,11 @@ def create_app(state: ServerState) -> FastAPI:
         valid = is_prediction(handle.prompt.segment_ids, attention)
         return [None] + [s if ok else None for s, ok in zip(handle.prompt_logprobs, valid)]
 
-    def _echo_logprobs(handle: SequenceHandle) -> Dict[str, Any]:
-        return completion_logprobs(_prompt_scores(handle, "causal"), handle.prompt.tokens, _token_text)  # echo is causal only
+    def _echo_logprobs(handle: SequenceHandle, attention: AttentionMode) -> Dict[str, Any]:
+        """The echoed prompt's ``logprobs`` (scored echo is refused under MAS in the plan)."""
+        return completion_logprobs(_prompt_scores(handle, attention), handle.prompt.tokens, _token_text)
 
-    def _choice_logprobs(handle: SequenceHandle, endpoint: str, echo: bool) -> Optional[Dict[str, Any]]:
+    def _choice_logprobs(handle: SequenceHandle, endpoint: str, echo: bool, attention: AttentionMode) -> Optional[Dict[str, Any]]:
         """A whole choice's ``logprobs`` (None when not asked for)."""
         if handle.params.logprobs is None:
             return None
@@ -468,7 +469,7 @@ def create_app(state: ServerState) -> FastAPI:
         generated = completion_logprobs(handle.logprobs, handle.tokens[: len(handle.logprobs)], _token_text)
         if not echo:
             return generated
-        prompt = _echo_logprobs(handle)
+        prompt = _echo_logprobs(handle, attention)
         shift = sum(len(t) for t in prompt["tokens"])
         return {key: prompt[key] + ([o + shift for o in generated[key]] if key == "text_offset" else generated[key]) for key in prompt}
 
@@ -518,12 +519,12 @@ def create_app(state: ServerState) -> FastAPI:
         handles = choices.handles
         echo = plan["echo"]
         if endpoint == "chat":
-            out_choices = [{"index": i, "message": {"role": "assistant", "content": t}, "finish_reason": r, "logprobs": _choice_logprobs(h, endpoint, False)} for i, (t, r, h) in enumerate(zip(texts, reasons, handles))]
+            out_choices = [{"index": i, "message": {"role": "assistant", "content": t}, "finish_reason": r, "logprobs": _choice_logprobs(h, endpoint, False, plan["served"].attention)} for i, (t, r, h) in enumerate(zip(texts, reasons, handles))]
             obj = "chat.completion"
         else:
             out_choices = []
             for i, (t, r, h) in enumerate(zip(texts, reasons, handles)):
-                choice = {"index": i, "text": (plan["prompt_texts"][i // body.n] if echo else "") + t, "finish_reason": r, "logprobs": _choice_logprobs(h, endpoint, echo)}
+                choice = {"index": i, "text": (plan["prompt_texts"][i // body.n] if echo else "") + t, "finish_reason": r, "logprobs": _choice_logprobs(h, endpoint, echo, plan["served"].attention)}
                 if body.prompt_logprobs is not None:
                     choice["prompt_logprobs"] = vllm_prompt_logprobs(_prompt_scores(h, plan["served"].attention), _token_text)
                 out_choices.append(choice)
@@ -571,7 +572,7 @@ def create_app(state: ServerState) -> FastAPI:
                     # The prompt is prefilled (and scored) before any event: its text comes first.
                     echoed[index] = True
                     handle = choices.handles[index]
-                    echo_scores = completion_chunk_logprobs(index, _echo_logprobs(handle)) if handle.params.logprobs is not None else None
+                    echo_scores = completion_chunk_logprobs(index, _echo_logprobs(handle, plan["served"].attention)) if handle.params.logprobs is not None else None
                     yield chunk(index, plan["prompt_texts"][index // body.n], None, logprobs=echo_scores)
                 if event.kind == "token":
                     logprobs = None
