@@ -8,6 +8,8 @@ vLLM loads :func:`register` in every process it starts (entry point group
   config hook (prefix-LM ranges on, segments never chunked, the ``mas`` tokenizer mode);
 - the tokenizer mode and renderer ``mas`` (:mod:`mas_vllm.tokenizer`, :mod:`mas_vllm.renderer`):
   prompts are built by the project's ``SegmentBuilder``, each prompt segment one range.
+  The renderer also makes each request run under the attention mode of the adapter it names
+  (:mod:`mas_vllm.policy`).
 
 Nothing is imported from vLLM's model code until a process needs it (the registry takes
 ``module:Class`` strings), so the API server starts as fast as without the plugin.

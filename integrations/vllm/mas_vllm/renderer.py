@@ -3,17 +3,17 @@
 A chat request's messages, and a completion request's text (one user message, as ``mas_serve``
 and ``mas_generate`` read a string), go through :class:`mas.segments.SegmentBuilder` with the
 served model's recorded prompt format and merge setting (:mod:`mas_vllm.settings`): the token
-ids and segments are the ones ``mas.generate`` prefills. Under ``attention: mas`` each prompt
-segment becomes one ``mas_segment`` item (:mod:`mas_vllm.segments`); under ``causal`` there are
-none and vLLM attends causally.
+ids and segments are the ones ``mas.generate`` prefills. Each prompt segment becomes one
+``mas_segment`` item (:mod:`mas_vllm.segments`); the request's attention mode, known only once
+vLLM has resolved the adapter the request names, then keeps them (``mas``) or drops them
+(``causal``: vLLM attends causally), in :mod:`mas_vllm.policy`.
 
 Refused (a ``ValueError``, which vLLM's server answers with a 400 naming it):
 
 - a segment longer than the scheduler's token budget (``--max-num-batched-tokens``): a segment
   is prefilled in one step, so it would never be scheduled (a backstop: the config hook keeps
   the budget at least the context, and vLLM refuses longer prompts itself);
-- a segment longer than the model's sliding window: vLLM drops such a range (causal inside);
-- under ``mas``, a token-id prompt without ``mas_segment`` items: ids carry no segments.
+- a segment longer than the model's sliding window: vLLM drops such a range (causal inside).
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from vllm.renderers.base import BaseRenderer
 
 from mas.generation.api import prompt_messages
 from mas.segments import SegmentBuilder, SegmentedSequence
+from mas_vllm.policy import install as install_request_policy
 from mas_vllm.segments import MODALITY, segment_items
 from mas_vllm.settings import MasPromptSettings, settings_from_hf_config
 
@@ -85,6 +86,7 @@ class MasRenderer(BaseRenderer):
 
     def __init__(self, config: Any, tokenizer: Any) -> None:
         super().__init__(config, tokenizer)
+        install_request_policy()  # the renderer's process is the one that turns requests into engine inputs
         self.mas_settings: MasPromptSettings = settings_from_hf_config(self.model_config.hf_config)
         self.builder = SegmentBuilder.from_settings(self.get_tokenizer().torchtune, self.mas_settings.segment_settings())
         self.max_segment_tokens = config.scheduler_config.max_num_batched_tokens
@@ -101,11 +103,10 @@ class MasRenderer(BaseRenderer):
     # -- prompts ------------------------------------------------------------------------------
     def _prompt_of(self, sequence: SegmentedSequence) -> Dict[str, Any]:
         prompt: Dict[str, Any] = {"prompt_token_ids": list(sequence.tokens)}
-        if self.mas_settings.attention == "mas":
-            items = segment_items(sequence.tokens, sequence.segment_ids)
-            self._check_segments(items)
-            if items:
-                prompt["multi_modal_data"] = {MODALITY: items}
+        items = segment_items(sequence.tokens, sequence.segment_ids)
+        self._check_segments(items)
+        if items:
+            prompt["multi_modal_data"] = {MODALITY: items}
         return prompt
 
     def segmented(self, messages: List[Dict[str, Any]]) -> SegmentedSequence:
@@ -135,14 +136,8 @@ class MasRenderer(BaseRenderer):
             rendered = {k: v for k, v in prompt.items() if k != "prompt"}
             rendered.update(self._prompt_of(sequence))
             return rendered
-        if isinstance(prompt, dict) and "prompt_token_ids" in prompt and self.mas_settings.attention == "mas":
-            items = (prompt.get("multi_modal_data") or {}).get(MODALITY)
-            if not items:
-                raise ValueError(
-                    "a token-id prompt carries no segments: send text or chat messages, or pass "
-                    f"multi_modal_data={{'{MODALITY}': [{{'start': ..., 'token_ids': [...]}}, ...]}}"
-                )
-            self._check_segments(items)
+        if isinstance(prompt, dict) and "prompt_token_ids" in prompt:
+            self._check_segments((prompt.get("multi_modal_data") or {}).get(MODALITY) or [])
         return super().render_prompt(prompt)
 
     async def _render_prompt_async(self, prompt: Any) -> Any:

@@ -85,8 +85,11 @@ def _load(model: TinyModel, *, lora: bool, adapter: Optional[Path]) -> torch.nn.
     return loaded.model
 
 
-def write_adapter(model: TinyModel, run_dir: Path, attention: str) -> Path:
-    """A random LoRA of ``model`` saved as a ``mas_lora_finetune`` checkpoint; its folder."""
+def write_adapter(model: TinyModel, run_dir: Path, attention: str, *, prompt_format: Optional[str] = None) -> Path:
+    """A random LoRA of ``model`` saved as a ``mas_lora_finetune`` checkpoint; its folder.
+
+    Every adapter of one model has the same weights (one seed): adapters written with different
+    settings differ only in what they record."""
     from torchtune.modules.peft import get_adapter_params
 
     from mas.checkpointing import CheckpointWriter, HFModelInfo
@@ -102,7 +105,7 @@ def write_adapter(model: TinyModel, run_dir: Path, attention: str) -> Path:
     info = HFModelInfo.from_checkpoint_dir(model.path, model.checkpoint.family.model_type)
     return save_run_checkpoint(
         CheckpointWriter(run_dir), position=DataPosition(global_step=1), adapter_state=params, info=info, lora=LORA,
-        mas=mas_settings(attention, SegmentSettings(prompt_format=model.prompt_format)), optimizer_state={},
+        mas=mas_settings(attention, SegmentSettings(prompt_format=prompt_format or model.prompt_format)), optimizer_state={},
         scheduler_state={}, epoch_end=False, base_checkpoint_dir=str(model.path),
     )
 

@@ -6,7 +6,7 @@ import json
 from types import SimpleNamespace
 
 import pytest
-from helpers import CHATS, write_model
+from helpers import CHATS, write_adapter, write_model
 
 from mas.masks import CAUSAL
 from mas.segments import SegmentBuilder
@@ -102,3 +102,34 @@ def test_merged_checkpoint_settings_reach_the_plugin(tmp_path):
     hf = SimpleNamespace(**json.loads(json.dumps(config)))
     read = settings_from_hf_config(hf)
     assert (read.attention, read.prompt_format, read.merge_system_and_user) == ("causal", "chat", True)
+
+
+def test_each_request_runs_under_its_adapters_recorded_mode(models_dir):
+    """The policy (mas_vllm.policy): the base takes the server's mode, an adapter its recorded one;
+    causal drops the segments, mas keeps them and refuses a prompt without any, and an adapter
+    recorded with another prompt format is refused, naming it."""
+    from vllm.exceptions import VLLMValidationError
+    from vllm.lora.request import LoRARequest
+
+    from mas_vllm.policy import apply_request_policy, request_settings
+
+    model = write_model("llama", models_dir / "policy", adapter_attention="mas")
+    causal_dir = write_adapter(model, models_dir / "policy" / "causal_run", "causal")
+    text_dir = write_adapter(model, models_dir / "policy" / "text_run", "mas", prompt_format="text")
+    server = settings_from_hf_config(SimpleNamespace(mas=str(model.adapter)))
+    assert request_settings(server, None) is server
+    assert request_settings(server, LoRARequest("causal", 1, str(causal_dir))).attention == "causal"
+    assert request_settings(server, LoRARequest("mas", 2, str(model.adapter))).attention == "mas"
+    with pytest.raises(VLLMValidationError, match="'text' was trained with prompt_format=text.*prompt_format=chat"):
+        request_settings(server, LoRARequest("text", 3, str(text_dir)))
+    with pytest.raises(VLLMValidationError, match="adapter_config.json"):
+        request_settings(server, LoRARequest("nowhere", 4, str(models_dir / "policy" / "missing")))
+
+    segmented = {"type": "multimodal", "prompt_token_ids": [1, 2, 3], "mm_placeholders": {"mas_segment": ["range"]}, "mm_kwargs": {}, "mm_hashes": {}, "cache_salt": "s"}
+    causal = request_settings(server, LoRARequest("causal", 1, str(causal_dir)))
+    assert apply_request_policy(segmented, server) is segmented
+    assert apply_request_policy(segmented, causal) == {"type": "token", "prompt_token_ids": [1, 2, 3], "cache_salt": "s"}
+    plain = {"type": "token", "prompt_token_ids": [1, 2, 3]}
+    assert apply_request_policy(plain, causal) is plain
+    with pytest.raises(VLLMValidationError, match="carries no segments"):
+        apply_request_policy(plain, server)
