@@ -127,7 +127,7 @@ def mas_reference(model: TinyModel, prompts: List[Any], *, attention: str, adapt
     )
 
 
-def llm_kwargs(model: TinyModel, *, mas_entry: Any, lora: bool) -> Dict[str, Any]:
+def llm_kwargs(model: TinyModel, *, mas_entry: Any, lora: bool, max_loras: int = 1) -> Dict[str, Any]:
     """``vllm.LLM`` arguments for the tiny model under the plugin (eager, fp32, a small cache)."""
     return dict(
         model=str(model.path), tokenizer_mode="mas", dtype="float32", enforce_eager=True, seed=0,
@@ -137,5 +137,5 @@ def llm_kwargs(model: TinyModel, *, mas_entry: Any, lora: bool) -> Dict[str, Any
         # config hook turns chunking off and raises the budget (a segment is never split).
         max_num_batched_tokens=64, enable_chunked_prefill=True,
         kv_cache_memory_bytes=2 << 20,
-        **(dict(enable_lora=True, max_lora_rank=LORA["lora_rank"], max_loras=1) if lora else {}),
+        **(dict(enable_lora=True, max_lora_rank=LORA["lora_rank"], max_loras=max_loras) if lora else {}),
     )

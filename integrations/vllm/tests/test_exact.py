@@ -1,11 +1,12 @@
 """Greedy tokens of vLLM with the plugin equal ``mas.generate``'s, on CPU, through the test oracle.
 
-For each family (Llama 3.2, Qwen2, Mistral) and each attention mode recorded in an adapter
-(``mas``, ``causal``): the base model and the adapter (vLLM's LoRA), chat and completion
-prompts, batches split at segment boundaries by a small token budget, then prefix-cache hits
-(a repeated prompt, and a prompt that shares only the system segment), each time the same
-tokens as ``mas.generate`` in the project's own engine. The ``mas`` runs also differ from the
-causal reference (the ranges do something), and the stock CPU backend is refused.
+For each family (Llama 3.2, Qwen2, Mistral), one engine holds the base model (under the mode
+its "mas" entry names: ``mas`` for two families, ``causal`` for one) and two adapters (vLLM's
+LoRA) of the same weights, recorded as ``mas`` and as ``causal``: chat and completion prompts,
+then prefix-cache hits (a repeated prompt, and a prompt that shares only the system segment),
+each time the same tokens as ``mas.generate`` in the project's own engine under the mode of the
+adapter the request names. The two modes' references differ (the ranges do something), the
+stock CPU backend is refused, and segments are never split.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import gc
 
 import pytest
 from cpu_oracle import cpu_flex_oracle
-from helpers import CHATS, COMPLETION, FAMILIES, llm_kwargs, mas_reference, write_model
+from helpers import CHATS, COMPLETION, FAMILIES, llm_kwargs, mas_reference, write_adapter, write_model
 
 MAX_TOKENS = 8
 
@@ -29,46 +30,53 @@ def _generate(llm, prompts_chat, prompts_text=(), lora=None):
     return outs
 
 
-@pytest.mark.parametrize("attention", ["mas", "causal"])
+#: The mode of each family's base model (the server's "mas" entry): both modes are covered.
+SERVER_MODE = {"llama": "mas", "qwen2": "causal", "mistral": "mas"}
+
+
 @pytest.mark.parametrize("family", list(FAMILIES))
-def test_greedy_tokens_equal_mas_generate(family, attention, models_dir):
+def test_greedy_tokens_equal_mas_generate(family, models_dir):
     from vllm import LLM
     from vllm.lora.request import LoRARequest
 
-    model = write_model(family, models_dir / f"{family}_{attention}", adapter_attention=attention)
+    root = models_dir / f"{family}_exact"
+    model = write_model(family, root, adapter_attention="mas")
+    # The same weights recorded as causal: only the recorded mode tells the two adapters apart.
+    adapters = {"mas": model.adapter, "causal": write_adapter(model, root / "causal_run", "causal")}
+    server_mode = SERVER_MODE[family]
     prompts = [{"messages": chat} for chat in CHATS] + [COMPLETION]
-    ref_base = mas_reference(model, prompts, attention=attention, adapter=False, max_new_tokens=MAX_TOKENS)
-    ref_adapter = mas_reference(model, prompts, attention=attention, adapter=True, max_new_tokens=MAX_TOKENS)
-    other = mas_reference(model, prompts, attention="causal" if attention == "mas" else "mas", adapter=True, max_new_tokens=MAX_TOKENS)
+    ref_base = mas_reference(model, prompts, attention=server_mode, adapter=False, max_new_tokens=MAX_TOKENS)
+    ref = {mode: mas_reference(model, prompts, attention=mode, adapter=True, max_new_tokens=MAX_TOKENS) for mode in adapters}
+    assert ref["mas"].tokens != ref["causal"].tokens  # the two masks differ on these prompts
+    system_len = len([i for i in ref_base.prompts[0].segment_ids if i == 0])
+    fresh = [[CHATS[0][0], {"role": "user", "content": "Which planet is the largest one?"}]]
 
     with cpu_flex_oracle():
-        # The adapter's folder as the "mas" entry: the plugin reads its recorded settings.
-        llm = LLM(**llm_kwargs(model, mas_entry=str(model.adapter), lora=True))
+        # The server's "mas" entry: the folder of the adapter recorded with its mode.
+        llm = LLM(**llm_kwargs(model, mas_entry=str(adapters[server_mode]), lora=True, max_loras=2))
         try:
-            lora = LoRARequest(f"{attention}_adapter", 1, str(model.adapter))
             base = _generate(llm, CHATS, [COMPLETION])
-            adapted = _generate(llm, CHATS, [COMPLETION], lora=lora)
             assert [list(o.prompt_token_ids) for o in base] == [s.tokens for s in ref_base.prompts]
             assert [list(o.outputs[0].token_ids) for o in base] == ref_base.tokens
-            assert [list(o.outputs[0].token_ids) for o in adapted] == ref_adapter.tokens
-            assert ref_adapter.tokens != other.tokens  # the two masks differ on these prompts
+            for lora_id, (mode, folder) in enumerate(adapters.items(), start=1):
+                lora = LoRARequest(f"{mode}_adapter", lora_id, str(folder))
+                adapted = _generate(llm, CHATS, [COMPLETION], lora=lora)
+                assert [list(o.outputs[0].token_ids) for o in adapted] == ref[mode].tokens, mode
 
-            # Prefix cache: the same prompts again hit their cached blocks (every prompt of two
-            # blocks or more; vLLM recomputes a prompt's last token) and decode the same.
-            again = _generate(llm, CHATS, lora=lora)
-            assert [list(o.outputs[0].token_ids) for o in again] == ref_adapter.tokens[: len(CHATS)]
-            assert all(o.num_cached_tokens >= 16 for o in again if len(o.prompt_token_ids) >= 32)
+                # Prefix cache: the same prompts again hit their cached blocks (every prompt of
+                # two blocks or more; vLLM recomputes a prompt's last token) and decode the same.
+                again = _generate(llm, CHATS, lora=lora)
+                assert [list(o.outputs[0].token_ids) for o in again] == ref[mode].tokens[: len(CHATS)], mode
+                assert all(o.num_cached_tokens >= 16 for o in again if len(o.prompt_token_ids) >= 32), mode
 
-            # A new user turn after a cached system prompt: only the system segment's blocks are
-            # reused under MAS (a block that the user segment touches depends on all of it).
-            system_len = len([i for i in ref_base.prompts[0].segment_ids if i == 0])
-            fresh = [[CHATS[0][0], {"role": "user", "content": "Which planet is the largest one?"}]]
-            ref_fresh = mas_reference(model, [{"messages": fresh[0]}], attention=attention, adapter=True, max_new_tokens=MAX_TOKENS)
-            (hit,) = _generate(llm, fresh, lora=lora)
-            assert list(hit.outputs[0].token_ids) == ref_fresh.tokens[0]
-            assert hit.num_cached_tokens >= 16
-            if attention == "mas":
-                assert hit.num_cached_tokens <= system_len
+                # A new user turn after a cached system prompt: only the system segment's blocks
+                # are reused under MAS (a block that the user segment touches depends on all of it).
+                ref_fresh = mas_reference(model, [{"messages": fresh[0]}], attention=mode, adapter=True, max_new_tokens=MAX_TOKENS)
+                (hit,) = _generate(llm, fresh, lora=lora)
+                assert list(hit.outputs[0].token_ids) == ref_fresh.tokens[0], mode
+                assert hit.num_cached_tokens >= 16, mode
+                if mode == "mas":
+                    assert hit.num_cached_tokens <= system_len
         finally:
             del llm
             gc.collect()
