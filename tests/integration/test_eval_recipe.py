@@ -5,11 +5,10 @@ from __future__ import annotations
 import json
 import re
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-from support.runs import tune_command
+from support.runs import failed_command_line, tune_command
 
 from mas.config import ConfigError, load_config
 
@@ -124,12 +123,12 @@ def test_chosen_checkpoints_only_and_a_missing_step_is_one_line(tmp_path, tiny_b
         ({"checkpoints": "[5,last]"}, r"checkpoints: expected latest \| all or list of int"),
     ],
 )
-def test_bad_eval_configs_fail_clearly(tmp_path, tiny_base_dir, extra, message):
-    cmd = [sys.executable, "-m", "mas_eval", "--config", "tiny_eval", *_overrides(tmp_path / "e", tiny_base_dir, **extra)]
-    result = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300)
-    assert result.returncode != 0
-    assert "Traceback" not in result.stderr, result.stderr[-2000:]
-    assert re.search(message, result.stderr, re.IGNORECASE), result.stderr[-2000:]
+def test_bad_eval_configs_fail_clearly(tmp_path, tiny_base_dir, extra, message, capsys, monkeypatch):
+    import mas_eval
+
+    monkeypatch.chdir(tmp_path)
+    err = failed_command_line(mas_eval.recipe_main, ["--config", "tiny_eval", *_overrides(tmp_path / "e", tiny_base_dir, **extra)], capsys)
+    assert re.search(message, err, re.IGNORECASE), err[-2000:]
 
 
 def test_row_without_answer_names_file_and_row(tmp_path, tiny_base_dir):

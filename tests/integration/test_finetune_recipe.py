@@ -21,7 +21,7 @@ from mas.checkpointing import (
 )
 from mas.config import ConfigError, load_config
 from mas.training import read_metrics
-from support.runs import finetune_overrides, run_finetune, tune_command
+from support.runs import failed_command_line, finetune_overrides, run_finetune, tune_command
 
 _overrides = finetune_overrides
 _run_in_process = run_finetune
@@ -151,15 +151,15 @@ def test_causal_run_records_its_mode_and_refuses_a_mas_resume(tmp_path, tiny_bas
         (["~attention"], "missing attention"),
     ],
 )
-def test_bad_configs_fail_fast_with_a_clear_message(tmp_path, tiny_base_dir, overrides, message):
-    cmd = [sys.executable, "-m", "mas_lora_finetune", "--config", "tiny_mas"]
-    cmd += _overrides(tmp_path / "run", tiny_base_dir) + overrides
-    result = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300)
-    assert result.returncode != 0
-    assert "Traceback" not in result.stderr, result.stderr[-2000:]
+def test_bad_configs_fail_fast_with_a_clear_message(tmp_path, tiny_base_dir, overrides, message, capsys, monkeypatch):
     import re
 
-    assert re.search(message, result.stderr), result.stderr[-2000:]
+    import mas_lora_finetune
+
+    monkeypatch.chdir(tmp_path)
+    argv = ["--config", "tiny_mas", *_overrides(tmp_path / "run", tiny_base_dir), *overrides]
+    err = failed_command_line(mas_lora_finetune.recipe_main, argv, capsys)
+    assert re.search(message, err), err[-2000:]
 
 def test_missing_checkpoint_and_vocab_mismatch(tmp_path, tiny_base_dir):
     from mas.models import write_tiny_hf_checkpoint

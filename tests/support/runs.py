@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import List
+from typing import Any, Callable, List
 
 from mas.config import load_config
 
@@ -45,3 +45,21 @@ def tune_command() -> List[str]:
     if found is None:
         raise RuntimeError("torchtune's `tune` command is not installed")
     return [found]
+
+
+def failed_command_line(recipe_main: Callable[[List[str]], object], argv: List[str], capsys: Any) -> str:
+    """Run a recipe's command line in-process (what ``tune run`` calls, without a new
+    interpreter per case); assert that it stopped with a non-zero exit code and no traceback.
+
+    Returns:
+        str: what it wrote to stderr.
+    """
+    import pytest
+
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as stopped:
+        recipe_main(argv)
+    err = capsys.readouterr().err
+    assert stopped.value.code not in (0, None), err[-2000:]
+    assert "Traceback" not in err, err[-2000:]
+    return err
