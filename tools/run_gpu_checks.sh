@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Every GPU check of the project in one go (at most 9 minutes on an H200): the CUDA tests, then the
+# Every GPU check of the project in one go (at most 9 minutes on an H200; 13 where vLLM with the
+# plugin is installed, for its step): the CUDA tests, then the
 # benchmarks, which update their cuda sections of BENCHMARKS.md. Needs CUDA, the project
 # importable, and torchtune installed. Each step runs under its own time limit and even if an
 # earlier one failed; the exit code is the number of failed steps. Logs, the BENCHMARKS.md after
@@ -73,5 +74,15 @@ step gpu_tests 95 "$PY" -m pytest -q -p no:cacheprovider -m gpu ${GPU_TEST_PATHS
 step bench_training_tiny 55 "$PY" tools/bench_training.py --device cuda --rounds 1 --steps 5 --packs 1024x1
 step bench_distributed 45 "$PY" tools/bench_distributed.py --device cuda --steps 20
 step bench_masks 35 "$PY" tools/bench_masks.py --device cuda
+# MAS on vLLM (issue 21): only where a Python with vLLM and the plugin is at hand (VLLM_PYTHON, by
+# default the vLLM venv of tools/make_vllm_env.sh); a bare device image has no vLLM, and its wheels
+# cannot be carried there. Its limit is added to the deadline, so the steps above keep theirs.
+VLLM_PY=${VLLM_PYTHON:-$HOME/.cache/mas/vllm-env/bin/python}
+if [ "$DRY" != 1 ] && ! (cd /tmp && "$VLLM_PY" -c "import vllm, mas_vllm") > /dev/null 2>&1; then
+  echo "=== bench_vllm not run: no vLLM with mas-vllm at $VLLM_PY (set VLLM_PYTHON; tools/make_vllm_env.sh builds one)"
+else
+  deadline=$(( deadline + 240 * scale ))
+  step bench_vllm 240 "$VLLM_PY" tools/bench_vllm.py --device cuda
+fi
 echo "=== $failed failed step(s); limits add up to ${total} s; logs and profiles in $LOG_DIR"
 exit $failed
