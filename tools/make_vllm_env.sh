@@ -33,13 +33,19 @@ else
     "$VENV/bin/python" -m pip install --quiet "${MAS_DEPS[@]:1}"
     echo "$pins" > "$VENV/.installed"
     echo "built the vLLM environment $VENV in $(( $(date +%s) - start )) s"
-    changed=1
+    built=1
 fi
 here="$(pwd -P)"
 where="$(cd /tmp && "$VENV/bin/python" -c 'import os, mas, mas_vllm; print(os.path.dirname(os.path.dirname(mas.__file__)), os.path.dirname(os.path.dirname(mas_vllm.__file__)))' 2>/dev/null || true)"
 if [ "$where" != "$here $here/integrations/vllm" ]; then
-    "$VENV/bin/python" -m pip install --quiet --no-deps -e . -e integrations/vllm
+    # setuptools' build warnings about this layout are noise here: shown only if it fails.
+    log="$(mktemp)"
+    if ! "$VENV/bin/python" -m pip install --quiet --no-deps -e . -e integrations/vllm > "$log" 2>&1; then
+        cat "$log"; rm -f "$log"; exit 1
+    fi
+    rm -f "$log"
     echo "pointed $VENV at this checkout ($here)"
-    changed=1
 fi
-[ "${changed:-0}" = 1 ] && cd /tmp && "$VENV/bin/python" -c "import vllm, mas.segments, mas_vllm; print('vllm', vllm.__version__, 'with mas-vllm in $VENV')"
+if [ "${built:-0}" = 1 ]; then
+    (cd /tmp && "$VENV/bin/python" -c "import vllm, mas.segments, mas_vllm; print('vllm', vllm.__version__, 'with mas-vllm in $VENV')")
+fi
