@@ -77,9 +77,9 @@ step bench_masks 35 "$PY" tools/bench_masks.py --device cuda
 # MAS on vLLM (issue 21): only where a Python with vLLM and the plugin is at hand (VLLM_PYTHON, by
 # default the vLLM venv of tools/make_vllm_env.sh); a bare device image has no vLLM, and its wheels
 # cannot be carried there. Its limit is added to the deadline, so the steps above keep theirs.
-VLLM_PY=${VLLM_PYTHON:-$HOME/.cache/mas/vllm-env/bin/python}
-if [ "$DRY" != 1 ] && ! (cd /tmp && "$VLLM_PY" -c "import vllm, mas_vllm") > /dev/null 2>&1; then
-  echo "=== bench_vllm not run: no vLLM with mas-vllm at $VLLM_PY (set VLLM_PYTHON; tools/make_vllm_env.sh builds one)"
+VLLM_PY=${VLLM_PYTHON:-${HOME:+$HOME/.cache/mas/vllm-env/bin/python}}
+if [ -z "$VLLM_PY" ] || ! (cd /tmp && "$VLLM_PY" -c "import vllm, mas_vllm") > /dev/null 2>&1; then
+  echo "=== bench_vllm not run: no vLLM with mas-vllm at ${VLLM_PY:-\$HOME/.cache/mas/vllm-env} (set VLLM_PYTHON; tools/make_vllm_env.sh builds one)"
 else
   deadline=$(( deadline + 240 * scale ))
   step bench_vllm 240 "$VLLM_PY" tools/bench_vllm.py --device cuda

@@ -308,6 +308,15 @@ def test_gpu_check_script_parses_and_fits_its_slot():
     ]
     assert sum(int(s) for _, s in steps) <= 9 * 60
     assert "--model llama3_2_1b" in dry.stdout and "--profile-dir" in dry.stdout
+    assert "=== bench_vllm not run: no vLLM with mas-vllm" in dry.stdout  # no vLLM here: said, not run
+    # With a Python that has vLLM and the plugin (here one that says yes), its step comes last,
+    # with its own limit added to the deadline.
+    with_vllm = subprocess.run(
+        ["bash", str(script), "/tmp/mas_gpu_checks_dry_run"], env={"GPU_CHECKS_DRY_RUN": "1", "PATH": "/usr/bin:/bin", "VLLM_PYTHON": "true"},
+        capture_output=True, text=True, check=True,
+    )
+    assert re.findall(r"^=== (\w+) \(limit", with_vllm.stdout, re.M)[-1] == "bench_vllm"
+    assert "tools/bench_vllm.py --device cuda" in with_vllm.stdout
 
 
 def test_gpu_check_script_collects_every_gpu_test():

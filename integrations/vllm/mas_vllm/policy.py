@@ -7,9 +7,13 @@ every prompt with the server's prompt format and attaches its segments; vLLM's i
 which receives the request's ``LoRARequest``, then applies the request's mode
 (:func:`apply_request_policy`, installed by :func:`install`):
 
-- ``mas``: the segments stay (each one a bidirectional range); a prompt without any (token ids
-  sent without ``mas_segment`` items) is refused, since ids carry no segments;
-- ``causal``: the segments are dropped and vLLM attends causally.
+- ``mas``: the segments stay (each one a bidirectional range). Refused: a prompt without any
+  (token ids sent without ``mas_segment`` items: ids carry no segments); a segment longer than
+  the scheduler's token budget (``--max-num-batched-tokens``: a segment is prefilled in one
+  step, so it would never be scheduled; a backstop, since the config hook keeps the budget at
+  least the context); a segment longer than the model's sliding window (vLLM would drop that
+  range, causal inside);
+- ``causal``: the segments are dropped and vLLM attends causally (no length rule applies).
 
 The mode is the adapter's recorded one, or the server's for the base model and for an adapter
 without a record (one not written by ``mas_lora_finetune``). An adapter recorded with another
@@ -23,7 +27,8 @@ from __future__ import annotations
 
 import functools
 import inspect
-from typing import Any, Callable, Dict, Optional
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, Optional, Sequence
 
 from vllm.exceptions import VLLMValidationError
 from vllm.logger import init_logger
@@ -31,9 +36,48 @@ from vllm.logger import init_logger
 from mas_vllm.segments import MODALITY
 from mas_vllm.settings import MasPromptSettings, MasSettingsError, adapter_settings
 
-__all__ = ["apply_request_policy", "install", "request_settings"]
+__all__ = ["SegmentLimits", "apply_request_policy", "check_segments", "install", "request_settings"]
 
 logger = init_logger(__name__)
+
+
+@dataclass(frozen=True)
+class SegmentLimits:
+    """What one MAS segment must fit in.
+
+    Attributes:
+        max_tokens (int): the scheduler's token budget (``max_num_batched_tokens``).
+        sliding_window (Optional[int]): the model's window, if any.
+    """
+
+    max_tokens: int
+    sliding_window: Optional[int] = None
+
+
+def check_segments(lengths: Sequence[int], limits: SegmentLimits) -> None:
+    """Refuse segments that vLLM would not serve exactly (see the module docstring).
+
+    Args:
+        lengths (Sequence[int]): the prompt's segment lengths, in order.
+        limits (SegmentLimits): the server's.
+
+    Raises:
+        VLLMValidationError: one line naming the segment, its length and the setting to change.
+    """
+    for i, n in enumerate(lengths):
+        if n > limits.max_tokens:
+            raise VLLMValidationError(
+                f"prompt segment {i} has {n} tokens, more than the scheduler's token budget max_num_batched_tokens="
+                f"{limits.max_tokens} (a segment is prefilled in one step): restart with --max-num-batched-tokens {n} or "
+                "more, or shorten the message",
+                parameter="messages",
+            )
+        if limits.sliding_window is not None and n > limits.sliding_window:
+            raise VLLMValidationError(
+                f"prompt segment {i} has {n} tokens, more than the model's sliding window ({limits.sliding_window}); vLLM "
+                "would attend causally inside it: shorten the message or serve with --disable-sliding-window",
+                parameter="messages",
+            )
 
 
 @functools.lru_cache(maxsize=256)
@@ -72,19 +116,21 @@ def request_settings(server: MasPromptSettings, lora_request: Any) -> MasPromptS
     return recorded
 
 
-def apply_request_policy(engine_input: Dict[str, Any], settings: MasPromptSettings) -> Dict[str, Any]:
+def apply_request_policy(engine_input: Dict[str, Any], settings: MasPromptSettings, limits: SegmentLimits) -> Dict[str, Any]:
     """The rendered prompt with the request's attention mode applied.
 
     Args:
         engine_input (dict): vLLM's rendered input (``type`` ``"token"`` or ``"multimodal"``).
         settings (MasPromptSettings): the request's settings (:func:`request_settings`).
+        limits (SegmentLimits): what each segment must fit in (under ``mas``).
 
     Returns:
         dict: ``engine_input`` itself under ``mas``; under ``causal``, the same token ids with no
         segment items.
 
     Raises:
-        VLLMValidationError: under ``mas``, a prompt without segment items.
+        VLLMValidationError: under ``mas``, a prompt without segment items, or a segment over the
+            limits (:func:`check_segments`).
     """
     placeholders = (engine_input.get("mm_placeholders") or {}) if engine_input.get("type") == "multimodal" else {}
     has_segments = bool(placeholders.get(MODALITY))
@@ -95,6 +141,7 @@ def apply_request_policy(engine_input: Dict[str, Any], settings: MasPromptSettin
                 f"multi_modal_data={{'{MODALITY}': [{{'start': ..., 'token_ids': [...]}}, ...]}}",
                 parameter="prompt",
             )
+        check_segments([placeholder.length for placeholder in placeholders[MODALITY]], limits)
         return engine_input
     if not has_segments:
         return engine_input
@@ -121,7 +168,8 @@ def _with_request_policy(process_inputs: Callable[..., Any]) -> Callable[..., An
 
             (prompt,) = self.renderer.render_cmpl([parse_model_prompt(self.model_config, prompt)], tok_params)
         settings = request_settings(server, bound.arguments.get("lora_request"))
-        bound.arguments["prompt"] = apply_request_policy(prompt, settings)
+        limits = SegmentLimits(self.renderer.max_segment_tokens, self.renderer.sliding_window)
+        bound.arguments["prompt"] = apply_request_policy(prompt, settings, limits)
         return process_inputs(*bound.args, **bound.kwargs)
 
     process_inputs_with_policy.__mas_vllm_policy__ = True  # type: ignore[attr-defined]

@@ -8,17 +8,14 @@ ids and segments are the ones ``mas.generate`` prefills. Each prompt segment bec
 vLLM has resolved the adapter the request names, then keeps them (``mas``) or drops them
 (``causal``: vLLM attends causally), in :mod:`mas_vllm.policy`.
 
-Refused (a ``ValueError``, which vLLM's server answers with a 400 naming it):
-
-- a segment longer than the scheduler's token budget (``--max-num-batched-tokens``): a segment
-  is prefilled in one step, so it would never be scheduled (a backstop: the config hook keeps
-  the budget at least the context, and vLLM refuses longer prompts itself);
-- a segment longer than the model's sliding window: vLLM drops such a range (causal inside).
+Messages that cannot be segmented (an unknown role, non-text content) are refused here (a
+``ValueError``, which vLLM's server answers with a 400 naming it); segments that vLLM could not
+serve exactly are refused once the request's mode is known (:mod:`mas_vllm.policy`).
 """
 
 from __future__ import annotations
 
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 from vllm.logger import init_logger
 from vllm.renderers.base import BaseRenderer
@@ -29,7 +26,7 @@ from mas_vllm.policy import install as install_request_policy
 from mas_vllm.segments import MODALITY, segment_items
 from mas_vllm.settings import MasPromptSettings, settings_from_hf_config
 
-__all__ = ["MasRenderer", "check_segments"]
+__all__ = ["MasRenderer"]
 
 logger = init_logger(__name__)
 
@@ -50,32 +47,6 @@ def _text(content: Any, where: str) -> str:
     raise ValueError(f"{where}: expected a string or a list of text parts")
 
 
-def check_segments(items: Sequence[Dict[str, Any]], *, max_tokens: int, sliding_window: Optional[int]) -> None:
-    """Refuse segments that vLLM would not serve exactly (see the module docstring).
-
-    Args:
-        items (Sequence[dict]): the prompt's ``mas_segment`` items.
-        max_tokens (int): the scheduler's token budget (``max_num_batched_tokens``).
-        sliding_window (Optional[int]): the model's window, if any.
-
-    Raises:
-        ValueError: one line naming the segment, its length and the setting to change.
-    """
-    for i, item in enumerate(items):
-        n = len(item["token_ids"])
-        if n > max_tokens:
-            raise ValueError(
-                f"prompt segment {i} has {n} tokens, more than the scheduler's token budget max_num_batched_tokens="
-                f"{max_tokens} (a segment is prefilled in one step): restart with --max-num-batched-tokens {n} or more, "
-                "or shorten the message"
-            )
-        if sliding_window is not None and n > sliding_window:
-            raise ValueError(
-                f"prompt segment {i} has {n} tokens, more than the model's sliding window ({sliding_window}); vLLM "
-                "would attend causally inside it: shorten the message or serve with --disable-sliding-window"
-            )
-
-
 class MasRenderer(BaseRenderer):
     """Builds every prompt with ``SegmentBuilder`` (see the module docstring).
 
@@ -89,22 +60,18 @@ class MasRenderer(BaseRenderer):
         install_request_policy()  # the renderer's process is the one that turns requests into engine inputs
         self.mas_settings: MasPromptSettings = settings_from_hf_config(self.model_config.hf_config)
         self.builder = SegmentBuilder.from_settings(self.get_tokenizer().torchtune, self.mas_settings.segment_settings())
-        self.max_segment_tokens = config.scheduler_config.max_num_batched_tokens
-        self.sliding_window = getattr(self.model_config.hf_text_config, "sliding_window", None)
+        # What a segment must fit in (checked under mas by mas_vllm.policy).
+        self.max_segment_tokens: int = config.scheduler_config.max_num_batched_tokens
+        self.sliding_window: Optional[int] = getattr(self.model_config.hf_text_config, "sliding_window", None)
         logger.info(
             "mas-vllm: attention=%s prompt_format=%s merge_system_and_user=%s (from %s)",
             self.mas_settings.attention, self.mas_settings.prompt_format, self.mas_settings.merge_system_and_user, self.mas_settings.source,
         )
 
-    # -- checks -------------------------------------------------------------------------------
-    def _check_segments(self, items: Sequence[Dict[str, Any]]) -> None:
-        check_segments(items, max_tokens=self.max_segment_tokens, sliding_window=self.sliding_window)
-
     # -- prompts ------------------------------------------------------------------------------
     def _prompt_of(self, sequence: SegmentedSequence) -> Dict[str, Any]:
         prompt: Dict[str, Any] = {"prompt_token_ids": list(sequence.tokens)}
         items = segment_items(sequence.tokens, sequence.segment_ids)
-        self._check_segments(items)
         if items:
             prompt["multi_modal_data"] = {MODALITY: items}
         return prompt
@@ -136,8 +103,6 @@ class MasRenderer(BaseRenderer):
             rendered = {k: v for k, v in prompt.items() if k != "prompt"}
             rendered.update(self._prompt_of(sequence))
             return rendered
-        if isinstance(prompt, dict) and "prompt_token_ids" in prompt:
-            self._check_segments((prompt.get("multi_modal_data") or {}).get(MODALITY) or [])
         return super().render_prompt(prompt)
 
     async def _render_prompt_async(self, prompt: Any) -> Any:

@@ -98,7 +98,9 @@ def test_segments_are_never_split_and_over_budget_ones_refused(models_dir):
     the renderer's backstop refuses a segment over the budget, naming the setting."""
     from vllm import LLM
 
-    from mas_vllm.renderer import check_segments
+    from vllm.exceptions import VLLMValidationError
+
+    from mas_vllm.policy import SegmentLimits, check_segments
 
     model = write_model("llama", models_dir / "budget")
     with cpu_flex_oracle():
@@ -113,9 +115,8 @@ def test_segments_are_never_split_and_over_budget_ones_refused(models_dir):
         finally:
             del llm
             gc.collect()
-    items = [{"start": 0, "token_ids": [1] * 10}, {"start": 10, "token_ids": [2] * 80}]
-    check_segments(items, max_tokens=80, sliding_window=None)
-    with pytest.raises(ValueError, match="prompt segment 1 has 80 tokens.*--max-num-batched-tokens 80"):
-        check_segments(items, max_tokens=64, sliding_window=None)
-    with pytest.raises(ValueError, match="sliding window"):
-        check_segments(items, max_tokens=128, sliding_window=32)
+    check_segments([10, 80], SegmentLimits(max_tokens=80))
+    with pytest.raises(VLLMValidationError, match="prompt segment 1 has 80 tokens.*--max-num-batched-tokens 80"):
+        check_segments([10, 80], SegmentLimits(max_tokens=64))
+    with pytest.raises(VLLMValidationError, match="sliding window"):
+        check_segments([10, 80], SegmentLimits(max_tokens=128, sliding_window=32))

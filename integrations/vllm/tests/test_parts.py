@@ -111,7 +111,7 @@ def test_each_request_runs_under_its_adapters_recorded_mode(models_dir):
     from vllm.exceptions import VLLMValidationError
     from vllm.lora.request import LoRARequest
 
-    from mas_vllm.policy import apply_request_policy, request_settings
+    from mas_vllm.policy import SegmentLimits, apply_request_policy, request_settings
 
     model = write_model("llama", models_dir / "policy", adapter_attention="mas")
     causal_dir = write_adapter(model, models_dir / "policy" / "causal_run", "causal")
@@ -125,11 +125,18 @@ def test_each_request_runs_under_its_adapters_recorded_mode(models_dir):
     with pytest.raises(VLLMValidationError, match="adapter_config.json"):
         request_settings(server, LoRARequest("nowhere", 4, str(models_dir / "policy" / "missing")))
 
-    segmented = {"type": "multimodal", "prompt_token_ids": [1, 2, 3], "mm_placeholders": {"mas_segment": ["range"]}, "mm_kwargs": {}, "mm_hashes": {}, "cache_salt": "s"}
+    limits = SegmentLimits(max_tokens=256, sliding_window=8)
+    ranges = [SimpleNamespace(offset=0, length=2), SimpleNamespace(offset=2, length=1)]
+    segmented = {"type": "multimodal", "prompt_token_ids": [1, 2, 3], "mm_placeholders": {"mas_segment": ranges}, "mm_kwargs": {}, "mm_hashes": {}, "cache_salt": "s"}
     causal = request_settings(server, LoRARequest("causal", 1, str(causal_dir)))
-    assert apply_request_policy(segmented, server) is segmented
-    assert apply_request_policy(segmented, causal) == {"type": "token", "prompt_token_ids": [1, 2, 3], "cache_salt": "s"}
+    assert apply_request_policy(segmented, server, limits) is segmented
+    assert apply_request_policy(segmented, causal, limits) == {"type": "token", "prompt_token_ids": [1, 2, 3], "cache_salt": "s"}
     plain = {"type": "token", "prompt_token_ids": [1, 2, 3]}
-    assert apply_request_policy(plain, causal) is plain
+    assert apply_request_policy(plain, causal, limits) is plain
     with pytest.raises(VLLMValidationError, match="carries no segments"):
-        apply_request_policy(plain, server)
+        apply_request_policy(plain, server, limits)
+    # A segment over the sliding window is refused under mas only: causally it needs no range.
+    long = {**segmented, "prompt_token_ids": list(range(12)), "mm_placeholders": {"mas_segment": [SimpleNamespace(offset=0, length=12)]}}
+    with pytest.raises(VLLMValidationError, match="prompt segment 0 has 12 tokens, more than the model's sliding window \\(8\\)"):
+        apply_request_policy(long, server, limits)
+    assert apply_request_policy(long, causal, limits)["type"] == "token"
