@@ -29,6 +29,7 @@ __all__ = [
     "capture_rng",
     "load_run_checkpoint",
     "mas_settings",
+    "MAS_ARCHITECTURE_PREFIX",
     "merged_hf_config",
     "restore_rng",
     "save_run_checkpoint",
@@ -65,6 +66,10 @@ def mas_settings(attention: AttentionMode, segments: SegmentSettings) -> Dict[st
     }
 
 
+#: How the vLLM plugin (``integrations/vllm``) names its class of a vLLM architecture.
+MAS_ARCHITECTURE_PREFIX = "Mas"
+
+
 def merged_hf_config(hf_config: Dict[str, Any], mas: Dict[str, Any]) -> Dict[str, Any]:
     """The ``config.json`` of a run's merged weights: the base's, plus the MAS settings.
 
@@ -74,6 +79,12 @@ def merged_hf_config(hf_config: Dict[str, Any], mas: Dict[str, Any]) -> Dict[str
     plugin in ``integrations/vllm``) reads them. Hugging Face ``transformers`` keeps an unknown
     key as a config attribute, so the folder still loads as a plain model.
 
+    Weights trained with ``attention: mas`` also name the plugin's architecture
+    (``MasLlamaForCausalLM`` for ``LlamaForCausalLM``): vLLM serves them with the MAS mask with no
+    ``--hf-overrides``, and a vLLM without the plugin refuses them by name rather than serving
+    them causally without a word. (``transformers`` picks its class by ``model_type``, not by
+    ``architectures``, so the folder still loads there.)
+
     Args:
         hf_config (Dict[str, Any]): the base checkpoint's ``config.json``.
         mas (Dict[str, Any]): the run's MAS settings (:func:`mas_settings`).
@@ -81,7 +92,12 @@ def merged_hf_config(hf_config: Dict[str, Any], mas: Dict[str, Any]) -> Dict[str
     Returns:
         Dict[str, Any]: a new dict; ``hf_config`` is left unchanged.
     """
-    return {**hf_config, "mas": mas}
+    config = {**hf_config, "mas": mas}
+    if mas.get("attention") == "mas" and isinstance(hf_config.get("architectures"), list):
+        config["architectures"] = [
+            name if name.startswith(MAS_ARCHITECTURE_PREFIX) else MAS_ARCHITECTURE_PREFIX + name for name in hf_config["architectures"]
+        ]
+    return config
 
 
 @dataclass

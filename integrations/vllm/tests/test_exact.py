@@ -82,6 +82,35 @@ def test_greedy_tokens_equal_mas_generate(family, models_dir):
             gc.collect()
 
 
+def test_merged_mas_weights_need_no_overrides(models_dir):
+    """A folder whose config.json is what fine-tuning writes for MAS-merged weights (the plugin's
+    architecture and the "mas" record) is served with the MAS mask by ``tokenizer_mode="mas"``
+    alone."""
+    import json
+
+    from vllm import LLM
+
+    from mas.segments import SegmentSettings
+    from mas.training.run_state import mas_settings, merged_hf_config
+
+    model = write_model("llama", models_dir / "merged")
+    config_path = model.path / "config.json"
+    config = merged_hf_config(json.loads(config_path.read_text()), mas_settings("mas", SegmentSettings(prompt_format="chat")))
+    config_path.write_text(json.dumps(config))
+    prompts = [{"messages": chat} for chat in CHATS]
+    want = mas_reference(model, prompts, attention="mas", adapter=False, max_new_tokens=MAX_TOKENS).tokens
+    kwargs = llm_kwargs(model, mas_entry=None, lora=False)
+    del kwargs["hf_overrides"]
+    with cpu_flex_oracle():
+        llm = LLM(**kwargs)
+        try:
+            assert llm.llm_engine.vllm_config.model_config.architecture == "MasLlamaForCausalLM"
+            assert [list(o.outputs[0].token_ids) for o in _generate(llm, CHATS)] == want
+        finally:
+            del llm
+            gc.collect()
+
+
 def test_stock_cpu_backend_is_refused(models_dir):
     """vLLM's CPU backend ignores the ranges: the plugin refuses to start on it."""
     from vllm import LLM

@@ -102,6 +102,12 @@ def test_merged_checkpoint_settings_reach_the_plugin(tmp_path):
     hf = SimpleNamespace(**json.loads(json.dumps(config)))
     read = settings_from_hf_config(hf)
     assert (read.attention, read.prompt_format, read.merge_system_and_user) == ("causal", "chat", True)
+    # MAS-trained merged weights name one of the plugin's architectures, for every family it serves.
+    from mas_vllm import _MODELS
+
+    for stock in ("LlamaForCausalLM", "Qwen2ForCausalLM", "MistralForCausalLM"):
+        named = merged_hf_config({"architectures": [stock]}, mas_settings("mas", SegmentSettings(prompt_format="chat")))
+        assert named["architectures"][0] in _MODELS, stock
 
 
 def test_each_request_runs_under_its_adapters_recorded_mode(models_dir):

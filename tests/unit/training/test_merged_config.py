@@ -25,6 +25,12 @@ def test_merged_hf_config_adds_the_settings_and_leaves_the_base_alone():
     assert out["mas"]["attention"] == "causal"
     assert out["mas"]["prompt_format"] == "chat" and out["mas"]["merge_system_and_user"] is True
     assert {k: v for k, v in out.items() if k != "mas"} == base and "mas" not in base
+    # MAS-trained weights name the vLLM plugin's architecture; causal ones keep the base's.
+    named = {**base, "architectures": ["LlamaForCausalLM"]}
+    assert merged_hf_config(named, mas)["architectures"] == ["LlamaForCausalLM"]
+    trained_mas = merged_hf_config(named, mas_settings("mas", SegmentSettings(prompt_format="chat")))
+    assert trained_mas["architectures"] == ["MasLlamaForCausalLM"] and named["architectures"] == ["LlamaForCausalLM"]
+    assert merged_hf_config(trained_mas, trained_mas["mas"])["architectures"] == ["MasLlamaForCausalLM"]
 
 
 def test_merged_checkpoint_config_json_records_the_training_settings(tmp_path):
