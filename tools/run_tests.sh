@@ -9,6 +9,11 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 BIN="${BIN:-.venv/bin}"
 VLLM_ENV="${VLLM_ENV:-${HOME}/.cache/mas/vllm-env}"
+# The plugin's venv is shared by the checkouts of this machine and points at one of them: take
+# turns with another checkout's run (a lock beside the venv), and point it here.
+exec 9> "$VLLM_ENV.lock"
+flock 9 || { echo "cannot lock $VLLM_ENV.lock"; exit 1; }
+bash tools/make_vllm_env.sh "$VLLM_ENV" > /dev/null || { echo "tools/make_vllm_env.sh failed: run it to see why"; exit 1; }
 work="$(mktemp -d -t mas-tests-XXXXXX)"
 # Niced: the project's suite, the longer one, keeps its pace; the plugin's fills the idle core.
 (cd integrations/vllm && exec nice -n 10 "$VLLM_ENV/bin/python" -m pytest -q -p no:cacheprovider --basetemp "$work/tmp") > "$work/vllm.log" 2>&1 &
