@@ -176,6 +176,11 @@ def main(argv: Sequence[str] | None = None) -> str:
     parser.add_argument("--skip-exact", action="store_true", help="part 2 only")
     parser.add_argument("--no-write", action="store_true", help="print only; leave BENCHMARKS.md")
     args = parser.parse_args(argv)
+    import importlib.util
+
+    missing = [name for name in ("vllm", "mas_vllm") if importlib.util.find_spec(name) is None]
+    if missing:
+        parser.error(f"needs vLLM and the mas-vllm plugin (missing here: {', '.join(missing)}): run it with the vLLM venv's python (tools/make_vllm_env.sh)")
     from mas.testing.benchlib import BENCHMARKS_FILE, machine_description, markdown_table, update_section
 
     import torch
