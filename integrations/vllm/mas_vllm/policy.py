@@ -168,8 +168,7 @@ def _with_request_policy(process_inputs: Callable[..., Any]) -> Callable[..., An
 
             (prompt,) = self.renderer.render_cmpl([parse_model_prompt(self.model_config, prompt)], tok_params)
         settings = request_settings(server, bound.arguments.get("lora_request"))
-        limits = SegmentLimits(self.renderer.max_segment_tokens, self.renderer.sliding_window)
-        bound.arguments["prompt"] = apply_request_policy(prompt, settings, limits)
+        bound.arguments["prompt"] = apply_request_policy(prompt, settings, self.renderer.segment_limits)
         return process_inputs(*bound.args, **bound.kwargs)
 
     process_inputs_with_policy.__mas_vllm_policy__ = True  # type: ignore[attr-defined]

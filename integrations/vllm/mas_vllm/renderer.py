@@ -15,13 +15,14 @@ serve exactly are refused once the request's mode is known (:mod:`mas_vllm.polic
 
 from __future__ import annotations
 
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Tuple
 
 from vllm.logger import init_logger
 from vllm.renderers.base import BaseRenderer
 
 from mas.generation.api import prompt_messages
 from mas.segments import SegmentBuilder, SegmentedSequence
+from mas_vllm.policy import SegmentLimits
 from mas_vllm.policy import install as install_request_policy
 from mas_vllm.segments import MODALITY, segment_items
 from mas_vllm.settings import MasPromptSettings, settings_from_hf_config
@@ -61,8 +62,9 @@ class MasRenderer(BaseRenderer):
         self.mas_settings: MasPromptSettings = settings_from_hf_config(self.model_config.hf_config)
         self.builder = SegmentBuilder.from_settings(self.get_tokenizer().torchtune, self.mas_settings.segment_settings())
         # What a segment must fit in (checked under mas by mas_vllm.policy).
-        self.max_segment_tokens: int = config.scheduler_config.max_num_batched_tokens
-        self.sliding_window: Optional[int] = getattr(self.model_config.hf_text_config, "sliding_window", None)
+        self.segment_limits = SegmentLimits(
+            config.scheduler_config.max_num_batched_tokens, getattr(self.model_config.hf_text_config, "sliding_window", None)
+        )
         logger.info(
             "mas-vllm: attention=%s prompt_format=%s merge_system_and_user=%s (from %s)",
             self.mas_settings.attention, self.mas_settings.prompt_format, self.mas_settings.merge_system_and_user, self.mas_settings.source,
